@@ -1,0 +1,17 @@
+"""Faces in ordinary photos: detection + landmarks + ArcFace identity (``analysis``), whole-face
+alignment (``align``), soft paste-back, blur and pixelate (``blend``) and the photo driver
+(``photo``). See each module's docstring for the numbers and the reasons behind them."""
+
+from .align import (DETECTED_IN_CROP, TEMPLATE_FALLBACK, CropIdentity, align_face, alignment_matrix, crop_scale,
+                    identity_from_crop, template_points)
+from .analysis import Face, FaceAnalyzer, FaceModelError, load_face_analyzer
+from .blend import face_alpha, full_alpha, obscure_face, paste_face
+from .photo import FacePolicy, anonymize_photo, face_mask, union_mask
+
+__all__ = [
+    "Face", "FaceAnalyzer", "FaceModelError", "load_face_analyzer",
+    "align_face", "alignment_matrix", "crop_scale", "template_points", "identity_from_crop", "CropIdentity",
+    "DETECTED_IN_CROP", "TEMPLATE_FALLBACK",
+    "face_alpha", "full_alpha", "paste_face", "obscure_face",
+    "FacePolicy", "anonymize_photo", "face_mask", "union_mask",
+]

@@ -1,0 +1,174 @@
+"""Anonymize every face of an ordinary photo: detect, align, one generator batch, paste back.
+
+``anonymize_photo(rgb, analyzer, anonymize_batch, native_size, policy)``:
+
+1. detect all faces (the analyzer's detector, on the EXIF-oriented RGB image);
+2. decide per face (``FacePolicy``): faces the generator can work with are aligned to a
+   ``native_size`` whole-face crop (``align.py``) and get an identity embedding from that crop
+   (``identity_from_crop``); faces too small (detector box side below ``min_face_px``, or a crop
+   that would need more than ``max_upscale`` magnification, or too small for a smooth paste) and,
+   optionally, faces larger than ``max_face_px`` get their configured action instead:
+   "anonymize", "blur", "pixelate" or "leave";
+3. call ``anonymize_batch(crops, identities)`` exactly once with all faces to anonymize (the
+   generator runs them as one batch), never per face;
+4. paste each generated crop back under its soft mask with colour matching; blur/pixelate the
+   others under the same mask (``blend.py``).
+
+Pixels outside the union of the face masks keep their input bytes. A photo with no face comes
+back as the very same array, with an empty report list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from .align import align_face, alignment_matrix, crop_scale, identity_from_crop
+from .analysis import Face
+from .blend import MIN_FEATHER_PX, full_alpha, mask_geometry, obscure_face, paste_face
+
+ACTIONS = ("anonymize", "blur", "pixelate", "leave")
+DONE = {"anonymize": "anonymized", "blur": "blurred", "pixelate": "pixelated", "leave": "left"}
+
+AnonymizeBatch = Callable[[list, np.ndarray], list]
+
+
+@dataclass(frozen=True)
+class FacePolicy:
+    """Which faces go through the generator and what happens to the others.
+
+    min_face_px: detector box side (the longer one, photo pixels) below which a face is "too
+        small". None: ``min_face_rel * native_size`` (48 px for a 1024 px SDXL bundle).
+    max_upscale: a face whose crop would be magnified more than this from the photo is too small
+        as well. The crop side is 4 eye distances, about 1.65 dlib box sides, so at 1024 px a
+        48 px dlib box (eye distance ~20 px) is magnified about 13x; 16x is an eye distance of
+        16 px. None: no limit.
+    small_action: what too-small faces get; "blur" by default, since a face the generator cannot
+        handle must still not be left identifiable.
+    max_face_px / large_action: optional upper limit (None: none) and its action.
+    color_match: LAB mean/std matching of generated faces in the feather band (blend.py).
+    min_feather_px: the mask's minimum feather width in photo pixels (alpha step <= 1.5 / this).
+    """
+
+    min_face_px: float | None = None
+    min_face_rel: float = 48.0 / 1024.0
+    max_upscale: float | None = 16.0
+    small_action: str = "blur"
+    max_face_px: float | None = None
+    large_action: str = "anonymize"
+    color_match: bool = True
+    min_feather_px: float = MIN_FEATHER_PX
+
+    def __post_init__(self):
+        for name in ("small_action", "large_action"):
+            if getattr(self, name) not in ACTIONS:
+                raise ValueError(f"FacePolicy.{name} must be one of {ACTIONS}, got {getattr(self, name)!r}")
+        for name in ("min_face_px", "max_upscale", "max_face_px"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"FacePolicy.{name} must be positive or None, got {value!r}")
+        if not self.min_face_rel >= 0:
+            raise ValueError("FacePolicy.min_face_rel must be >= 0")
+        if not self.min_feather_px > 0:
+            raise ValueError("FacePolicy.min_feather_px must be positive")
+
+    def min_side(self, native_size: int) -> float:
+        return float(self.min_face_px) if self.min_face_px is not None else self.min_face_rel * float(native_size)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _decide(face: Face, scale: float, smooth: bool, native_size: int, policy: FacePolicy) -> tuple[str, str]:
+    side = face.side
+    min_side = policy.min_side(native_size)
+    if side < min_side:
+        return policy.small_action, f"face box {side:.0f} px is below the minimum {min_side:.0f} px"
+    if policy.max_upscale is not None and scale > policy.max_upscale:
+        return policy.small_action, (f"crop would upscale the face {scale:.1f}x, "
+                                     f"more than the maximum {policy.max_upscale:g}x")
+    if not smooth:
+        return policy.small_action, (f"face too small for a soft paste with a {policy.min_feather_px:g} px "
+                                     "feather inside its crop")
+    if policy.max_face_px is not None and side > policy.max_face_px:
+        return policy.large_action, f"face box {side:.0f} px is above the maximum {policy.max_face_px:g} px"
+    return "anonymize", "face size is within the generator's range"
+
+
+def anonymize_photo(rgb: np.ndarray, analyzer, anonymize_batch: AnonymizeBatch, native_size: int,
+                    policy: FacePolicy | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Anonymize all faces of an (H, W, 3) uint8 RGB photo; returns (image, per-face reports)."""
+    policy = policy or FacePolicy()
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {rgb.shape} dtype {rgb.dtype}")
+    native_size = int(native_size)
+    faces = analyzer.detect(rgb)
+    if not faces:
+        return rgb, []
+
+    reports: list[dict] = []
+    crops, to_generate = [], []
+    for i, face in enumerate(faces):
+        m = alignment_matrix(face.kps, native_size)
+        scale = crop_scale(m)
+        geom = mask_geometry(m, native_size, policy.min_feather_px, limit_to_crop=True)
+        action, reason = _decide(face, scale, geom.smooth, native_size, policy)
+        reports.append({
+            "index": i, "box": [round(float(v), 2) for v in face.box], "score": round(float(face.score), 4),
+            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.kps],
+            "crop_size": native_size, "scale": round(scale, 4), "matrix": m.tolist(),
+            "identity_source": None, "action": action, "reason": reason,
+        })
+        if action == "anonymize":
+            crop, _ = align_face(rgb, face.kps, native_size)
+            crops.append(crop)
+            to_generate.append(i)
+
+    out = np.array(rgb, copy=True)
+    generated: dict[int, np.ndarray] = {}
+    if to_generate:
+        embs = []
+        for i, crop in zip(to_generate, crops):
+            emb, source = identity_from_crop(analyzer, crop)
+            embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
+            reports[i]["identity_source"] = source
+        results = anonymize_batch(crops, np.stack(embs))
+        results = list(results) if results is not None else []
+        if len(results) != len(crops):
+            raise ValueError(f"anonymize_batch returned {len(results)} images for {len(crops)} faces")
+        for i, res in zip(to_generate, results):
+            res = np.asarray(res)
+            if res.shape != (native_size, native_size, 3) or res.dtype != np.uint8:
+                raise ValueError(f"anonymize_batch must return ({native_size}, {native_size}, 3) uint8 crops, "
+                                 f"got shape {res.shape} dtype {res.dtype}")
+            generated[i] = res
+
+    for rep in reports:
+        i, m = rep["index"], np.asarray(rep["matrix"])
+        action = rep["action"]
+        if action == "anonymize":
+            paste_face(out, generated[i], m, color_match=policy.color_match, min_feather_px=policy.min_feather_px)
+        elif action in ("blur", "pixelate"):
+            obscure_face(out, m, native_size, action, min_feather_px=policy.min_feather_px)
+        rep["action"] = DONE[action]
+    return out, reports
+
+
+def face_mask(report: dict, shape, min_feather_px: float = MIN_FEATHER_PX) -> np.ndarray:
+    """The soft mask (H, W) float32 that ``anonymize_photo`` used for one reported face
+    (zeros for a face that was left)."""
+    if report["action"] == "left":
+        return np.zeros(shape[:2], dtype=np.float32)
+    return full_alpha(np.asarray(report["matrix"]), int(report["crop_size"]), shape,
+                      min_feather_px=min_feather_px, limit_to_crop=report["action"] == "anonymized")
+
+
+def union_mask(reports: list[dict], shape, min_feather_px: float = MIN_FEATHER_PX) -> np.ndarray:
+    """Pixel-wise maximum of all faces' masks: where it is 0 the output equals the input."""
+    out = np.zeros(shape[:2], dtype=np.float32)
+    for rep in reports:
+        np.maximum(out, face_mask(rep, shape, min_feather_px), out=out)
+    return out
