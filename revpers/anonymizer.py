@@ -1,0 +1,127 @@
+"""The in-process service: load a bundle once, anonymize aligned faces or whole photos."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .bundle import Bundle, load_bundle
+from .models import TorchModels
+from .pipeline import Params, Timings, run_faces
+
+SMOKE_WARNING = ("SMOKE WEIGHTS: this output was made with a smoke bundle (tiny random models); "
+                 "it is noise, not an anonymized face")
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (H,W,3) uint8 to (h, w) = size with Lanczos (no-op when already that size)."""
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.LANCZOS))
+
+
+@dataclass
+class AnonymizeResult:
+    image: np.ndarray
+    report: dict
+
+
+class Anonymizer:
+    """Loads models once per process; every call reuses them (and the prompt cache)."""
+
+    def __init__(self, bundle: Bundle | str | Path, device: str | None = None, inversion_batch: int = 10,
+                 unet_dtype: torch.dtype | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        t0 = time.perf_counter()
+        self.models = TorchModels.load(self.bundle, device, unet_dtype)
+        self.inversion_batch = inversion_batch
+        self._analyzer = None
+        self.load_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ face analysis
+    @property
+    def analyzer(self):
+        if self._analyzer is None:
+            from .faces import load_face_analyzer
+
+            self._analyzer = load_face_analyzer(self.bundle.faces, self.bundle.root)
+        return self._analyzer
+
+    def identity_of_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """ArcFace embedding of each aligned crop (the paper takes it from the aligned crop)."""
+        from .faces import identity_from_crop
+
+        embs, sources = [], []
+        for crop in crops:
+            emb, source = identity_from_crop(self.analyzer, crop)
+            embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
+            sources.append(source)
+        return np.stack(embs), sources
+
+    # ------------------------------------------------------------------ reports
+    def _base_report(self, params: Params, mode: str) -> dict:
+        report = {"revpers_version": __version__, "mode": mode, "params": params.as_dict(),
+                  "models": self.bundle.describe(), "smoke": self.bundle.smoke,
+                  "device": self.models.device, "unet_dtype": str(self.models.unet_dtype).replace("torch.", ""),
+                  "inversion_batch": self.inversion_batch}
+        if self.bundle.smoke:
+            report["warning"] = SMOKE_WARNING
+        return report
+
+    # ------------------------------------------------------------------ aligned faces
+    def anonymize_aligned(self, rgb: np.ndarray, params: Params = Params(),
+                          identity: np.ndarray | None = None) -> AnonymizeResult:
+        """The whole image is one aligned face (CelebA-HQ/FFHQ style), as in the paper.
+
+        The image is resized to the bundle's native face size (1024 for SDXL) for the generator and
+        the result resized back to the input size (no resize when it already is native size).
+        """
+        return self.anonymize_aligned_batch([rgb], params, None if identity is None else identity[None])[0]
+
+    def anonymize_aligned_batch(self, images: list[np.ndarray], params: Params = Params(),
+                                identities: np.ndarray | None = None, reconstruct: bool = False,
+                                ) -> list[AnonymizeResult]:
+        timings = Timings()
+        t0 = time.perf_counter()
+        n = self.bundle.native_size
+        crops = [resize_rgb(img, (n, n)) for img in images]
+        timings.add("resize", time.perf_counter() - t0)
+        if identities is None:
+            t1 = time.perf_counter()
+            identities, sources = self.identity_of_crops(crops)
+            timings.add("identity_embed", time.perf_counter() - t1)
+        else:
+            sources = ["given"] * len(crops)
+        out = run_faces(self.models, crops, identities, params, n, inversion_batch=self.inversion_batch,
+                        timings=timings, reconstruct=reconstruct)
+        results = []
+        for i, (img, gen) in enumerate(zip(images, out.images)):
+            t2 = time.perf_counter()
+            final = resize_rgb(gen, img.shape[:2])
+            timings.add("resize", time.perf_counter() - t2)
+            report = self._base_report(params, "aligned")
+            report.update({"input_size": [int(img.shape[1]), int(img.shape[0])], "generator_size": n,
+                           "resized": tuple(img.shape[:2]) != (n, n), "faces_in_batch": len(images),
+                           "seed_used": params.seed + i, "identity_source": sources[i],
+                           "timings_ms": timings.as_ms(), "batch_total_ms": round(sum(timings.stages.values()) * 1e3, 3)})
+            results.append(AnonymizeResult(final, report))
+        return results
+
+    def reconstruction_error(self, rgb: np.ndarray, params: Params = Params()) -> dict:
+        """Invert, then generate with the inversion's own conditioning: latent max abs error vs x0."""
+        n = self.bundle.native_size
+        crop = resize_rgb(rgb, (n, n))
+        identities, _ = self.identity_of_crops([crop])
+        timings = Timings()
+        out = run_faces(self.models, [crop], identities, params, n, inversion_batch=self.inversion_batch,
+                        timings=timings, reconstruct=True)
+        err = (out.x_out - out.x0).abs()
+        return {"latent_max_abs_error": float(err.max()), "latent_mean_abs_error": float(err.mean()),
+                "latent_max_abs_value": float(out.x0.abs().max()), "steps": params.steps, "skip": params.skip,
+                "guidance": params.guidance, "timings_ms": timings.as_ms(), "smoke": self.bundle.smoke}

@@ -1,0 +1,190 @@
+"""`revpers` command line: smoke-model, anonymize, reconstruct, export, repository, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODELS = os.environ.get("REVPERS_MODELS", "models")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - diffusers missing is reported when loading
+        pass
+
+
+def add_param_arguments(p: argparse.ArgumentParser) -> None:
+    from .pipeline import Params
+
+    d = Params()
+    p.add_argument("--guidance", type=float, default=d.guidance, help=f"CFG scale w (negative anonymizes; default {d.guidance})")
+    p.add_argument("--ip-scale", type=float, default=d.ip_scale, help=f"IP-Adapter scale (default {d.ip_scale})")
+    p.add_argument("--id-scale", type=float, default=d.id_scale, help=f"identity embedding scale (default {d.id_scale})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"solver steps N (default {d.steps})")
+    p.add_argument("--skip", type=float, default=d.skip, help=f"fraction of the schedule skipped (default {d.skip})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"noise seed (default {d.seed})")
+    p.add_argument("--prompt", default=None, help="attribute prompt, e.g. 'an old man' (generation uncond branch only)")
+
+
+def params_from_args(args):
+    from .pipeline import Params
+
+    return Params.from_mapping({"guidance": args.guidance, "ip_scale": args.ip_scale, "id_scale": args.id_scale,
+                                "steps": args.steps, "skip": args.skip, "seed": args.seed, "prompt": args.prompt})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="revpers", description=__doc__.split(":")[0] + ": face anonymization "
+                                     "by reverse personalization (SDXL + IP-Adapter FaceID).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages too")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("smoke-model", help="write a smoke bundle (tiny random models of the real architectures)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+    p = sub.add_parser("anonymize", help="anonymize images in process; writes IMAGE + IMAGE.json per input")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files (JPEG/PNG/WebP)")
+    p.add_argument("-o", "--outdir", type=Path, required=True)
+    p.add_argument("--models", type=Path, default=Path(DEFAULT_MODELS), help="model bundle folder (env REVPERS_MODELS)")
+    p.add_argument("--aligned", action="store_true",
+                   help="treat each whole image as one aligned face crop (CelebA-HQ/FFHQ style), as in the paper")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--inversion-batch", type=int, default=10, help="inversion timesteps per UNet call (default 10)")
+    add_param_arguments(p)
+
+    p = sub.add_parser("reconstruct", help="fidelity check: invert then regenerate with the inversion's conditioning")
+    p.add_argument("image", type=Path)
+    p.add_argument("--models", type=Path, default=Path(DEFAULT_MODELS))
+    p.add_argument("--device", default=None)
+    p.add_argument("--tolerance", type=float, default=1e-3, help="exit 1 when the latent max abs error exceeds this")
+    add_param_arguments(p)
+
+    try:
+        from .triton_server import add_serve_arguments
+
+        p = sub.add_parser("serve", help="start the pip-installed Triton server on a model repository")
+        add_serve_arguments(p)
+    except ImportError:
+        pass
+    return parser
+
+
+def cmd_smoke_model(args) -> int:
+    from .smoke import write_smoke_bundle
+
+    t0 = time.perf_counter()
+    root = write_smoke_bundle(args.dir, seed=args.seed, overwrite=args.force)
+    print(f"wrote smoke bundle {root} in {time.perf_counter() - t0:.1f} s "
+          "(tiny random models: outputs are noise, not faces)")
+    return 0
+
+
+def _output_path(outdir: Path, src: Path, used: set) -> Path:
+    from .images import FORMATS
+
+    suffix = src.suffix.lower() if src.suffix.lower() in FORMATS else ".png"
+    out = outdir / (src.stem + suffix)
+    k = 1
+    while out in used:
+        out = outdir / f"{src.stem}-{k}{suffix}"
+        k += 1
+    used.add(out)
+    return out
+
+
+def cmd_anonymize(args) -> int:
+    from .anonymizer import Anonymizer
+    from .images import ImageError, encode_image, format_for, read_image
+
+    params = params_from_args(args)
+    if args.inversion_batch < 1:
+        raise SystemExit("error: --inversion-batch must be >= 1")
+    anon = Anonymizer(args.models, device=args.device, inversion_batch=args.inversion_batch)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    failures, used = 0, set()
+    for src in args.inputs:
+        try:
+            t0 = time.perf_counter()
+            rgb = read_image(src)
+            decode_s = time.perf_counter() - t0
+            if args.aligned:
+                result = anon.anonymize_aligned(rgb, params)
+            else:
+                result = anon.anonymize_photo(rgb, params)
+            out = _output_path(args.outdir, src, used)
+            t1 = time.perf_counter()
+            data = encode_image(result.image, format_for(out))
+            report = dict(result.report, input=str(src), output=str(out))
+            report.setdefault("timings_ms", {})
+            report["timings_ms"].update({"decode": round(decode_s * 1e3, 3),
+                                         "encode": round((time.perf_counter() - t1) * 1e3, 3)})
+            tmp = out.with_name(out.name + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(out)
+            out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+            note = " [SMOKE WEIGHTS: noise, not a face]" if anon.bundle.smoke else ""
+            print(f"{src} -> {out}{note}")
+        except ImageError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_reconstruct(args) -> int:
+    from .anonymizer import Anonymizer
+    from .images import read_image
+
+    params = params_from_args(args)
+    anon = Anonymizer(args.models, device=args.device)
+    result = anon.reconstruction_error(read_image(args.image), params)
+    print(json.dumps(result, indent=2))
+    ok = result["latent_max_abs_error"] <= args.tolerance
+    print(f"latent max abs error {result['latent_max_abs_error']:.3e} "
+          f"({'within' if ok else 'ABOVE'} tolerance {args.tolerance:g})"
+          + (" [smoke bundle]" if result["smoke"] else ""))
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    from .bundle import BundleError
+    from .pipeline import ParameterError
+
+    handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "reconstruct": cmd_reconstruct}
+    if args.command == "serve":
+        from .triton_server import run_serve
+
+        handlers["serve"] = run_serve
+    try:
+        return handlers[args.command](args)
+    except (BundleError, ParameterError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
