@@ -1,7 +1,8 @@
 """Paste anonymized face crops back into the photo with a soft mask (and blur/pixelate with it).
 
-Mask. An ellipse fixed in crop coordinates (centre (50 %, 52 %), semi-axes 30 % x 38 % of the
+Mask. An ellipse fixed in crop coordinates (centre (50 %, 53 %), semi-axes 32 % x 40 % of the
 side: cheek to cheek with margin, forehead to below the chin, for the framing of ``align.py``).
+With the default feather the fully replaced core reaches the template's mouth corners at r = 0.51.
 Its alpha is computed directly for every photo pixel: the pixel is mapped into the crop with the
 alignment matrix, its elliptical radius r is taken (r = 1 on the ellipse), and
 
@@ -36,11 +37,11 @@ import numpy as np
 
 from .align import crop_scale
 
-MASK_CENTRE = (0.50, 0.52)  # fractions of the crop side
-MASK_AXES = (0.30, 0.38)  # semi-axes (x, y), fractions of the crop side; r = 1 here
-FEATHER_REL = 0.35  # feather width as a fraction of r at least
-MIN_CORE = 0.3  # keep alpha == 1 at least out to this r when the band must grow
-# the largest r whose ellipse stays inside the crop square (bottom edge: 0.52 + r * 0.38 <= 1)
+MASK_CENTRE = (0.50, 0.53)  # fractions of the crop side
+MASK_AXES = (0.32, 0.40)  # semi-axes (x, y), fractions of the crop side; r = 1 here
+FEATHER_REL = 0.3  # feather width as a fraction of r at least
+MIN_CORE = 0.55  # grow the band outward (while the crop allows) to keep alpha == 1 out to this r
+# the largest r whose ellipse stays inside the crop square (bottom edge: 0.53 + r * 0.40 <= 1)
 R_MAX_IN_CROP = (1.0 - MASK_CENTRE[1]) / MASK_AXES[1] - 0.01
 MIN_FEATHER_PX = 20.0
 
