@@ -36,10 +36,12 @@ class Anonymizer:
     """Loads models once per process; every call reuses them (and the prompt cache)."""
 
     def __init__(self, bundle: Bundle | str | Path, device: str | None = None, inversion_batch: int = 10,
-                 unet_dtype: torch.dtype | None = None):
+                 unet_dtype: torch.dtype | None = None, models=None):
+        """``models``: any ``pipeline.Components`` (default: the bundle's PyTorch modules in process;
+        the Triton BLS model passes components that call the served models)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         t0 = time.perf_counter()
-        self.models = TorchModels.load(self.bundle, device, unet_dtype)
+        self.models = models if models is not None else TorchModels.load(self.bundle, device, unet_dtype)
         self.inversion_batch = inversion_batch
         self._analyzer = None
         self.load_seconds = time.perf_counter() - t0
@@ -68,7 +70,8 @@ class Anonymizer:
     def _base_report(self, params: Params, mode: str) -> dict:
         report = {"revpers_version": __version__, "mode": mode, "params": params.as_dict(),
                   "models": self.bundle.describe(), "smoke": self.bundle.smoke,
-                  "device": self.models.device, "unet_dtype": str(self.models.unet_dtype).replace("torch.", ""),
+                  "device": getattr(self.models, "device", "triton"),
+                  "unet_dtype": str(getattr(self.models, "unet_dtype", "served")).replace("torch.", ""),
                   "inversion_batch": self.inversion_batch}
         if self.bundle.smoke:
             report["warning"] = SMOKE_WARNING

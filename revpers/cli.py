@@ -79,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-3, help="exit 1 when the latent max abs error exceeds this")
     add_param_arguments(p)
 
+    p = sub.add_parser("export", help="export UNet (FaceID, LoRA fused), VAE and ArcFace to ONNX [and TensorRT]")
+    p.add_argument("--models", type=Path, default=Path(DEFAULT_MODELS))
+    p.add_argument("--out", type=Path, required=True, help="artifacts folder")
+    p.add_argument("--inversion-batch", type=int, default=10, help="inversion timesteps per UNet call (profile size)")
+    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines with polygraphy (GPU)")
+
+    p = sub.add_parser("repository", help="generate a Triton model repository from exported artifacts")
+    p.add_argument("--artifacts", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="onnxruntime")
+    p.add_argument("--models", type=Path, default=None, help="bundle path the server will read (default: the exported one)")
+    p.add_argument("--bls-instances", type=int, default=2, help="BLS model instances (concurrent requests)")
+    p.add_argument("--inversion-batch", type=int, default=10)
+    p.add_argument("--force", action="store_true")
+
     try:
         from .triton_server import add_serve_arguments
 
@@ -165,6 +180,25 @@ def cmd_reconstruct(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_export(args) -> int:
+    from export.onnx_export import export_bundle
+
+    from .bundle import load_bundle
+
+    export_bundle(load_bundle(args.models), args.out, args.inversion_batch, args.tensorrt)
+    print(f"artifacts in {args.out}")
+    return 0
+
+
+def cmd_repository(args) -> int:
+    from .repository import build_repository
+
+    out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
+                           args.inversion_batch, args.force)
+    print(f"model repository ({args.backend}) in {out}; start it with: revpers serve --repository {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,14 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError
     from .pipeline import ParameterError
 
-    handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "reconstruct": cmd_reconstruct}
+    handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "reconstruct": cmd_reconstruct,
+                "export": cmd_export, "repository": cmd_repository}
     if args.command == "serve":
         from .triton_server import run_serve
 
         handlers["serve"] = run_serve
     try:
         return handlers[args.command](args)
-    except (BundleError, ParameterError, FileExistsError) as exc:
+    except (BundleError, ParameterError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

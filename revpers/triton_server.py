@@ -561,6 +561,15 @@ class TritonServer:
         env = {**os.environ, **self.env}
         if install.lib_dir is not None:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.lib_dir), env.get("LD_LIBRARY_PATH")]))
+        # The stub links libpython3.X.so by name; the system's copy may be an older patch release
+        # than this interpreter, whose extension modules (e.g. _ssl) then fail to import. Put this
+        # interpreter's own libpython first when it has a shared one.
+        import sysconfig
+
+        libdir = sysconfig.get_config_var("LIBDIR")
+        ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
+        if libdir and ldlib.endswith(".so") and (Path(libdir) / ldlib).exists():
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
         # The stub embeds the interpreter it finds as `python3` on PATH (its venv's pyvenv.cfg gives
         # it site-packages): make that this venv's, when the stub is built for this Python version.
         same_python = install.kind == "wheel" or self._stub_version() == tuple(sys.version_info[:2])

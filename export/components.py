@@ -1,0 +1,105 @@
+"""One description per served component: inputs, outputs, shapes, dtypes, batch axis, precision.
+
+The same ``ComponentSpec`` drives ``torch.onnx.export`` (names, dynamic axes), the TensorRT
+optimisation profiles (min/opt/max batch) and the generated Triton ``config.pbtxt``. Shapes are
+concrete for a given bundle (image size fixed at the bundle's native face size) except the batch
+axis, which is dynamic everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+TRITON_DTYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "INT64": "TYPE_INT64", "UINT8": "TYPE_UINT8"}
+NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "UINT8": np.uint8}
+TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "INT64": torch.int64, "UINT8": torch.uint8}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # FP32 / INT64 / ...
+    shape: tuple[int, ...]     # without the batch axis
+
+    def example(self, batch: int) -> torch.Tensor:
+        if self.dtype == "INT64":
+            return torch.randint(1, 1000, (batch, *self.shape), dtype=torch.int64)
+        return torch.randn((batch, *self.shape), dtype=TORCH_DTYPES[self.dtype])
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str                  # Triton model name and file stem
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str             # TensorRT build precision: "fp16" (UNet) or "fp32" (SDXL VAE, ArcFace)
+    max_batch: int             # Triton max_batch_size and TensorRT profile max
+    opt_batch: int             # TensorRT profile optimum
+    preferred_batches: tuple[int, ...] = field(default=())
+    description: str = ""
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {0: "batch"} for t in self.inputs + self.outputs}
+
+    def profile(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        spec = next(t for t in self.inputs if t.name == name)
+        return (1, *spec.shape), (self.opt_batch, *spec.shape), (self.max_batch, *spec.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "precision": self.precision, "max_batch": self.max_batch,
+                "opt_batch": self.opt_batch, "preferred_batches": list(self.preferred_batches),
+                "inputs": [vars(t) | {"shape": list(t.shape)} for t in self.inputs],
+                "outputs": [vars(t) | {"shape": list(t.shape)} for t in self.outputs],
+                "description": self.description}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ComponentSpec":
+        return cls(d["name"], tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]),
+                   tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["outputs"]),
+                   d["precision"], d["max_batch"], d["opt_batch"], tuple(d.get("preferred_batches", ())),
+                   d.get("description", ""))
+
+
+def unet_spec(latent: int, text_len: int, text_dim: int, pooled_dim: int, embed_dim: int,
+              inversion_batch: int = 10, max_faces: int = 4) -> ComponentSpec:
+    """FaceID UNet: CFG batch 2 per face per step in generation, 2 x inversion_batch in inversion."""
+    max_batch = 2 * max(inversion_batch, 1) * max_faces
+    return ComponentSpec(
+        "unet",
+        inputs=(TensorSpec("sample", "FP32", (4, latent, latent)), TensorSpec("timestep", "INT64", ()),
+                TensorSpec("text", "FP32", (text_len, text_dim)), TensorSpec("pooled", "FP32", (pooled_dim,)),
+                TensorSpec("time_ids", "FP32", (6,)), TensorSpec("identity", "FP32", (embed_dim,)),
+                TensorSpec("ip_scale", "FP32", ())),
+        outputs=(TensorSpec("eps", "FP32", (4, latent, latent)),),
+        precision="fp16", max_batch=max_batch, opt_batch=2 * max(inversion_batch, 1),
+        preferred_batches=(2, 2 * max(inversion_batch, 1)),
+        description="SDXL UNet + IP-Adapter FaceID (LoRA fused, projection in graph, per-sample timestep and IP scale)")
+
+
+def vae_encoder_spec(size: int, max_faces: int = 8) -> ComponentSpec:
+    return ComponentSpec("vae_encoder", (TensorSpec("image", "FP32", (3, size, size)),),
+                         (TensorSpec("latent", "FP32", (4, size // 8, size // 8)),), "fp32", max_faces, 1,
+                         description="SDXL VAE encoder (latent mode x scaling factor), fp32")
+
+
+def vae_decoder_spec(size: int, max_faces: int = 8) -> ComponentSpec:
+    return ComponentSpec("vae_decoder", (TensorSpec("latent", "FP32", (4, size // 8, size // 8)),),
+                         (TensorSpec("image", "FP32", (3, size, size)),), "fp32", max_faces, 1,
+                         description="SDXL VAE decoder (divides by the scaling factor), fp32")
+
+
+def arcface_spec(embed_dim: int, max_faces: int = 16) -> ComponentSpec:
+    return ComponentSpec("arcface", (TensorSpec("input.1", "FP32", (3, 112, 112)),),
+                         (TensorSpec("embedding", "FP32", (embed_dim,)),), "fp32", max_faces, 1,
+                         description="ArcFace-contract recognizer (normalised 112x112 BGR -> embedding)")
+
+
+def specs_for(models, native_size: int, embed_dim: int, inversion_batch: int = 10) -> list[ComponentSpec]:
+    """The component descriptions for a loaded bundle (shapes read off the real modules)."""
+    emb = models.text("")
+    return [unet_spec(native_size // 8, emb.text.shape[1], emb.text.shape[2], emb.pooled.shape[1], embed_dim,
+                      inversion_batch),
+            vae_encoder_spec(native_size), vae_decoder_spec(native_size)]

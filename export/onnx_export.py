@@ -1,0 +1,112 @@
+"""ONNX export of the bundle's components, driven by their ComponentSpecs, plus parity checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .components import ComponentSpec, arcface_spec, specs_for
+
+OPSET = 18
+ARTIFACTS_MANIFEST = "components.json"
+
+
+def export_module(module: torch.nn.Module, spec: ComponentSpec, path: Path, batch: int = 2) -> Path:
+    """Trace ``module`` with example inputs of ``spec`` and write ONNX with a dynamic batch axis."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = tuple(t.example(batch) for t in spec.inputs)
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), example, str(path), input_names=[t.name for t in spec.inputs],
+                          output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def onnx_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def parity(module: torch.nn.Module, spec: ComponentSpec, path: Path, inputs: dict[str, torch.Tensor]) -> float:
+    """Max abs difference between the PyTorch module and the ONNX file on the same inputs."""
+    sess = onnx_session(path)
+    with torch.no_grad():
+        want = module(*[inputs[t.name] for t in spec.inputs]).float().numpy()
+    got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    return float(np.abs(got - want).max())
+
+
+def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool = False, log=print) -> dict:
+    """Export UNet, VAE encoder/decoder and ArcFace of ``bundle`` into ``out`` (fp32 ONNX).
+
+    Writes ``out/<component>/model.onnx`` and ``out/components.json`` (the specs + bundle info),
+    which ``revpers repository`` reads. With ``tensorrt`` also builds engines (export.tensorrt_build).
+    """
+    from revpers.models import TorchModels
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = TorchModels.load(bundle, device="cpu", unet_dtype=torch.float32)
+    specs = specs_for(models, bundle.native_size, bundle.embedding_dim, inversion_batch)
+    modules = {"unet": models.unet, "vae_encoder": models.vae_encoder, "vae_decoder": models.vae_decoder}
+    record = {"bundle": bundle.describe(), "opset": OPSET, "components": {}}
+    for spec in specs:
+        t0 = time.perf_counter()
+        path = export_module(modules[spec.name], spec, out / spec.name / "model.onnx")
+        record["components"][spec.name] = {"spec": spec.to_dict(), "onnx": str(path.relative_to(out)),
+                                           "export_seconds": round(time.perf_counter() - t0, 2)}
+        log(f"exported {spec.name} -> {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    recognizer = bundle.path(bundle.faces["recognizer"])
+    spec = arcface_spec(bundle.embedding_dim)
+    dst = out / "arcface" / "model.onnx"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(recognizer, dst)
+    _rename_io(dst, spec)
+    record["components"]["arcface"] = {"spec": spec.to_dict(), "onnx": str(dst.relative_to(out)), "export_seconds": 0}
+    log(f"copied recognizer {recognizer.name} -> {dst}")
+    if tensorrt:
+        from .tensorrt_build import build_engines
+
+        record["engines"] = build_engines(out, record, log=log)
+    (out / ARTIFACTS_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _rename_io(path: Path, spec: ComponentSpec) -> None:
+    """Give an ONNX file the spec's input/output names (ArcFace files use arbitrary ones)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    renames = {}
+    for vi, t in zip(model.graph.input, spec.inputs):
+        renames[vi.name] = t.name
+    for vi, t in zip(model.graph.output, spec.outputs):
+        renames[vi.name] = t.name
+    if all(k == v for k, v in renames.items()):
+        return
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.name = renames.get(vi.name, vi.name)
+    onnx.save(model, str(path))
+
+
+def load_artifacts(path: Path) -> dict:
+    path = Path(path)
+    f = path / ARTIFACTS_MANIFEST
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} holds no exported components ({ARTIFACTS_MANIFEST} missing); "
+                                "run `revpers export --models BUNDLE --out DIR` first")
+    return json.loads(f.read_text())
