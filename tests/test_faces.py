@@ -500,3 +500,54 @@ def test_insightface_buffalo_l_backend():
     emb0, source = identity_from_crop(an, crop)
     assert source == DETECTED_IN_CROP
     assert float(emb0 @ emb[0]) > 0.5  # same person from the photo and from the aligned crop
+
+
+def _fake_scrfd(path: pathlib.Path) -> None:
+    """An ONNX file with SCRFD's interface (input 1x3x640x640; scores, boxes and 5-point keypoints
+    for strides 8/16/32 with 2 anchors) whose outputs are fixed: one detection with score 0.9 at
+    stride-32 cell (row 5, col 7) and a weak one (0.05) at cell (row 15, col 15). It exercises the
+    production backend's code path; it is not a detector."""
+    torch = pytest.importorskip("torch")
+    outs = {}
+    for s in (8, 16, 32):
+        n = (640 // s) ** 2 * 2
+        outs[s] = [torch.zeros(n, 1), torch.ones(n, 4), torch.zeros(n, 10)]
+    strong, weak = (5 * 20 + 7) * 2, (15 * 20 + 15) * 2
+    outs[32][0][strong, 0], outs[32][0][weak, 0] = 0.9, 0.05
+    outs[32][1][strong] = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    outs[32][2][strong] = torch.tensor([-0.8, -0.5, 0.8, -0.5, 0.0, 0.2, -0.6, 1.0, 0.6, 1.0])
+
+    class FixedOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for s in (8, 16, 32):
+                for k, t in zip("sbk", outs[s]):
+                    self.register_buffer(f"{k}{s}", t)
+
+        def forward(self, x):
+            z = x.mean() * 0.0
+            return tuple(getattr(self, f"{k}{s}") + z for k in "sbk" for s in (8, 16, 32))
+
+    names = [f"{k}{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    torch.onnx.export(FixedOutputs().eval(), torch.zeros(1, 3, 640, 640), str(path), input_names=["input.1"],
+                      output_names=names, dynamo=False)
+
+
+def test_insightface_backend_code_path_with_an_scrfd_shaped_model(model_dir, t1, tmp_path):
+    pack = tmp_path / "face_models" / "fake_pack"
+    pack.mkdir(parents=True)
+    _fake_scrfd(pack / "det_10g.onnx")
+    (pack / "w600k_r50.onnx").write_bytes((model_dir / "tiny_arcface.onnx").read_bytes())
+    spec = {"detector": "insightface", "pack": "face_models/fake_pack", "recognizer": "face_models/fake_pack/w600k_r50.onnx"}
+    an = load_face_analyzer(spec, tmp_path)
+    assert an.name == "insightface"
+    faces = an.detect(t1)  # 1280 px wide -> det scale 0.5 into the 640 input
+    assert len(faces) == 1  # the 0.05 candidate is below det_thresh 0.1
+    f = faces[0]
+    assert f.score == pytest.approx(0.9)
+    # anchor centre (7, 5) * 32 = (224, 160); distances 2 * 32; then / 0.5 into the photo
+    np.testing.assert_allclose(f.box, [320, 192, 576, 448], atol=1e-3)
+    np.testing.assert_allclose(f.kps[0], [(224 - 0.8 * 32) * 2, (160 - 0.5 * 32) * 2], atol=1e-3)
+    emb = an.embed(t1, faces)
+    assert emb.shape == (1, 512) and abs(np.linalg.norm(emb[0]) - 1) < 1e-5
+    assert len(load_face_analyzer(spec, tmp_path, det_thresh=0.01).detect(t1)) == 2
