@@ -1,7 +1,8 @@
-"""`make demo`: build a smoke bundle, then anonymize real photos that ship in installed packages.
+"""`make demo`: smoke bundle -> ONNX export -> Triton repository (onnxruntime) -> tritonserver ->
+gRPC requests with real photos that ship in installed packages -> output images + JSON reports.
 
-Smoke weights are tiny random models: the demo proves the whole path runs end to end, it does
-not make believable faces. Point ``--bundle`` at a real bundle for real results.
+Smoke weights are tiny random models: the demo proves the whole served path runs end to end, it
+does not make believable faces. Point ``--bundle`` at a real bundle for real results.
 """
 
 from __future__ import annotations
@@ -29,30 +30,48 @@ def main(argv=None) -> int:
     from .cli import _quiet_libraries
 
     _quiet_libraries()
-    from .anonymizer import Anonymizer
-    from .bundle import MANIFEST
-    from .images import encode_image, read_image
-    from .pipeline import Params
-    from .smoke import write_smoke_bundle
+    from client import RevpersClient
+    from export.onnx_export import export_bundle
 
+    from .bundle import MANIFEST, load_bundle
+    from .repository import build_repository
+    from .smoke import write_smoke_bundle
+    from .triton_server import TritonServer, free_ports
+
+    work = args.bundle.parent
     if not (args.bundle / MANIFEST).is_file():
         t0 = time.perf_counter()
         write_smoke_bundle(args.bundle, seed=0, overwrite=True)
-        print(f"built smoke bundle {args.bundle} in {time.perf_counter() - t0:.1f} s")
-    anon = Anonymizer(args.bundle)
+        print(f"[1/5] built smoke bundle {args.bundle} in {time.perf_counter() - t0:.1f} s")
+    else:
+        print(f"[1/5] using bundle {args.bundle}")
+    bundle = load_bundle(args.bundle)
+    artifacts, repo = work / "demo-artifacts", work / "demo-repository"
+    t0 = time.perf_counter()
+    export_bundle(bundle, artifacts, log=lambda *_: None)
+    print(f"[2/5] exported UNet (FaceID), VAE encoder/decoder, ArcFace to ONNX in {artifacts} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    build_repository(artifacts, repo, "onnxruntime", bundle=args.bundle, force=True)
+    print(f"[3/5] Triton model repository (onnxruntime target) in {repo}")
+    grpc, http, metrics = free_ports(3)
     args.out.mkdir(parents=True, exist_ok=True)
-    params = Params(steps=args.steps)
-    for photo in demo_photos():
-        t0 = time.perf_counter()
-        result = anon.anonymize_photo(read_image(photo), params)
-        out = args.out / (photo.stem + ".png")
-        out.write_bytes(encode_image(result.image))
-        out.with_name(out.name + ".json").write_text(json.dumps(result.report, indent=2) + "\n")
-        faces = result.report["faces"]
-        done = sum(f["action"] == "anonymized" for f in faces)
-        print(f"{photo.name}: {len(faces)} face(s), {done} anonymized in one batch, "
-              f"{time.perf_counter() - t0:.1f} s -> {out} (+ .json report)")
-    if anon.bundle.smoke:
+    with TritonServer(repo, grpc_port=grpc, http_port=http, metrics_port=metrics) as server:
+        print(f"[4/5] tritonserver ready in {server.startup_seconds:.1f} s: gRPC {server.urls.grpc}, "
+              f"HTTP {server.urls.http}, metrics {server.urls.metrics}")
+        client = RevpersClient(server.urls.grpc)
+        for photo in demo_photos():
+            t0 = time.perf_counter()
+            image, report = client.anonymize(photo.read_bytes(), steps=args.steps)
+            out = args.out / (photo.stem + ".png")
+            out.write_bytes(image)
+            out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+            faces = report["faces"]
+            done = sum(f["action"] == "anonymized" for f in faces)
+            print(f"[5/5] {photo.name}: {len(faces)} face(s), {done} anonymized in one batch, "
+                  f"{time.perf_counter() - t0:.1f} s over gRPC -> {out} (+ .json report)")
+        client.close()
+    print("server stopped.")
+    if bundle.smoke:
         print("NOTE: smoke weights (tiny random models) make noise, not faces; "
               "use a real bundle (README 'Model bundle') for real anonymization.")
     return 0
