@@ -246,6 +246,19 @@ def test_alpha_stays_soft_for_small_and_large_crops(analyzer, t1):
         assert _max_step(alpha) < STEP_LIMIT, (size, shrink)
 
 
+def test_face_at_the_image_border_is_pasted_inside_the_photo_only(analyzer, astronaut):
+    img = np.ascontiguousarray(astronaut[:, 190:])  # her face is now cut by the left edge
+    gen = InvertingGenerator()
+    out, reports = anonymize_photo(img, analyzer, gen, 256, FacePolicy())
+    assert len(reports) == 1 and reports[0]["action"] == "anonymized"
+    footprint = crop_footprint(np.asarray(reports[0]["matrix"]), 256)
+    assert footprint[:, 0].min() < 0  # the crop reaches past the left edge
+    union = union_mask(reports, img.shape)
+    assert union[:, 0].max() > 0.5  # the mask is cut by the border, not shrunk
+    assert np.array_equal(out[union == 0], img[union == 0])
+    assert gen.calls == [(1, (1, 512))]
+
+
 def test_face_free_image_is_returned_unchanged(analyzer):
     gen = InvertingGenerator()
     coffee = np.ascontiguousarray(skimage_data.coffee())
@@ -362,10 +375,17 @@ def _iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
+@pytest.fixture(scope="module")
+def t1_jpeg_faces(analyzer, t1):
+    """Faces of t1 after a JPEG round trip without an orientation tag (the reference)."""
+    return analyzer.detect(decode_image(_jpeg(t1)))
+
+
 @pytest.mark.parametrize("orientation, stored_as", [(6, Image.Transpose.ROTATE_90), (3, Image.Transpose.ROTATE_180),
                                                     (8, Image.Transpose.ROTATE_270)])
-def test_exif_rotated_copy_gives_the_same_faces_and_output_has_no_exif(analyzer, t1, orientation, stored_as):
-    reference = analyzer.detect(decode_image(_jpeg(t1)))
+def test_exif_rotated_copy_gives_the_same_faces_and_output_has_no_exif(analyzer, t1, t1_jpeg_faces, orientation,
+                                                                       stored_as):
+    reference = t1_jpeg_faces
     data = _jpeg(t1, stored_as, orientation)  # pixels stored rotated, the tag says how to show them
     raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     assert raw.shape != t1.shape or orientation == 3
@@ -379,9 +399,11 @@ def test_exif_rotated_copy_gives_the_same_faces_and_output_has_no_exif(analyzer,
         assert _iou(f.box, r.box) > 0.6
         assert np.abs(f.kps - r.kps).max() < 4.0
 
+    if orientation != 6:
+        return  # the output side is the same for every orientation
     out, reports = anonymize_photo(rgb, analyzer, InvertingGenerator(), 128, FacePolicy())
     assert len(reports) == 6
-    for fmt in ("JPEG", "PNG"):
+    for fmt in ("JPEG", "PNG", "WEBP"):
         encoded = encode_image(out, fmt)
         with Image.open(io.BytesIO(encoded)) as img:
             assert "exif" not in img.info
