@@ -40,3 +40,48 @@ def real_photo(name: str = "Tom_Hanks_54745.png"):
 
     root = Path(importlib.util.find_spec("insightface").submodule_search_locations[0])
     return read_image(root / "data" / "images" / name)
+
+
+@pytest.fixture(scope="session")
+def onnx_artifacts(smoke_bundle, tmp_path_factory):
+    """The smoke bundle exported to ONNX once per test session: (artifacts dir, export record)."""
+    from export.onnx_export import export_bundle
+
+    out = tmp_path_factory.mktemp("onnx") / "artifacts"
+    record = export_bundle(smoke_bundle, out, log=lambda *a: None)
+    return out, record
+
+
+@pytest.fixture(scope="session")
+def onnxruntime_repository(onnx_artifacts, smoke_bundle_dir, tmp_path_factory):
+    """A Triton model repository (onnxruntime target) over the session's ONNX artifacts."""
+    from revpers.repository import build_repository
+
+    return build_repository(onnx_artifacts[0], tmp_path_factory.mktemp("repo") / "repo", "onnxruntime",
+                            bundle=smoke_bundle_dir)
+
+
+def start_triton(repository):
+    """Start a real tritonserver on free loopback ports (skips where none is installed); the caller
+    stops it (``srv.stop()``)."""
+    from revpers.triton_server import TritonServer, find_tritonserver, free_ports
+
+    try:
+        find_tritonserver()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"tritonserver not available: {exc}")
+    grpc_port, http_port, metrics_port = free_ports(3)
+    srv = TritonServer(repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
+    srv.start()
+    print(f"tritonserver ready in {srv.startup_seconds:.1f} s")
+    return srv
+
+
+@pytest.fixture(scope="session")
+def triton_server(onnxruntime_repository):
+    """One real tritonserver serving the smoke bundle, shared by every server test of the session."""
+    srv = start_triton(onnxruntime_repository)
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from export.components import ComponentSpec
-from export.onnx_export import ARTIFACTS_MANIFEST, export_bundle, onnx_session, parity
+from export.onnx_export import ARTIFACTS_MANIFEST, onnx_session, parity
 
 FP32_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(smoke_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "artifacts"
-    record = export_bundle(smoke_bundle, out, log=lambda *a: None)
-    return out, record
+def exported(onnx_artifacts):
+    return onnx_artifacts
 
 
 @pytest.fixture(scope="module")

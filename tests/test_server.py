@@ -26,33 +26,8 @@ MODEL = "revpers"
 
 
 @pytest.fixture(scope="module")
-def artifacts(smoke_bundle, tmp_path_factory):
-    from export.onnx_export import export_bundle
-
-    out = tmp_path_factory.mktemp("srv_onnx") / "artifacts"
-    export_bundle(smoke_bundle, out, log=lambda *a: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(artifacts, smoke_bundle_dir, tmp_path_factory):
-    from revpers.repository import build_repository
-    from revpers.triton_server import TritonServer, find_tritonserver, free_ports
-
-    try:
-        find_tritonserver()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"tritonserver not available: {exc}")
-    repo = build_repository(artifacts, tmp_path_factory.mktemp("srv_repo") / "repo", "onnxruntime",
-                            bundle=smoke_bundle_dir)
-    grpc_port, http_port, metrics_port = free_ports(3)
-    srv = TritonServer(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
-    srv.start()
-    print(f"tritonserver ready in {srv.startup_seconds:.1f} s")
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(triton_server):
+    return triton_server
 
 
 @pytest.fixture(scope="module")
