@@ -34,10 +34,10 @@ class RevpersClient:
         from tritonclient.utils import InferenceServerException
 
         g = self._grpc
-        img = g.InferInput("IMAGE", [1], "BYTES")
-        img.set_data_from_numpy(np.array([bytes(image)], dtype=np.object_))
-        par = g.InferInput("PARAMS", [1], "BYTES")
-        par.set_data_from_numpy(np.array([json.dumps({k: v for k, v in params.items() if v is not None}).encode()],
+        img = g.InferInput("IMAGE", [1, 1], "BYTES")  # a batch of one image (the BLS model batches requests)
+        img.set_data_from_numpy(np.array([[bytes(image)]], dtype=np.object_))
+        par = g.InferInput("PARAMS", [1, 1], "BYTES")
+        par.set_data_from_numpy(np.array([[json.dumps({k: v for k, v in params.items() if v is not None}).encode()]],
                                          dtype=np.object_))
         try:
             result = self.client.infer(MODEL, [img, par], outputs=[g.InferRequestedOutput("IMAGE"),
@@ -45,7 +45,7 @@ class RevpersClient:
                                        client_timeout=self.timeout)
         except InferenceServerException as exc:
             raise ServiceError(exc.message(), exc.status()) from None
-        return bytes(result.as_numpy("IMAGE")[0]), json.loads(result.as_numpy("REPORT")[0])
+        return bytes(result.as_numpy("IMAGE")[0, 0]), json.loads(result.as_numpy("REPORT")[0, 0])
 
     def close(self) -> None:
         self.client.close()

@@ -97,6 +97,23 @@ def arcface_spec(embed_dim: int, max_faces: int = 16) -> ComponentSpec:
                          description="ArcFace-contract recognizer (normalised 112x112 BGR -> embedding)")
 
 
+def specs_from_bundle(bundle, inversion_batch: int = 10) -> list[ComponentSpec]:
+    """The same descriptions as ``specs_for``, read from the bundle's config files alone (no weights
+    loaded): SDXL concatenates both text encoders' hidden states and pools the second one's
+    projection."""
+    import json
+
+    def config(sub: str) -> dict:
+        return json.loads((bundle.sdxl_dir / sub).read_text())
+
+    te1, te2 = config("text_encoder/config.json"), config("text_encoder_2/config.json")
+    text_len = int(config("tokenizer/tokenizer_config.json").get("model_max_length", te1["max_position_embeddings"]))
+    n = bundle.native_size
+    return [unet_spec(n // 8, text_len, te1["hidden_size"] + te2["hidden_size"], te2["projection_dim"],
+                      bundle.embedding_dim, inversion_batch),
+            vae_encoder_spec(n), vae_decoder_spec(n), arcface_spec(bundle.embedding_dim)]
+
+
 def specs_for(models, native_size: int, embed_dim: int, inversion_batch: int = 10) -> list[ComponentSpec]:
     """The component descriptions for a loaded bundle (shapes read off the real modules)."""
     emb = models.text("")

@@ -70,14 +70,10 @@ def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool =
         record["components"][spec.name] = {"spec": spec.to_dict(), "onnx": str(path.relative_to(out)),
                                            "export_seconds": round(time.perf_counter() - t0, 2)}
         log(f"exported {spec.name} -> {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
-    recognizer = bundle.path(bundle.faces["recognizer"])
-    spec = arcface_spec(bundle.embedding_dim)
     dst = out / "arcface" / "model.onnx"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(recognizer, dst)
-    _rename_io(dst, spec)
+    spec = copy_recognizer(bundle, dst)
     record["components"]["arcface"] = {"spec": spec.to_dict(), "onnx": str(dst.relative_to(out)), "export_seconds": 0}
-    log(f"copied recognizer {recognizer.name} -> {dst}")
+    log(f"copied recognizer {bundle.faces['recognizer']} -> {dst}")
     if tensorrt:
         from .tensorrt_build import build_engines
 
@@ -86,7 +82,16 @@ def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool =
     return record
 
 
-def _rename_io(path: Path, spec: ComponentSpec) -> None:
+def copy_recognizer(bundle, dst: Path) -> ComponentSpec:
+    """The bundle's ArcFace ONNX file as the `arcface` component (spec's input/output names)."""
+    spec = arcface_spec(bundle.embedding_dim)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle.path(bundle.faces["recognizer"]), dst)
+    rename_io(dst, spec)
+    return spec
+
+
+def rename_io(path: Path, spec: ComponentSpec) -> None:
     """Give an ONNX file the spec's input/output names (ArcFace files use arbitrary ones)."""
     import onnx
 

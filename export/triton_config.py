@@ -14,13 +14,15 @@ def _tensor(t, kind: str) -> str:
 
 
 def component_config(spec: ComponentSpec, backend: str, instances: int = 1, queue_delay_us: int = 2000,
-                     gpu: bool = False) -> str:
+                     gpu: bool = False, parameters: dict[str, str] | None = None) -> str:
+    """``backend``: "tensorrt" (an engine, Triton's TensorRT backend), "onnxruntime" or "pytorch" (the
+    generic Python-backend component model; ``parameters`` become its config parameters)."""
     if backend == "tensorrt":
         head = f'name: "{spec.name}"\nplatform: "tensorrt_plan"\n'
-    elif backend == "onnxruntime":
+    elif backend in ("onnxruntime", "pytorch"):
         head = f'name: "{spec.name}"\nbackend: "python"\n'
     else:
-        raise ValueError(f"unknown backend {backend!r}; use tensorrt or onnxruntime")
+        raise ValueError(f"unknown backend {backend!r}; use tensorrt, onnxruntime or pytorch")
     preferred = ", ".join(str(b) for b in spec.preferred_batches if b <= spec.max_batch)
     text = head + f"max_batch_size: {spec.max_batch}\n"
     text += "input [\n" + ",\n".join(_tensor(t, "input") for t in spec.inputs) + "\n]\n"
@@ -33,15 +35,20 @@ def component_config(spec: ComponentSpec, backend: str, instances: int = 1, queu
     text += f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n"
     if backend == "tensorrt":
         text += "optimization { cuda { graphs: true } }\n"
-    text += f'parameters {{ key: "description" value: {{ string_value: "{spec.description}" }} }}\n'
+    for key, value in {"description": spec.description, **(parameters or {})}.items():
+        text += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
     return text
 
 
-def bls_config(bundle_path: str, instances: int, inversion_batch: int, gpu: bool = False) -> str:
+def bls_config(bundle_path: str, instances: int, inversion_batch: int, gpu: bool = False, threads: int = 8,
+               queue_delay_us: int = 500) -> str:
+    """The `revpers` BLS model. Its dynamic batcher hands each instance up to ``threads`` waiting
+    requests per execute call, which it serves concurrently (see revpers.serving). A request holds
+    one image: IMAGE and PARAMS have shape [1, 1] (batch of one)."""
     kind = "KIND_GPU" if gpu else "KIND_CPU"
     return f'''name: "revpers"
 backend: "python"
-max_batch_size: 0
+max_batch_size: {threads}
 input [
   {{ name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "PARAMS" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
@@ -50,8 +57,10 @@ output [
   {{ name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "REPORT" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
+dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 parameters {{ key: "bundle" value: {{ string_value: "{bundle_path}" }} }}
 parameters {{ key: "inversion_batch" value: {{ string_value: "{inversion_batch}" }} }}
+parameters {{ key: "threads" value: {{ string_value: "{threads}" }} }}
 parameters {{ key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: {{ string_value: "{"no" if gpu else "yes"}" }} }}
 '''

@@ -36,14 +36,15 @@ class Anonymizer:
     """Loads models once per process; every call reuses them (and the prompt cache)."""
 
     def __init__(self, bundle: Bundle | str | Path, device: str | None = None, inversion_batch: int = 10,
-                 unet_dtype: torch.dtype | None = None, models=None):
+                 unet_dtype: torch.dtype | None = None, models=None, analyzer=None):
         """``models``: any ``pipeline.Components`` (default: the bundle's PyTorch modules in process;
-        the Triton BLS model passes components that call the served models)."""
+        the Triton BLS model passes components that call the served models). ``analyzer``: a face
+        analyzer (default: the bundle's, loaded on first use)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         t0 = time.perf_counter()
         self.models = models if models is not None else TorchModels.load(self.bundle, device, unet_dtype)
         self.inversion_batch = inversion_batch
-        self._analyzer = None
+        self._analyzer = analyzer
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ face analysis

@@ -85,12 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inversion-batch", type=int, default=10, help="inversion timesteps per UNet call (profile size)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines with polygraphy (GPU)")
 
-    p = sub.add_parser("repository", help="generate a Triton model repository from exported artifacts")
-    p.add_argument("--artifacts", type=Path, required=True)
+    p = sub.add_parser("repository", help="generate a Triton model repository (tensorrt, onnxruntime or pytorch)",
+                       description="Generate a Triton model repository. tensorrt: engines for NVIDIA's Triton "
+                                   "container (GPU); onnxruntime: Python-backend models running the ONNX files "
+                                   "(pip tritonserver, CPU); pytorch: the bundle's PyTorch modules (fp16 UNet on "
+                                   "CUDA; no export needed, --models is enough).")
+    p.add_argument("--artifacts", type=Path, default=None,
+                   help="`revpers export` output (required for tensorrt and onnxruntime)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="onnxruntime")
-    p.add_argument("--models", type=Path, default=None, help="bundle path the server will read (default: the exported one)")
-    p.add_argument("--bls-instances", type=int, default=2, help="BLS model instances (concurrent requests)")
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime", "pytorch"), default="onnxruntime")
+    p.add_argument("--models", type=Path, default=None,
+                   help="bundle path the server will read (default: the exported one; required for pytorch "
+                        "without --artifacts)")
+    p.add_argument("--bls-instances", type=int, default=1, help="BLS model instances (processes)")
+    p.add_argument("--bls-threads", type=int, default=8,
+                   help="requests each BLS instance serves concurrently (their UNet calls batch together)")
+    p.add_argument("--gpu", action="store_true", help="run the models on the GPU (KIND_GPU; implied by tensorrt)")
+    p.add_argument("--torch-compile", action="store_true", help="pytorch target: torch.compile the modules")
     p.add_argument("--inversion-batch", type=int, default=10)
     p.add_argument("--force", action="store_true")
 
@@ -193,8 +204,15 @@ def cmd_export(args) -> int:
 def cmd_repository(args) -> int:
     from .repository import build_repository
 
+    if args.backend != "pytorch" and args.artifacts is None:
+        print(f"revpers repository: --artifacts is required for the {args.backend} target", file=sys.stderr)
+        return 2
+    if args.backend == "pytorch" and args.artifacts is None and args.models is None:
+        print("revpers repository: the pytorch target needs --models (or --artifacts)", file=sys.stderr)
+        return 2
     out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
-                           args.inversion_batch, args.force)
+                           args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
+                           torch_compile=args.torch_compile)
     print(f"model repository ({args.backend}) in {out}; start it with: revpers serve --repository {out}")
     return 0
 

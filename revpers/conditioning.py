@@ -25,6 +25,9 @@ class TextEmbedding:
     text: torch.Tensor
     pooled: torch.Tensor
 
+    def to(self, device) -> "TextEmbedding":
+        return TextEmbedding(self.text.to(device), self.pooled.to(device))
+
     def zeros(self) -> "TextEmbedding":
         """SDXL's ``force_zeros_for_empty_prompt`` negative: all-zero embeddings of the same shape."""
         return TextEmbedding(torch.zeros_like(self.text), torch.zeros_like(self.pooled))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -189,23 +190,25 @@ class TextEncoderCache:
         self.device = device
         self.capacity = capacity
         self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     @torch.inference_mode()
     def __call__(self, prompt: str) -> TextEmbedding:
-        if prompt in self._cache:
-            self._cache.move_to_end(prompt)
-            self.hits += 1
-            return self._cache[prompt]
-        self.misses += 1
-        text, _, pooled, _ = self.pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1,
-                                                     do_classifier_free_guidance=False)
-        emb = TextEmbedding(text.float(), pooled.float())
-        self._cache[prompt] = emb
-        if len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        return emb
+        with self._lock:  # the BLS model serves several requests from threads
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                self.hits += 1
+                return self._cache[prompt]
+            self.misses += 1
+            text, _, pooled, _ = self.pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=False)
+            emb = TextEmbedding(text.float(), pooled.float())
+            self._cache[prompt] = emb
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+            return emb
 
 
 @dataclass
@@ -235,10 +238,15 @@ class TorchModels:
                         cond["time_ids"].to(dev, dt), cond["identity"].to(dev, dt), cond["ip_scale"].to(dev, dt))
         return eps.to(x.device, x.dtype)
 
+    @property
+    def math_device(self) -> str:
+        """The sampling math runs where the UNet runs (latents never leave the GPU)."""
+        return self.device
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae_encoder(images.to(self.device, torch.float32)).cpu()
+        return self.vae_encoder(images.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae_decoder(latents.to(self.device, torch.float32)).cpu()
+        return self.vae_decoder(latents.to(self.device, torch.float32))

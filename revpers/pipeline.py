@@ -83,9 +83,12 @@ class Params:
 
 
 class Components(Protocol):
-    """What ``run_faces`` needs; tensors are CPU float32 at this boundary."""
+    """What ``run_faces`` needs. Tensors are float32; the latents and conditioning live on the
+    components' ``math_device`` (``"cpu"`` when absent), so on a GPU nothing leaves the device
+    between UNet calls."""
 
     schedule: NoiseSchedule
+    math_device: str
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor: ...
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
@@ -150,17 +153,19 @@ def run_faces(models: Components, crops: list[np.ndarray], identities: np.ndarra
     if any(c.shape[:2] != (h, w) for c in crops) or h % 8 or w % 8:
         raise ValueError("crops must share one size, a multiple of 8")
     faces = len(crops)
-    identity = torch.as_tensor(np.asarray(identities, dtype=np.float32)).reshape(faces, -1) * params.id_scale
+    device = torch.device(getattr(models, "math_device", None) or "cpu")
+    identity = torch.as_tensor(np.asarray(identities, dtype=np.float32)).reshape(faces, -1).to(device)
+    identity = identity * params.id_scale
     ts = timesteps(params.steps, params.skip, models.schedule.num_train_timesteps)
     seeds = seeds if seeds is not None else [params.seed + f for f in range(faces)]
 
     with _Timer(timings, "prompt_encode"):
-        empty = models.text("")
-        prompt = models.text(params.prompt) if params.prompt else None
+        empty = models.text("").to(device)
+        prompt = models.text(params.prompt).to(device) if params.prompt else None
     with _Timer(timings, "vae_encode"):
-        x0 = models.encode(to_model_images(crops)).float()
-    noise = sampling.draw_noise(x0.shape, seeds, ts)
-    inv_u, inv_c = inversion_branches(empty, faces, identity.shape[1], (h, w), params.ip_scale)
+        x0 = models.encode(to_model_images(crops).to(device)).float().to(device)
+    noise = [n.to(device) for n in sampling.draw_noise(x0.shape, seeds, ts)]
+    inv_u, inv_c = inversion_branches(empty, faces, identity.shape[1], (h, w), params.ip_scale, device=device)
     with _Timer(timings, "inversion"):
         x_T, zs = sampling.invert(models.denoise, x0, ts, models.schedule, inv_u, inv_c, params.guidance, noise,
                                   batch_steps=inversion_batch)
@@ -171,5 +176,5 @@ def run_faces(models: Components, crops: list[np.ndarray], identities: np.ndarra
     with _Timer(timings, "generation"):
         x = sampling.generate(models.denoise, x_T, zs, ts, models.schedule, gen_u, gen_c, params.guidance)
     with _Timer(timings, "vae_decode"):
-        images = from_model_images(models.decode(x))
+        images = from_model_images(models.decode(x).cpu())
     return FaceBatchResult(images, x0, x)

@@ -1,10 +1,14 @@
-"""`revpers repository`: a Triton model repository from exported artifacts, for a backend target.
+"""`revpers repository`: a Triton model repository for a backend target.
 
 tensorrt     components as ``platform: "tensorrt_plan"`` (engines from ``revpers export --tensorrt``),
              for NVIDIA's Triton container on a GPU;
-onnxruntime  the same components as Python-backend models running the ONNX files with ONNX Runtime:
-             what runs on a plain pip install (nvidia-pytriton's tritonserver) and in CI.
-The BLS model `revpers` is the same for both.
+onnxruntime  the same components as Python-backend models running the exported ONNX files with ONNX
+             Runtime: what runs on a plain pip install (nvidia-pytriton's tritonserver) and in CI;
+pytorch      the UNet and VAE as Python-backend models running the bundle's PyTorch modules (fp16
+             UNet on CUDA), ArcFace with ONNX Runtime: the GPU path where TensorRT is not installed.
+             Needs only the bundle (no export step).
+The BLS model `revpers` is the same for all three. Component models run on the GPU (KIND_GPU)
+when ``gpu`` is set (always for tensorrt), else on the CPU.
 """
 
 from __future__ import annotations
@@ -12,41 +16,67 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from export.components import ComponentSpec
-from export.onnx_export import load_artifacts
+from export.components import ComponentSpec, specs_from_bundle
+from export.onnx_export import copy_recognizer, load_artifacts
 from export.triton_config import bls_config, component_config
 
 SOURCE = Path(__file__).resolve().parent.parent / "model_repository"
+BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
 
-def build_repository(artifacts: Path, out: Path, backend: str, bundle: str | Path | None = None,
-                     bls_instances: int = 2, inversion_batch: int = 10, force: bool = False) -> Path:
-    artifacts, out = Path(artifacts).resolve(), Path(out).resolve()
-    record = load_artifacts(artifacts)
+def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: str | Path | None = None,
+                     bls_instances: int = 1, inversion_batch: int = 10, force: bool = False,
+                     bls_threads: int = 8, gpu: bool | None = None, torch_compile: bool = False) -> Path:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    out = Path(out).resolve()
+    if backend == "pytorch" and artifacts is None:
+        if bundle is None:
+            raise ValueError("the pytorch target needs the bundle (--models)")
+        from .bundle import load_bundle
+
+        bundle_path = Path(bundle).resolve()
+        loaded_bundle = load_bundle(bundle_path)
+        specs = {s.name: s for s in specs_from_bundle(loaded_bundle, inversion_batch)}
+        record = None
+    else:
+        if artifacts is None:
+            raise ValueError(f"the {backend} target needs exported artifacts (--artifacts)")
+        artifacts = Path(artifacts).resolve()
+        record = load_artifacts(artifacts)
+        specs = {name: ComponentSpec.from_dict(c["spec"]) for name, c in record["components"].items()}
+        bundle_path = Path(bundle).resolve() if bundle else Path(record["bundle"]["path"])
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = backend == "tensorrt"
-    for name, comp in record["components"].items():
-        spec = ComponentSpec.from_dict(comp["spec"])
+    gpu = backend == "tensorrt" if gpu is None else (gpu or backend == "tensorrt")
+    for name, spec in specs.items():
         version = out / name / "1"
         version.mkdir(parents=True)
+        params = None
         if backend == "tensorrt":
             engine = (record.get("engines") or {}).get(name)
             if not engine:
                 raise FileNotFoundError(f"no TensorRT engine for {name} in {artifacts}; "
                                         "run `revpers export --tensorrt` on the GPU machine that will serve it")
             shutil.copyfile(artifacts / engine, version / "model.plan")
-        else:
-            _link_or_copy(artifacts / comp["onnx"], version / "model.onnx")
-            shutil.copyfile(SOURCE / "_onnxruntime_component" / "model.py", version / "model.py")
-        (out / name / "config.pbtxt").write_text(component_config(spec, backend, gpu=gpu))
-    bundle_path = Path(bundle).resolve() if bundle else Path(record["bundle"]["path"])
+        elif backend == "pytorch" and name != "arcface":
+            params = {"runtime": "pytorch", "bundle": str(bundle_path), "torch_compile": "yes" if torch_compile else "no"}
+            shutil.copyfile(SOURCE / "_python_component" / "model.py", version / "model.py")
+        else:  # onnxruntime components, and ArcFace (an ONNX file in every bundle) for the pytorch target
+            params = {"runtime": "onnxruntime"}
+            if record is not None:
+                _link_or_copy(artifacts / record["components"][name]["onnx"], version / "model.onnx")
+            else:
+                copy_recognizer(loaded_bundle, version / "model.onnx")
+            shutil.copyfile(SOURCE / "_python_component" / "model.py", version / "model.py")
+        (out / name / "config.pbtxt").write_text(component_config(spec, backend, gpu=gpu, parameters=params))
     (out / "revpers" / "1").mkdir(parents=True)
     shutil.copyfile(SOURCE / "revpers" / "1" / "model.py", out / "revpers" / "1" / "model.py")
-    (out / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle_path), bls_instances, inversion_batch, gpu))
+    (out / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle_path), bls_instances, inversion_batch, gpu,
+                                                              threads=bls_threads))
     return out
 
 

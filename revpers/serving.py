@@ -1,22 +1,35 @@
 """The Triton BLS side: components that call the served models, and request handling.
 
 ``TritonComponents`` satisfies ``pipeline.Components`` by sending BLS requests to the `unet`,
-`vae_encoder` and `vae_decoder` models (split to each model's max batch); the prompt encoders run
-in the BLS process (prompts are cached). ``BlsService`` turns a Triton request into
-``Anonymizer.anonymize_photo``/``anonymize_aligned`` and back, with INVALID_ARGUMENT for bad input.
+`vae_encoder` and `vae_decoder` models (split to each model's max batch). Tensors cross the BLS
+boundary by DLPack in both directions, so on a GPU instance the latents stay on the device for the
+whole inversion and generation (the sampling math runs there too); on the CPU it is zero-copy.
+The ArcFace embedding of each face crop is computed by the served `arcface` model
+(``ServedArcFace``); detection and landmarks run in this process. The prompt encoders run here
+too (prompts are cached).
+
+``BlsService`` turns Triton requests into ``Anonymizer.anonymize_photo``/``anonymize_aligned``
+and back, INVALID_ARGUMENT for bad input. It serves the requests of one ``execute`` call
+concurrently from a thread pool: their UNet calls reach the `unet` model's dynamic batcher together
+and are merged into larger batches there (the BLS model has its own dynamic batcher, so Triton
+hands it every request that is waiting).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from .bundle import load_bundle
 from .conditioning import TextEmbedding
+from .faces.analysis import ArcFaceRecognizer
 from .schedule import NoiseSchedule
 
 UNET_INPUTS = ("text", "pooled", "time_ids", "identity", "ip_scale")
@@ -31,7 +44,9 @@ class TextEncoders:
         from .models import TextEncoderCache
 
         pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, unet=None, vae=None, local_files_only=True,
-                                                         add_watermarker=False)
+                                                         add_watermarker=False,
+                                                         torch_dtype=torch.float16 if device != "cpu" else None)
+        pipe.to(device)
         self.cache = TextEncoderCache(pipe, device)
 
     def __call__(self, prompt: str) -> TextEmbedding:
@@ -39,57 +54,121 @@ class TextEncoders:
 
 
 class TritonComponents:
-    def __init__(self, bundle, pb_utils, max_batch: dict[str, int]):
+    """``pipeline.Components`` over the served component models (BLS calls, DLPack tensors)."""
+
+    def __init__(self, bundle, pb_utils, max_batch: dict[str, int], device: str = "cpu"):
         self.pb = pb_utils
         self.max_batch = max_batch
         cfg = json.loads((bundle.sdxl_dir / "scheduler" / "scheduler_config.json").read_text())
         self.schedule = NoiseSchedule.from_scheduler_config(cfg)
-        self.text = TextEncoders(bundle)
-        self.device = "triton"
+        self.math_device = device
+        self.text = TextEncoders(bundle, device)
+        self.device = f"triton ({device} BLS)"
         self.unet_dtype = "served"
         self.unet_calls = 0
+        self._request_kwargs = {}
+        if device.startswith("cuda") and hasattr(pb_utils, "PreferredMemory"):
+            index = torch.device(device).index or 0
+            self._request_kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
+                                                                                index)
 
-    def _infer(self, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    def _tensor(self, name: str, value: torch.Tensor):
+        return self.pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+    def infer(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        """One BLS call per slice of at most the model's max batch; returns the output on the math device."""
         n = next(iter(inputs.values())).shape[0]
         step = self.max_batch.get(model, n) or n
         parts = []
         for start in range(0, n, step):
-            tensors = [self.pb.Tensor(k, np.ascontiguousarray(v[start:start + step])) for k, v in inputs.items()]
-            resp = self.pb.InferenceRequest(model_name=model, requested_output_names=[output],
-                                            inputs=tensors).exec()
+            tensors = [self._tensor(k, v[start:start + step]) for k, v in inputs.items()]
+            resp = self.pb.InferenceRequest(model_name=model, requested_output_names=[output], inputs=tensors,
+                                            **self._request_kwargs).exec()
             if resp.has_error():
                 raise RuntimeError(f"{model}: {resp.error().message()}")
-            parts.append(self.pb.get_output_tensor_by_name(resp, output).as_numpy())
-        return np.concatenate(parts, axis=0)
+            # the capsule keeps the response's buffer alive; cat copies it into memory we own
+            parts.append(from_dlpack(self.pb.get_output_tensor_by_name(resp, output).to_dlpack()))
+        return torch.cat(parts, dim=0).to(self.math_device)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         self.unet_calls += 1
-        feeds = {"sample": x.float().numpy(), "timestep": t.to(torch.int64).numpy().reshape(-1, 1)}
+        feeds = {"sample": x.float(), "timestep": t.to(torch.int64).reshape(-1, 1)}
         for k in UNET_INPUTS:
-            v = cond[k].float().numpy()
+            v = cond[k].float()
             feeds[k] = v.reshape(-1, 1) if k == "ip_scale" else v
-        return torch.from_numpy(self._infer("unet", feeds, "eps").copy())
+        return self.infer("unet", feeds, "eps")
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._infer("vae_encoder", {"image": images.float().numpy()}, "latent").copy())
+        return self.infer("vae_encoder", {"image": images.float()}, "latent")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._infer("vae_decoder", {"latent": latents.float().numpy()}, "image").copy())
+        return self.infer("vae_decoder", {"latent": latents.float()}, "image")
+
+
+class ServedArcFace(ArcFaceRecognizer):
+    """The bundle's ArcFace, run by the served `arcface` model: faces are aligned and normalised
+    here (insightface's norm_crop, exactly as in process), the network runs on Triton."""
+
+    def __init__(self, local: ArcFaceRecognizer, components: TritonComponents):
+        self.__dict__.update(local.__dict__)
+        self.components = components
+
+    def features(self, blob: np.ndarray) -> np.ndarray:
+        out = self.components.infer("arcface", {"input.1": torch.from_numpy(blob)}, "embedding")
+        return out.cpu().numpy()
+
+
+class SerializedAnalyzer:
+    """Face detection and landmarks from several request threads: dlib's detectors are not
+    documented as thread-safe, so calls are serialized (they are a small part of a request)."""
+
+    def __init__(self, analyzer):
+        self.inner = analyzer
+        self._lock = threading.Lock()
+        for name in ("detect", "detect_in_crop", "embed"):
+            if hasattr(analyzer, name):
+                setattr(self, name, self._locked(getattr(analyzer, name)))
+
+    def _locked(self, fn):
+        def call(*args, **kwargs):
+            with self._lock:
+                return fn(*args, **kwargs)
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 class BlsService:
-    def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int] | None = None):
+    def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int] | None = None,
+                 device: str = "cpu", threads: int = 8, served_arcface: bool = True):
         from .anonymizer import Anonymizer
+        from .faces import load_face_analyzer
 
         self.pb = pb_utils
         bundle = load_bundle(bundle_path)
         if max_batch is None:
-            from export.components import unet_spec
+            from export.components import arcface_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
-            max_batch = {"unet": unet_spec(1, 1, 1, 1, 1, inversion_batch).max_batch, "vae_encoder": 8,
-                         "vae_decoder": 8}
-        self.components = TritonComponents(bundle, pb_utils, max_batch)
-        self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components)
+            max_batch = {"unet": unet_spec(1, 1, 1, 1, 1, inversion_batch).max_batch,
+                         "vae_encoder": vae_encoder_spec(8).max_batch, "vae_decoder": vae_decoder_spec(8).max_batch,
+                         "arcface": arcface_spec(1).max_batch}
+        self.components = TritonComponents(bundle, pb_utils, max_batch, device)
+        analyzer = load_face_analyzer(bundle.faces, bundle.root)
+        if served_arcface:
+            analyzer.recognizer = ServedArcFace(analyzer.recognizer, self.components)
+        self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components,
+                                     analyzer=SerializedAnalyzer(analyzer))
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="revpers-request")
+
+    def execute(self, requests) -> list:
+        """All requests of one execute call, concurrently; responses in request order."""
+        if len(requests) == 1:
+            return [self.handle(requests[0])]
+        return list(self.pool.map(self.handle, requests))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
     def _error(self, message: str, invalid: bool = True):
         code = self.pb.TritonError.INVALID_ARG if invalid else self.pb.TritonError.INTERNAL
@@ -138,8 +217,8 @@ class BlsService:
                                                         "encode": round((time.perf_counter() - t1) * 1e3, 3)})
             report["server_total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
             return self.pb.InferenceResponse(output_tensors=[
-                self.pb.Tensor("IMAGE", np.array([out], dtype=np.object_)),
-                self.pb.Tensor("REPORT", np.array([json.dumps(report).encode()], dtype=np.object_))])
+                self.pb.Tensor("IMAGE", np.array([[out]], dtype=np.object_)),
+                self.pb.Tensor("REPORT", np.array([[json.dumps(report).encode()]], dtype=np.object_))])
         except (ImageError, ParameterError) as exc:
             return self._error(str(exc))
         except Exception as exc:  # one request's failure never takes down the model

@@ -58,18 +58,18 @@ def decode(data: bytes) -> np.ndarray:
 
 def infer(client, data: bytes, params: dict | bytes | None = None):
     """One request; returns (decoded RGB, report dict, raw bytes)."""
-    i1 = grpcclient.InferInput("IMAGE", [1], "BYTES")
-    i1.set_data_from_numpy(np.array([data], dtype=np.object_))
+    i1 = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    i1.set_data_from_numpy(np.array([[data]], dtype=np.object_))
     inputs = [i1]
     if params is not None:
         raw = params if isinstance(params, bytes) else json.dumps(params).encode()
-        i2 = grpcclient.InferInput("PARAMS", [1], "BYTES")
-        i2.set_data_from_numpy(np.array([raw], dtype=np.object_))
+        i2 = grpcclient.InferInput("PARAMS", [1, 1], "BYTES")
+        i2.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
         inputs.append(i2)
     r = client.infer(MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("IMAGE"),
                                              grpcclient.InferRequestedOutput("REPORT")])
-    out = r.as_numpy("IMAGE")[0]
-    return decode(out), json.loads(r.as_numpy("REPORT")[0]), bytes(out)
+    out = r.as_numpy("IMAGE")[0, 0]
+    return decode(out), json.loads(r.as_numpy("REPORT")[0, 0]), bytes(out)
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -211,3 +211,45 @@ def test_metrics_endpoint(server, client):
     ok = [line for line in text.splitlines()
           if line.startswith("nv_inference_request_success") and f'model="{MODEL}"' in line]
     assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1, ok
+
+
+def _stats(client, model: str) -> dict:
+    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return {"executions": int(s.get("execution_count", 0)), "inferences": int(s.get("inference_count", 0)),
+            "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in s.get("batch_stats", [])}}
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {"executions": after["executions"] - before["executions"],
+            "inferences": after["inferences"] - before["inferences"],
+            "batches": {k: v - before["batches"].get(k, 0) for k, v in after["batches"].items()
+                        if v - before["batches"].get(k, 0)}}
+
+
+def test_one_bls_instance_serves_concurrent_requests_and_unet_calls_merge(server, client):
+    """The repository has ONE BLS instance. Several requests in flight are handed to it together and
+    served concurrently; their UNet calls meet in the unet model's dynamic batcher, so the unet
+    runs fewer, larger batches than the same requests one after another."""
+    data = png_bytes(real_photo())
+    params = {"mode": "aligned", "steps": 6}
+    config = client.get_model_config(MODEL, as_json=True)["config"]
+    assert len(config["instance_group"]) == 1 and int(config["instance_group"][0]["count"]) == 1
+
+    before = _stats(client, "unet")
+    for seed in range(4):
+        infer(client, data, params | {"seed": seed})
+    sequential = _delta(_stats(client, "unet"), before)
+
+    before, bls_before = _stats(client, "unet"), _stats(client, MODEL)
+    threads = [threading.Thread(target=lambda s=s: infer(grpcclient.InferenceServerClient(server.urls.grpc), data,
+                                                         params | {"seed": 10 + s})) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    concurrent, bls = _delta(_stats(client, "unet"), before), _delta(_stats(client, MODEL), bls_before)
+    print(f"unet: sequential {sequential}, concurrent {concurrent}; BLS executions {bls}")
+    assert concurrent["inferences"] == sequential["inferences"]  # same work, same UNet samples
+    assert bls["inferences"] == 4
+    assert bls["executions"] < 4  # the BLS instance got several requests in one execute call
+    assert concurrent["executions"] < sequential["executions"]  # and their UNet calls were merged

@@ -153,18 +153,30 @@ class ArcFaceRecognizer:
         self.dim = int(dim) if isinstance(dim, int) else None
         self.path = path
 
-    def __call__(self, rgb: np.ndarray, faces: list[Face]) -> np.ndarray:
+    def blob(self, rgb: np.ndarray, faces: list[Face]) -> np.ndarray:
+        """The network input for ``faces``: (F, 3, S, S) float32, aligned and normalised exactly as
+        insightface's ``ArcFaceONNX.get_feat`` prepares it."""
         from insightface.utils import face_align
 
-        if not faces:
-            dim = self.dim if self.dim is not None else 512
-            return np.zeros((0, dim), dtype=np.float32)
         bgr = cv2.cvtColor(_check_rgb(rgb), cv2.COLOR_RGB2BGR)
         with warnings.catch_warnings():  # insightface calls skimage's deprecated SimilarityTransform.estimate
             warnings.simplefilter("ignore", FutureWarning)
             chips = [face_align.norm_crop(bgr, landmark=f.kps.astype(np.float32), image_size=self.input_size)
                      for f in faces]
-        feats = np.asarray(self.runner.get_feat(chips), dtype=np.float32).reshape(len(faces), -1)
+        r = self.runner
+        blob = cv2.dnn.blobFromImages(chips, 1.0 / r.input_std, (self.input_size, self.input_size),
+                                      (r.input_mean, r.input_mean, r.input_mean), swapRB=True)
+        return np.ascontiguousarray(blob, dtype=np.float32)
+
+    def features(self, blob: np.ndarray) -> np.ndarray:
+        """Run the network on a prepared blob (subclasses run it elsewhere, e.g. on Triton)."""
+        return self.runner.session.run(self.runner.output_names, {self.runner.input_name: blob})[0]
+
+    def __call__(self, rgb: np.ndarray, faces: list[Face]) -> np.ndarray:
+        if not faces:
+            dim = self.dim if self.dim is not None else 512
+            return np.zeros((0, dim), dtype=np.float32)
+        feats = np.asarray(self.features(self.blob(rgb, faces)), dtype=np.float32).reshape(len(faces), -1)
         norms = np.linalg.norm(feats, axis=1, keepdims=True)
         if not np.all(np.isfinite(norms)) or np.any(norms == 0):
             raise FaceModelError(f"recognizer {self.path.name} produced a zero or non-finite embedding")

@@ -1,9 +1,10 @@
 """Triton BLS model `revpers`: thin over the shared pipeline (revpers.serving).
 
-Request: IMAGE (bytes: JPEG/PNG/WebP), optional PARAMS (JSON bytes: guidance, ip_scale, id_scale,
-steps, skip, seed, prompt, mode = "photo" | "aligned", format = "png" | "jpeg" | "webp").
-Response: IMAGE (anonymized image bytes, no metadata) and REPORT (JSON bytes).
-Bad input gives INVALID_ARGUMENT for that request only.
+Request (one image, shape [1, 1]): IMAGE (bytes: JPEG/PNG/WebP), optional PARAMS (JSON bytes:
+guidance, ip_scale, id_scale, steps, skip, seed, prompt, mode = "photo" | "aligned",
+format = "png" | "jpeg" | "webp"). Response: IMAGE (anonymized image bytes, no metadata) and REPORT
+(JSON bytes). Bad input gives INVALID_ARGUMENT for that request only. The requests of one execute
+call are served concurrently (config parameter "threads").
 """
 
 import json
@@ -13,14 +14,21 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
+        import torch
+
         from revpers.serving import BlsService
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.service = BlsService(params["bundle"], int(params.get("inversion_batch", "10")), pb_utils)
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.service = BlsService(params["bundle"], int(params.get("inversion_batch", "10")), pb_utils,
+                                  device=device, threads=int(params.get("threads", "8")))
 
     def execute(self, requests):
-        return [self.service.handle(request) for request in requests]
+        return self.service.execute(requests)
 
     def finalize(self):
+        self.service.close()
         self.service = None

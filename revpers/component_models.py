@@ -1,0 +1,101 @@
+"""Runtimes for the served component models (`unet`, `vae_encoder`, `vae_decoder`, `arcface`) when
+Triton runs them as Python-backend models: the `onnxruntime` and `pytorch` repository targets.
+(The `tensorrt` target serves engines with Triton's own TensorRT backend instead.)
+
+``execute(pb_utils, requests, inputs, outputs, run)`` is the whole Triton side: requests merged by
+the dynamic batcher are concatenated along the batch axis (tensors taken by DLPack, so GPU inputs
+stay on the GPU), run in one call, and split back into one response per request.
+
+``OnnxRuntimeRunner`` runs the exported ONNX file (CUDA execution provider on a GPU instance when
+onnxruntime-gpu is installed, else CPU). ``TorchRunner`` runs the bundle's own PyTorch module for
+the component: fp16 UNet and fp32 VAE on CUDA (PyTorch SDPA attention), fp32 on the CPU, with
+optional ``torch.compile``. It is how the GPU path is measured on a machine without TensorRT.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+Run = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def execute(pb_utils, requests, inputs: Sequence[tuple[str, bool]], outputs: Sequence[str], run: Run) -> list:
+    """inputs: (name, is_per_sample_scalar) in the component's input order."""
+    feeds, sizes = [], []
+    for name, scalar in inputs:
+        parts = [from_dlpack(pb_utils.get_input_tensor_by_name(r, name).to_dlpack()) for r in requests]
+        parts = [p.reshape(p.shape[0]) if scalar else p for p in parts]
+        sizes = [p.shape[0] for p in parts]
+        feeds.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
+    results = run(feeds)
+    responses, start = [], 0
+    for n in sizes:
+        tensors = [pb_utils.Tensor.from_dlpack(name, to_dlpack(out[start:start + n].contiguous()))
+                   for name, out in zip(outputs, results)]
+        responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        start += n
+    return responses
+
+
+def instance_device(args: dict) -> str:
+    """The torch device of a Triton model instance (``cuda:N`` for KIND_GPU where CUDA works)."""
+    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        return f"cuda:{args.get('model_instance_device_id', 0)}"
+    return "cpu"
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu",
+                 threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": torch.device(device).index or 0}))
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.input_names, self.output_names = list(input_names), list(output_names)
+
+    def __call__(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        arrays = {n: np.ascontiguousarray(t.cpu().numpy()) for n, t in zip(self.input_names, feeds)}
+        return [torch.from_numpy(a) for a in self.session.run(self.output_names, arrays)]
+
+
+class TorchRunner:
+    """The bundle's PyTorch module for one component; forward takes the spec's inputs in order."""
+
+    def __init__(self, bundle_path: str | Path, component: str, device: str = "cpu", compile: bool = False):
+        from .bundle import load_bundle
+        from .models import FaceIDUNet, VaeDecoder, VaeEncoder, load_sdxl_faceid
+
+        bundle = load_bundle(bundle_path)
+        unet_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        pipe, slot = load_sdxl_faceid(bundle, "cpu", torch.float32)  # everything on the host first
+        if component == "unet":
+            module, dtype = FaceIDUNet(pipe.unet, slot), unet_dtype
+        elif component == "vae_encoder":
+            module, dtype = VaeEncoder(pipe.vae), torch.float32  # SDXL's VAE needs fp32
+        elif component == "vae_decoder":
+            module, dtype = VaeDecoder(pipe.vae), torch.float32
+        else:
+            raise ValueError(f"no PyTorch module for component {component!r}")
+        del pipe
+        gc.collect()
+        self.module = module.to(device=device, dtype=dtype).eval()  # only this component reaches the device
+        self.device, self.dtype = device, dtype
+        self.forward = torch.compile(self.module) if compile else self.module
+
+    @torch.inference_mode()
+    def __call__(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        args = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in feeds]
+        out = self.forward(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.float() for o in outs]
