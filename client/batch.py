@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .core import ServiceError, infer_once
+from .core import ServiceError, channel_args, infer_once
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 NEVER_RETRIED = frozenset({"INVALID_ARGUMENT"})
@@ -115,7 +115,8 @@ class BatchClient:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self._grpc = grpcclient
-        self.endpoints = [_Endpoint(u, grpcclient.InferenceServerClient(u)) for u in urls]
+        args = channel_args()
+        self.endpoints = [_Endpoint(u, grpcclient.InferenceServerClient(u, channel_args=args)) for u in urls]
         self.concurrency = int(concurrency)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()

@@ -41,6 +41,29 @@ class ServiceError(RuntimeError):
         return str(self)
 
 
+def channel_args(max_reconnect_backoff_s: float = 5.0) -> list[tuple]:
+    """tritonclient's default gRPC channel options plus a cap on gRPC's reconnect backoff.
+
+    gRPC waits longer and longer (up to 120 s) between attempts to reconnect to a server that is
+    down; a batch client retrying against a restarting replica would then fail fast for minutes
+    after the server is back. Capping the wait keeps retries meaningful.
+    """
+    from tritonclient.grpc import KeepAliveOptions
+    from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+
+    ka = KeepAliveOptions()
+    cap = max(100, int(max_reconnect_backoff_s * 1000))
+    return [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", ka.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", ka.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", ka.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", ka.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", min(1000, cap)),
+            ("grpc.min_reconnect_backoff_ms", min(1000, cap)),
+            ("grpc.max_reconnect_backoff_ms", cap)]
+
+
 def encode_request(grpcclient, image: bytes, params: dict) -> list:
     """The two BYTES inputs of the `revpers` model; ``None`` parameters are left out."""
     img = grpcclient.InferInput("IMAGE", [1], "BYTES")
