@@ -35,7 +35,8 @@ SUMMARY = "run-summary.json"
 MANIFEST = "audit-manifest.json"
 PART = ".part"  # temporary files: ".<name>.part" beside the final file, renamed when complete
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as shells report
 
 
 class UsageError(Exception):
@@ -147,11 +148,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write to ``.<name>.part`` beside ``path``, fsync, rename: ``path`` is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = part_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also Ctrl-C / SIGTERM mid-write: leave no temporary file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def report_path(outdir: Path, item: Item) -> Path:
@@ -393,7 +399,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
     faces = [f for r in done_reports for f in faces_of(r)]
     smoke = any(bool(r.get("smoke")) for r in done_reports)
     not_done = len(items) - counts["ok"] - counts["failed"] - counts["skipped"]
-    exit_code = (EXIT_INTERRUPTED if interrupted else
+    exit_code = (EXIT_SIGNAL[interrupted] if interrupted else
                  EXIT_OK if counts["failed"] == 0 and not_done == 0 else EXIT_FAILED)
     summary = {
         "tool": PROG, "started_at": started_at, "finished_at": _now(), "wall_s": round(wall, 3),
@@ -452,7 +458,11 @@ def _print_summary(s: dict, outdir: Path) -> None:
     if s["smoke"]:
         lines.append("WARNING: " + s["warning"])
     lines.append(f"summary: {outdir / SUMMARY}; audit manifest: {outdir / MANIFEST}")
-    print("\n".join(lines), flush=True)
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # stdout closed early (| head): the files are written; keep the exit code
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # --------------------------------------------------------------------------- health
@@ -588,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"OUTDIR/{SUMMARY} (counts, failures, throughput, latency, verdicts) and "
                        f"OUTDIR/{MANIFEST} (per input: SHA-256 of input and output, status, audit) are "
                        "written at the end. Exit code 0 only when every input succeeded (or was skipped "
-                       "with --resume), 1 when any failed, 2 for a usage error, 130 when interrupted.")
+                       "with --resume), 1 when any failed, 2 for a usage error, 130/143 when stopped by "
+                       "Ctrl-C/SIGTERM (the summary and manifest are still written).")
     a.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image file, folder (searched recursively for .jpg/.jpeg/.png/.webp, hidden "
                    "entries skipped) or glob pattern (quote it; ** matches folders recursively)")

@@ -41,7 +41,7 @@ class ServiceError(RuntimeError):
         return str(self)
 
 
-def channel_args(max_reconnect_backoff_s: float = 5.0) -> list[tuple]:
+def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple]:
     """tritonclient's default gRPC channel options plus a cap on gRPC's reconnect backoff.
 
     gRPC waits longer and longer (up to 120 s) between attempts to reconnect to a server that is

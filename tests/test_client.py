@@ -392,6 +392,29 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
 
 
 @server_tests
+def test_sigterm_stops_cleanly_with_summary(url, tmp_path):
+    src, out = tmp_path / "photos", tmp_path / "out"
+    src.mkdir()
+    for k in range(8):
+        (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
+                             "--concurrency", "1", "--steps", "3", "--mode", "aligned", "--progress", "lines"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.png.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, log
+    summary = json.loads((out / "run-summary.json").read_text())
+    done = len(list(out.glob("*.png.json")))
+    assert summary["interrupted"] == "SIGTERM" and summary["exit_code"] == 143
+    assert summary["counts"]["ok"] == done and summary["counts"]["not_done"] == 8 - done > 0
+    assert len(json.loads((out / "audit-manifest.json").read_text())["files"]) == done
+    assert not list(out.rglob("*.part"))
+
+
+@server_tests
 def test_retries_until_a_late_server_starts(second):
     """Nothing listens on the URL yet; the server starts while the client is retrying."""
     data = TOM.read_bytes()
