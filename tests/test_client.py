@@ -380,6 +380,11 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
     manifest = json.loads((out / "audit-manifest.json").read_text())
     assert len(manifest["files"]) == n and all(r["status"] == "ok" for r in manifest["files"])
     assert all(r["output_sha256"] == sha(out / r["output"]) for r in manifest["files"])
+    # the manifest is deterministic: a fresh uninterrupted run writes the same bytes
+    fresh = tmp_path / "fresh"
+    cmd_fresh = [fresh if a == str(out) else a for a in cmd]
+    assert subprocess.run([str(a) for a in cmd_fresh], cwd=REPO_ROOT, capture_output=True, timeout=300).returncode == 0
+    assert (fresh / "audit-manifest.json").read_bytes() == (out / "audit-manifest.json").read_bytes()
     # a second resume has nothing to do
     again = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0
