@@ -1,0 +1,680 @@
+"""`revpers-client`: anonymize photo collections against one or more revpers Triton servers (gRPC).
+
+    revpers-client anonymize INPUT... -o OUTDIR --url HOST:PORT [--url ...] [--concurrency N]
+    revpers-client health --url HOST:PORT [--url ...] [--json]
+
+See README "Client" for outputs, the attribute prompt template and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from . import attributes
+from .batch import BatchClient, Job, RetryPolicy
+from .core import MODEL
+
+PROG = "revpers-client"
+IMAGE_EXTS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
+FORMAT_EXT = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+SUMMARY = "run-summary.json"
+MANIFEST = "audit-manifest.json"
+PART = ".part"  # temporary files: ".<name>.part" beside the final file, renamed when complete
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as shells report
+
+
+class UsageError(Exception):
+    """Bad command line or inputs, found before any request is sent (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- inputs -> plan
+
+
+@dataclass(frozen=True)
+class Item:
+    src: Path      # the input file
+    rel: str       # its path relative to the input root it came from (posix), mirrored under OUTDIR
+    out_rel: str   # the output image path relative to OUTDIR
+    fmt: str       # output format sent to the server: jpeg | png | webp
+
+
+def _has_magic(arg: str) -> bool:
+    return any(c in arg for c in "*?[")
+
+
+def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
+    """Image files under ``root`` (recursive, sorted, hidden files and folders and ``exclude`` skipped)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and (exclude is None or (here / d).resolve() != exclude))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS:
+                yield here / name
+
+
+def _out_name(rel: str, fmt_choice: str) -> tuple[str, str]:
+    p = Path(rel)
+    known = IMAGE_EXTS.get(p.suffix.lower())
+    if fmt_choice == "keep":
+        return (rel, known) if known else (p.with_suffix(".png").as_posix(), "png")
+    if known == fmt_choice:
+        return rel, fmt_choice
+    return p.with_suffix(FORMAT_EXT[fmt_choice]).as_posix(), fmt_choice
+
+
+def plan(inputs: Sequence[str], outdir: Path, fmt_choice: str = "keep") -> list[Item]:
+    """Inputs (files, folders walked recursively, globs) -> items sorted by output path.
+
+    A folder's images are mirrored relative to that folder, a file goes to OUTDIR/<its name>, a
+    glob's matches relative to the glob's leading folder (``photos/**/*.jpg`` -> relative to
+    ``photos``). Folders take .jpg/.jpeg/.png/.webp files (any case), files and glob matches are
+    taken as given. Two inputs that would write the same output are refused.
+    """
+    exclude = outdir.resolve()
+    found: list[tuple[Path, str]] = []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            found += [(f, f.relative_to(path).as_posix()) for f in _walk(path, exclude)]
+        elif path.is_file():
+            found.append((path, path.name))
+        elif _has_magic(arg):
+            import glob
+
+            parts = Path(arg).parts
+            k = next(i for i, part in enumerate(parts) if _has_magic(part))
+            base = Path(*parts[:k]) if k else Path(".")
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise UsageError(f"{arg}: the pattern matches nothing")
+            for m in matches:
+                mp = Path(m)
+                if any(part.startswith(".") for part in mp.relative_to(base).parts):
+                    continue
+                if mp.is_dir():
+                    found += [(f, f.relative_to(base).as_posix()) for f in _walk(mp, exclude)]
+                elif mp.is_file() and exclude not in mp.resolve().parents:
+                    found.append((mp, mp.relative_to(base).as_posix()))
+        else:
+            raise UsageError(f"{arg}: no such file or folder")
+    items: dict[str, Item] = {}
+    for src, rel in found:
+        out_rel, fmt = _out_name(rel, fmt_choice)
+        prev = items.get(out_rel)
+        if prev is not None:
+            if prev.src.resolve() == src.resolve():
+                continue  # the same file named twice
+            raise UsageError(f"{prev.src} and {src} would both be written to {outdir / out_rel}; "
+                             "anonymize them in separate runs or to separate output folders")
+        items[out_rel] = Item(src, rel, out_rel, fmt)
+    if not items:
+        raise UsageError("no input images found (folders are searched for .jpg, .jpeg, .png, .webp)")
+    return [items[k] for k in sorted(items)]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def part_path(path: Path) -> Path:
+    return path.with_name("." + path.name + PART)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to ``.<name>.part`` beside ``path``, fsync, rename: ``path`` is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = part_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also Ctrl-C / SIGTERM mid-write: leave no temporary file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def report_path(outdir: Path, item: Item) -> Path:
+    return outdir / (item.out_rel + ".json")
+
+
+def completed_report(outdir: Path, item: Item, request: dict) -> dict | None:
+    """The saved report if this item's output is complete for the same input and request: report
+    present and readable, the image's SHA-256 as recorded, the input's SHA-256 and the request
+    parameters unchanged. ``None`` means (re)do it."""
+    rpath = report_path(outdir, item)
+    try:
+        report = json.loads(rpath.read_text())
+        meta = report["client"]
+        if meta["request"] != request or meta["input_sha256"] != sha256_file(item.src):
+            return None
+        if sha256_file(outdir / item.out_rel) != meta["output_sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def latency_stats(ms: Sequence[float]) -> dict:
+    return {"n": len(ms), "p50": _r(percentile(ms, 50)), "p95": _r(percentile(ms, 95)),
+            "max": _r(max(ms) if ms else None), "mean": _r(sum(ms) / len(ms) if ms else None)}
+
+
+def _r(x):
+    return None if x is None else round(x, 1)
+
+
+def faces_of(report: dict) -> list[dict]:
+    """Per-face dicts of a report: photo mode's ``faces``; an aligned-mode image is one face."""
+    faces = report.get("faces")
+    if isinstance(faces, list):
+        return [f for f in faces if isinstance(f, dict)]
+    return [report] if report.get("mode") == "aligned" else []
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar on a terminal (stderr), plain log lines otherwise, or nothing."""
+
+    def __init__(self, total: int, mode: str):
+        self.total, self.n = total, 0
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.bar = None
+        if mode == "bar":
+            try:
+                from tqdm import tqdm
+            except ImportError:  # pragma: no cover - tqdm is in the client extra
+                mode = "lines"
+            else:
+                self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+        self.mode = mode
+
+    def log(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.mode == "lines":
+            print(text, file=sys.stderr, flush=True)
+
+    def item(self, status: str, rel: str, detail: str = "") -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if status == "FAILED":
+                self.bar.write(f"FAILED {rel}: {detail}", file=sys.stderr)
+        elif self.mode == "lines":
+            print(f"[{self.n}/{self.total}] {status} {rel}" + (f" ({detail})" if detail else ""),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- anonymize
+
+
+class _Terminated(Exception):
+    pass
+
+
+def request_params(args, fmt: str) -> dict:
+    """The PARAMS JSON sent for one image (parameters not given are left to the server's defaults)."""
+    p = {"mode": args.mode, "format": fmt, "guidance": args.guidance, "ip_scale": args.ip_scale,
+         "id_scale": args.id_scale, "steps": args.steps, "skip": args.skip, "seed": args.seed,
+         "prompt": args.prompt}
+    return {k: v for k, v in p.items() if v is not None}
+
+
+@contextlib.contextmanager
+def _lock(outdir: Path):
+    """One run per output folder at a time (two would write the same files): an exclusive flock on
+    the folder itself, released when the run ends or its process dies."""
+    import fcntl
+
+    fd = os.open(outdir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another {PROG} run is writing to {outdir}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_anonymize(args) -> int:
+    outdir = Path(args.output)
+    if args.prompt is None and any(v is not None for v in (args.age, args.sex, args.race)):
+        try:
+            args.prompt = attributes.attribute_prompt(args.sex, args.age, args.race)
+        except attributes.AttributeValueError as exc:
+            raise UsageError(str(exc)) from None
+    items = plan(args.inputs, outdir, args.format)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"{outdir} exists and is not a folder")
+    outdir.mkdir(parents=True, exist_ok=True)
+    retry = RetryPolicy(max_attempts=args.max_attempts, backoff_s=args.backoff, max_backoff_s=args.max_backoff,
+                        retry_internal=args.retry_internal)
+    with _lock(outdir):
+        return _run(args, outdir, items, retry)
+
+
+def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
+    progress = Progress(len(items), args.progress)
+    entries: dict[str, dict] = {}   # out_rel -> manifest entry
+    reports: dict[str, dict] = {}   # out_rel -> report of every complete output (done now or skipped)
+    failures: list[dict] = []
+    latencies, server_ms = [], []
+    counts = Counter()
+    retries = 0
+    started_at, t0 = _now(), time.perf_counter()
+
+    def on_retry(item, attempt, error, wait, url):
+        nonlocal retries
+        retries += 1
+        progress.log(f"retry {item.rel}: attempt {attempt} on {url} failed with {error.code} "
+                     f"({error.message.splitlines()[0][:200] if error.message else ''}); again in {wait:.1f} s")
+
+    def jobs() -> Iterator[Job]:
+        for item in items:
+            out = outdir / item.out_rel
+            request = request_params(args, item.fmt)
+            for p in (part_path(out), part_path(report_path(outdir, item))):  # left by a killed run
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            if args.resume:
+                report = completed_report(outdir, item, request)
+                if report is not None:
+                    counts["skipped"] += 1
+                    reports[item.out_rel] = report
+                    entries[item.out_rel] = _entry(item, "ok", report["client"]["input_sha256"],
+                                                   report["client"]["output_sha256"], report, None)
+                    progress.item("skipped", item.rel)
+                    continue
+            yield Job(item, item.src.read_bytes, request)
+
+    def fail(item: Item, code: str, message: str, attempts: int, errors: list, sha: str | None):
+        counts["failed"] += 1
+        failures.append({"input": item.rel, "status": code, "message": message, "attempts": attempts,
+                         "errors": errors})
+        entries[item.out_rel] = _entry(item, "failed", sha, None, None, {"status": code, "message": message})
+        progress.item("FAILED", item.rel, f"{code}: {message.splitlines()[0] if message else ''}")
+
+    client = BatchClient(args.url, concurrency=args.concurrency, timeout=args.timeout, retry=retry,
+                         balance=args.balance, on_retry=on_retry)
+    interrupted = None
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        for res in client.map(jobs()):
+            item: Item = res.key
+            if res.error is not None:
+                fail(item, res.error.code or "UNKNOWN", res.error.message, res.attempts, res.errors,
+                     res.input_sha256)
+                continue
+            report = dict(res.report)
+            out = outdir / item.out_rel
+            out_sha = hashlib.sha256(res.image).hexdigest()
+            report["client"] = {"input": item.rel, "input_sha256": res.input_sha256, "output": item.out_rel,
+                                "output_sha256": out_sha, "request": request_params(args, item.fmt),
+                                "url": res.url, "attempts": res.attempts,
+                                "latency_ms": round(res.latency_s * 1e3, 1)}
+            try:
+                write_atomic(out, res.image)
+                write_atomic(report_path(outdir, item), (json.dumps(report, indent=2) + "\n").encode())
+            except OSError as exc:
+                fail(item, "CLIENT", f"cannot write output: {exc}", res.attempts, res.errors, res.input_sha256)
+                continue
+            counts["ok"] += 1
+            reports[item.out_rel] = report
+            entries[item.out_rel] = _entry(item, "ok", res.input_sha256, out_sha, report, None)
+            latencies.append(res.latency_s * 1e3)
+            if isinstance(report.get("server_total_ms"), (int, float)):
+                server_ms.append(float(report["server_total_ms"]))
+            faces = report.get("faces")
+            detail = f"{res.latency_s:.2f} s" + (f", {len(faces)} face(s)" if isinstance(faces, list) else "")
+            progress.item("ok", item.rel, detail + (f", {res.attempts} attempts" if res.attempts > 1 else ""))
+    except KeyboardInterrupt:
+        interrupted = "SIGINT"
+    except _Terminated:
+        interrupted = "SIGTERM"
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+        progress.close()
+        sent = client.sent_per_url()
+        client.close()
+    wall = time.perf_counter() - t0
+
+    # the manifest: deterministic for given inputs, parameters and server (no times, no URLs)
+    manifest = {"tool": PROG, "format": 1, "model": MODEL,
+                "files": [entries[k] for k in sorted(entries, key=lambda k: (entries[k]["input"], k))]}
+    write_atomic(outdir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+    done_reports = list(reports.values())
+    faces = [f for r in done_reports for f in faces_of(r)]
+    smoke = any(bool(r.get("smoke")) for r in done_reports)
+    not_done = len(items) - counts["ok"] - counts["failed"] - counts["skipped"]
+    exit_code = (EXIT_SIGNAL[interrupted] if interrupted else
+                 EXIT_OK if counts["failed"] == 0 and not_done == 0 else EXIT_FAILED)
+    summary = {
+        "tool": PROG, "started_at": started_at, "finished_at": _now(), "wall_s": round(wall, 3),
+        "urls": list(args.url), "concurrency": args.concurrency, "balance": args.balance,
+        "timeout_s": args.timeout, "max_attempts": args.max_attempts, "resume": bool(args.resume),
+        "request": {k: v for k, v in request_params(args, "").items() if k != "format"}, "format": args.format,
+        "counts": {"inputs": len(items), "ok": counts["ok"], "failed": counts["failed"],
+                   "skipped": counts["skipped"], "not_done": not_done},
+        "failures": sorted(failures, key=lambda f: f["input"]),
+        "throughput_images_per_s": round(counts["ok"] / wall, 3) if wall > 0 else None,
+        "latency_ms": latency_stats(latencies),
+        "server_total_ms": latency_stats(server_ms),
+        "retries": retries,
+        "requests_sent_per_url": sent,
+        "faces": len(faces),
+        "faces_by_verdict": dict(sorted(Counter(str(f.get("verdict", "unverified")) for f in faces).items())),
+        "faces_by_action": dict(sorted(Counter(str(f.get("action", "?")) for f in faces
+                                               if "action" in f).items())),
+        "images_by_verdict": dict(sorted(Counter(str(r.get("verdict", "unverified"))
+                                                 for r in done_reports).items())),
+        "smoke": smoke,
+        "interrupted": interrupted,
+        "exit_code": exit_code,
+    }
+    if smoke:
+        summary["warning"] = ("smoke weights (tiny random models) were used: outputs are noise, not "
+                              "anonymized faces")
+    write_atomic(outdir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    _print_summary(summary, outdir)
+    return exit_code
+
+
+def _entry(item: Item, status: str, in_sha, out_sha, report, error) -> dict:
+    return {"input": item.rel, "input_sha256": in_sha, "output": item.out_rel, "output_sha256": out_sha,
+            "status": status, "error": error, "audit": (report or {}).get("audit")}
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _print_summary(s: dict, outdir: Path) -> None:
+    c, lat = s["counts"], s["latency_ms"]
+    lines = [f"{c['inputs']} input(s): {c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped"
+             + (f", {c['not_done']} not done (interrupted: {s['interrupted']})" if c["not_done"] else "")
+             + f" in {s['wall_s']:.1f} s ({s['throughput_images_per_s']} images/s)"]
+    if lat["n"]:
+        lines.append(f"latency ms: p50 {lat['p50']}, p95 {lat['p95']}, max {lat['max']}; "
+                     f"retries {s['retries']}; requests per server {s['requests_sent_per_url']}")
+    lines.append(f"faces: {s['faces']} by verdict {s['faces_by_verdict']}; images by verdict "
+                 f"{s['images_by_verdict']}")
+    for f in s["failures"][:20]:
+        lines.append(f"FAILED {f['input']}: {f['status']}: {(f['message'] or '').splitlines()[0][:300]}")
+    if len(s["failures"]) > 20:
+        lines.append(f"... and {len(s['failures']) - 20} more failures in {outdir / SUMMARY}")
+    if s["smoke"]:
+        lines.append("WARNING: " + s["warning"])
+    lines.append(f"summary: {outdir / SUMMARY}; audit manifest: {outdir / MANIFEST}")
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # stdout closed early (| head): the files are written; keep the exit code
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# --------------------------------------------------------------------------- health
+
+
+def server_health(url: str, timeout: float, model: str = MODEL) -> dict:
+    """Live/ready, server metadata, repository index and the model's versions of one server."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    info = {"url": url, "live": False, "ready": False, "model": model, "model_ready": False}
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        info["live"] = bool(client.is_server_live(client_timeout=timeout))
+        info["ready"] = bool(client.is_server_ready(client_timeout=timeout))
+        md = client.get_server_metadata(as_json=True, client_timeout=timeout)
+        info["server"] = {"name": md.get("name"), "version": md.get("version"),
+                          "extensions": md.get("extensions", [])}
+        index = client.get_model_repository_index(as_json=True, client_timeout=timeout).get("models", [])
+        info["models"] = [{"name": m.get("name"), "version": m.get("version"), "state": m.get("state"),
+                           "reason": m.get("reason", "")} for m in index]
+        info["model_ready"] = bool(client.is_model_ready(model, client_timeout=timeout))
+        if info["model_ready"]:
+            mm = client.get_model_metadata(model, as_json=True, client_timeout=timeout)
+            info["model_versions"] = mm.get("versions", [])
+            info["model_platform"] = mm.get("platform")
+    except InferenceServerException as exc:
+        info["error"] = f"{exc.status()}: {exc.message()}"
+    finally:
+        client.close()
+    info["healthy"] = bool(info["live"] and info["ready"] and info["model_ready"])
+    return info
+
+
+def run_health(args) -> int:
+    results = [server_health(u, args.timeout, args.model) for u in args.url]
+    if args.json:
+        print(json.dumps({"healthy": all(r["healthy"] for r in results), "servers": results}, indent=2))
+    else:
+        yn = {True: "yes", False: "NO"}
+        for r in results:
+            print(f"{r['url']}: live {yn[r['live']]}, ready {yn[r['ready']]}, {r['model']} ready "
+                  f"{yn[r['model_ready']]} -> {'healthy' if r['healthy'] else 'NOT HEALTHY'}")
+            if "server" in r:
+                s = r["server"]
+                print(f"  server: {s['name']} {s['version']}; extensions: {' '.join(s['extensions'])}")
+            for m in r.get("models", []):
+                reason = f" ({m['reason']})" if m["reason"] else ""
+                print(f"  model {m['name']:<14} version {m['version'] or '-':<3} {m['state'] or 'UNKNOWN'}{reason}")
+            if r.get("model_versions"):
+                print(f"  {r['model']}: versions {', '.join(r['model_versions'])} ({r.get('model_platform')})")
+            if "error" in r:
+                print(f"  error: {r['error']}")
+    return EXIT_OK if all(r["healthy"] for r in results) else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return v
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return v
+
+
+def _age(text: str) -> int:
+    try:
+        return attributes.parse_age(text)
+    except attributes.AttributeValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _race(text: str) -> str:
+    try:
+        return attributes.parse_race(text)
+    except attributes.AttributeValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _url(text: str) -> str:
+    t = text.strip()
+    if "://" in t:
+        raise argparse.ArgumentTypeError(f"give HOST:PORT of the gRPC endpoint without a scheme, got {text!r}")
+    host, sep, port = t.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. localhost:8001), got {text!r}")
+    return t
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="gRPC client of the revpers Triton service: anonymize "
+                                     "photo collections, check servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("anonymize", help="anonymize files, folders (recursive) and globs into OUTDIR",
+                       description="Anonymize every face of each input image on one or more revpers servers. "
+                       "OUTDIR mirrors the input tree: each output keeps its input's name and format "
+                       "(see --format) and gets its JSON report beside it as <output name>.json; "
+                       f"OUTDIR/{SUMMARY} (counts, failures, throughput, latency, verdicts) and "
+                       f"OUTDIR/{MANIFEST} (per input: SHA-256 of input and output, status, audit) are "
+                       "written at the end. Exit code 0 only when every input succeeded (or was skipped "
+                       "with --resume), 1 when any failed, 2 for a usage error, 130/143 when stopped by "
+                       "Ctrl-C/SIGTERM (the summary and manifest are still written).")
+    a.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file, folder (searched recursively for .jpg/.jpeg/.png/.webp, hidden "
+                   "entries skipped) or glob pattern (quote it; ** matches folders recursively)")
+    a.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if missing)")
+    a.add_argument("--url", action="append", required=True, type=_url, metavar="HOST:PORT",
+                   help="gRPC endpoint of a revpers Triton server; repeat for several replicas")
+    a.add_argument("--concurrency", type=_positive_int, default=4, metavar="N",
+                   help="requests in flight at once, over all servers (default 4)")
+    a.add_argument("--balance", choices=("least-outstanding", "round-robin"), default="least-outstanding",
+                   help="how requests are shared out among the --url servers (default least-outstanding)")
+    a.add_argument("--resume", action="store_true",
+                   help="skip inputs whose output and report exist and are complete for the same input "
+                   "bytes and parameters (everything else is (re)done)")
+    a.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="progress on stderr: a bar on a terminal, one line per image otherwise (auto)")
+    m = a.add_argument_group("method parameters (server defaults when not given)")
+    m.add_argument("--guidance", type=_finite_float, help="identity guidance scale (server default -10)")
+    m.add_argument("--ip-scale", type=_finite_float, help="IP-Adapter scale (server default 1.0)")
+    m.add_argument("--id-scale", type=_finite_float, help="identity embedding scale (server default 1.0)")
+    m.add_argument("--steps", type=_positive_int, help="sampling steps (server default 100)")
+    m.add_argument("--skip", type=_finite_float, help="fraction of steps skipped (server default 0.7)")
+    m.add_argument("--seed", type=int, help="seed of the first face; the next faces use seed+1, ... (server default 0)")
+    m.add_argument("--mode", choices=("photo", "aligned"), default="photo",
+                   help="photo: every face of an ordinary photo (default); aligned: the whole image is one "
+                   "aligned face")
+    m.add_argument("--format", choices=("keep", "jpeg", "png", "webp"), default="keep",
+                   help="output format; keep (default): JPEG stays .jpg/.jpeg, PNG .png, WebP .webp, other "
+                   "inputs become .png")
+    p = a.add_argument_group("attribute prompt (used in generation's unconditional branch)")
+    p.add_argument("--prompt", help="free-text attribute prompt, e.g. 'an old man'")
+    p.add_argument("--age", type=_age, metavar="N", help="age in years, 0-120 (needs --sex)")
+    p.add_argument("--sex", type=str.lower, choices=attributes.SEXES, help="female or male")
+    p.add_argument("--race", type=_race, metavar="WORD",
+                   help="one word of letters/hyphens, e.g. asian, latino-hispanic (needs --sex)")
+    r = a.add_argument_group("timeouts and retries")
+    r.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
+                   help="per-request deadline in seconds (default 600); past it the request fails with "
+                   "DEADLINE_EXCEEDED and is retried")
+    r.add_argument("--max-attempts", type=_positive_int, default=4, metavar="N",
+                   help="attempts per image for UNAVAILABLE / DEADLINE_EXCEEDED (default 4); "
+                   "INVALID_ARGUMENT is never retried")
+    r.add_argument("--backoff", type=_nonneg_float, default=1.0, metavar="S",
+                   help="first retry waits S/2..S seconds, doubling per attempt (default 1.0)")
+    r.add_argument("--max-backoff", type=_nonneg_float, default=30.0, metavar="S",
+                   help="cap of the backoff wait (default 30)")
+    r.add_argument("--retry-internal", action="store_true", help="also retry INTERNAL errors (off by default)")
+    a.set_defaults(func=run_anonymize)
+
+    h = sub.add_parser("health", help="server live/ready, server version and extensions, models and versions",
+                       description="Check each server: live, ready, server metadata, model repository index "
+                       "with states, and the revpers model's versions. Exit code 0 only when every server "
+                       "is live and ready and its revpers model is ready, 1 otherwise.")
+    h.add_argument("--url", action="append", required=True, type=_url, metavar="HOST:PORT",
+                   help="gRPC endpoint; repeat to check several servers")
+    h.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    h.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S", help="per-call timeout (default 10)")
+    h.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
+    h.set_defaults(func=run_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "anonymize":
+        if args.prompt is not None and any(v is not None for v in (args.age, args.sex, args.race)):
+            parser.error("--prompt and --age/--sex/--race are mutually exclusive")
+        if (args.age is not None or args.race is not None) and args.sex is None:
+            parser.error("--age and --race need --sex (the template's noun: man/woman/boy/girl/baby-boy/baby-girl)")
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,520 @@
+"""The gRPC client library and `revpers-client` CLI against real tritonservers on loopback (smoke
+bundle): folder trees mirrored with reports, summary and audit manifest; a corrupt file failing with
+the server's message; kill + --resume; two servers both receiving work (their own metrics); retries
+against a server that is down, starts late or is too slow; never retrying INVALID_ARGUMENT; the
+attribute prompt as echoed by the server; health."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import start_triton
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+from client import attributes  # noqa: E402
+from client.batch import BatchClient, Job, RetryPolicy  # noqa: E402
+from client.cli import main, percentile, plan, UsageError  # noqa: E402
+from client.core import RevpersClient, ServiceError  # noqa: E402
+
+
+def insightface_image(name: str) -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images" / name
+
+
+TOM = insightface_image("Tom_Hanks_54745.png")
+T1 = insightface_image("t1.jpg")
+MASK = insightface_image("mask_white.jpg")
+
+
+def astronaut_jpeg() -> bytes:
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def image_format(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return im.format
+
+
+def success_count(metrics_url: str, model: str = "revpers") -> float:
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def run_cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+# --------------------------------------------------------------------------- no server needed
+
+
+def test_attribute_prompt_template_and_bands():
+    p = attributes.attribute_prompt
+    assert p("male", 70) == "70-year-old man"
+    assert p("female", 70, "Asian") == "70-year-old asian woman"
+    assert p("male", 18) == "18-year-old man"
+    assert p("male", 17) == "17-year-old boy"
+    assert p("female", 3, "latino-hispanic") == "3-year-old latino-hispanic girl"
+    assert p("female", 2) == "2-year-old baby-girl"
+    assert p("male", 0, "black") == "0-year-old black baby-boy"
+    assert p("female") == "woman"
+    assert p("male", None, "white") == "white man"
+    for bad_age in (-1, 121, 30.5, "abc", "3e1", True):
+        with pytest.raises(attributes.AttributeValueError, match="age"):
+            p("male", bad_age)
+    for bad_race in ("", "two words", "a1", "-x", "x-", "a" * 41, "asian;"):
+        with pytest.raises(attributes.AttributeValueError, match="race"):
+            p("male", 30, bad_race)
+    with pytest.raises(attributes.AttributeValueError, match="sex"):
+        p("other", 30)
+    with pytest.raises(attributes.AttributeValueError, match="sex is required"):
+        p(None, 30)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "an old man", "--age", "70", "--sex", "male"], "mutually exclusive"),
+    (["--age", "70"], "need --sex"),
+    (["--race", "asian"], "need --sex"),
+    (["--age", "200", "--sex", "male"], "between 0 and 120"),
+    (["--age", "7.5", "--sex", "male"], "whole number"),
+    (["--race", "two words", "--sex", "male"], "one word"),
+    (["--sex", "other"], "invalid choice"),
+    (["--concurrency", "0"], "must be >= 1"),
+    (["--timeout", "-1"], "must be a number > 0"),
+])
+def test_cli_refuses_bad_arguments(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli("anonymize", TOM, "-o", tmp_path / "out", "--url", "127.0.0.1:1", *argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_bad_url(tmp_path, capsys):
+    for url in ("localhost", "grpc://localhost:8001", "localhost:99999"):
+        with pytest.raises(SystemExit):
+            run_cli("anonymize", TOM, "-o", tmp_path / "out", "--url", url)
+        assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_plan_mirrors_folders_files_and_globs(tmp_path):
+    src = tmp_path / "photos"
+    for rel in ("a/x.jpg", "a/b/y.PNG", "c/z.webp", "c/.hidden.jpg", ".cache/w.jpg", "notes.txt", "d/v.jpeg"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"x")
+    out = src / "anon"  # an output folder inside the input tree is never read as input
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "x.jpg").write_bytes(b"x")
+    items = plan([str(src)], out)
+    assert [(i.rel, i.out_rel, i.fmt) for i in items] == [
+        ("a/b/y.PNG", "a/b/y.PNG", "png"), ("a/x.jpg", "a/x.jpg", "jpeg"), ("c/z.webp", "c/z.webp", "webp"),
+        ("d/v.jpeg", "d/v.jpeg", "jpeg")]
+    # a file goes to OUTDIR/<name>, whatever its extension; naming it again is harmless
+    items = plan([str(src / "notes.txt"), str(src / "a" / "x.jpg"), str(src / "a" / "x.jpg")], out)
+    assert [(i.out_rel, i.fmt) for i in items] == [("notes.png", "png"), ("x.jpg", "jpeg")]
+    # globs: relative to the pattern's leading folder
+    items = plan([str(src / "**" / "*.jpg")], out)
+    assert [i.rel for i in items] == ["a/x.jpg"]
+    items = plan([str(src / "[ac]")], out)
+    assert [i.rel for i in items] == ["a/b/y.PNG", "a/x.jpg", "c/z.webp"]
+    # explicit output format renames
+    items = plan([str(src / "a")], out, "webp")
+    assert [(i.out_rel, i.fmt) for i in items] == [("b/y.webp", "webp"), ("x.webp", "webp")]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.jpg").write_bytes(b"y")
+    (other / "x.png").write_bytes(b"y")
+    with pytest.raises(UsageError, match="would both be written"):  # two files named x.jpg
+        plan([str(src / "a" / "x.jpg"), str(other / "x.jpg")], out)
+    with pytest.raises(UsageError, match="would both be written"):  # x.jpg and x.png -> x.png
+        plan([str(other)], out, "png")
+    with pytest.raises(UsageError, match="no such file"):
+        plan([str(tmp_path / "missing")], out)
+    with pytest.raises(UsageError, match="matches nothing"):
+        plan([str(tmp_path / "*.gif")], out)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(UsageError, match="no input images"):
+        plan([str(tmp_path / "empty")], out)
+    assert [i.rel for i in plan([str(src / ".cache")], out)] == ["w.jpg"]  # a hidden folder named explicitly
+
+
+def test_percentile_and_backoff():
+    assert percentile([], 50) is None
+    assert percentile([5.0], 95) == 5.0
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50 and percentile(values, 95) == 95 and percentile(values, 100) == 100
+    pol = RetryPolicy(max_attempts=5, backoff_s=1.0, max_backoff_s=5.0)
+    import random
+
+    rng = random.Random(0)
+    for attempt, cap in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0)):
+        waits = [pol.delay(attempt, rng) for _ in range(200)]
+        assert min(waits) >= cap / 2 and max(waits) <= cap
+        assert max(waits) - min(waits) > cap / 4  # jittered, not a constant
+    assert pol.retryable(ServiceError("x", "StatusCode.UNAVAILABLE"))
+    assert pol.retryable(ServiceError("x", "StatusCode.DEADLINE_EXCEEDED"))
+    assert not pol.retryable(ServiceError("x", "StatusCode.INVALID_ARGUMENT"))
+    assert not pol.retryable(ServiceError("x", "StatusCode.INTERNAL"))
+    assert RetryPolicy(retry_internal=True).retryable(ServiceError("x", "StatusCode.INTERNAL"))
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+
+
+def test_client_library_does_not_need_torch():
+    code = ("import sys; import client, client.cli, client.batch; "
+            "assert 'torch' not in sys.modules and 'revpers' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+# --------------------------------------------------------------------------- real server
+
+server_tests = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def url(triton_server):
+    return triton_server.urls.grpc
+
+
+@pytest.fixture(scope="module")
+def second(onnxruntime_repository):
+    """A second tritonserver, started by the first test that needs it (the late-start retry test
+    starts it while a client is already retrying against its port)."""
+    from revpers.triton_server import TritonServer, free_ports
+
+    pytest.importorskip("tritonclient.grpc")
+    holder = {"ports": free_ports(3), "server": None}
+
+    def ensure():
+        if holder["server"] is None:
+            g, h, m = holder["ports"]
+            holder["server"] = TritonServer(onnxruntime_repository, grpc_port=g, http_port=h, metrics_port=m).start()
+        return holder["server"]
+
+    holder["ensure"] = ensure
+    holder["url"] = f"127.0.0.1:{holder['ports'][0]}"
+    yield holder
+    if holder["server"] is not None:
+        holder["server"].stop()
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """A small tree of real photos plus a corrupt JPEG and a non-image file."""
+    files = {
+        "family/t1.jpg": T1.read_bytes(),                  # 6 faces
+        "family/kids/tom.png": TOM.read_bytes(),            # 1 face
+        "space/astronaut.jpg": astronaut_jpeg(),            # 1 face
+        "masks/mask_white.jpg": MASK.read_bytes(),
+        "space/broken.jpg": T1.read_bytes()[:20000],        # truncated JPEG
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / "README.txt").write_text("not an image; folders only take .jpg/.jpeg/.png/.webp\n")
+    return files
+
+
+@server_tests
+def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_path, capsys):
+    src, out = tmp_path / "photos", tmp_path / "out"
+    files = make_tree(src)
+    t0 = time.perf_counter()
+    code = run_cli("anonymize", src, "-o", out, "--url", url, "--steps", 2, "--concurrency", 3, "--seed", 5,
+                   "--progress", "lines")
+    wall = time.perf_counter() - t0
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    summary = json.loads((out / "run-summary.json").read_text())
+    print(f"tree of {len(files)} files in {wall:.1f} s; summary counts {summary['counts']}, "
+          f"latency {summary['latency_ms']}")
+    assert summary["counts"] == {"inputs": 5, "ok": 4, "failed": 1, "skipped": 0, "not_done": 0}
+    assert summary["exit_code"] == 1 and summary["smoke"] is True and summary["interrupted"] is None
+    # the failure carries exactly what the server says about those bytes
+    with pytest.raises(ServiceError) as info:
+        RevpersClient(url).anonymize(files["space/broken.jpg"], steps=2)
+    assert info.value.code == "INVALID_ARGUMENT"
+    [failure] = summary["failures"]
+    assert failure["input"] == "space/broken.jpg" and failure["status"] == "INVALID_ARGUMENT"
+    assert failure["message"] == info.value.message and "truncated" in failure["message"]
+    assert failure["attempts"] == 1  # never retried
+    assert "FAILED space/broken.jpg: INVALID_ARGUMENT" in captured.out
+    assert "[5/5]" in captured.err
+    # outputs mirror the tree in the input's format, each with its report beside it
+    produced = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    good = sorted(k for k in files if k != "space/broken.jpg")
+    assert produced == sorted(["audit-manifest.json", "run-summary.json"] + good + [g + ".json" for g in good])
+    faces = 0
+    for rel in good:
+        fmt = image_format(out / rel)
+        assert fmt == ("PNG" if rel.endswith(".png") else "JPEG"), (rel, fmt)
+        report = json.loads((out / (rel + ".json")).read_text())
+        assert report["params"]["steps"] == 2 and report["params"]["seed"] == 5
+        assert report["client"]["input_sha256"] == hashlib.sha256(files[rel]).hexdigest()
+        assert report["client"]["output_sha256"] == sha(out / rel)
+        assert (out / rel).read_bytes() != files[rel]
+        faces += len(report["faces"])
+    assert json.loads((out / "family/t1.jpg.json").read_text())["faces_found"] == 6
+    assert summary["faces"] == faces >= 8
+    assert summary["faces_by_verdict"] == {"unverified": faces}
+    assert summary["images_by_verdict"] == {"unverified": 4}
+    lat = summary["latency_ms"]
+    assert lat["n"] == 4 and 0 < lat["p50"] <= lat["p95"] <= lat["max"]
+    assert summary["throughput_images_per_s"] > 0
+    # the audit manifest: sorted by input path, hashes of the real bytes, no times
+    manifest = json.loads((out / "audit-manifest.json").read_text())
+    rows = manifest["files"]
+    assert [r["input"] for r in rows] == sorted(files)
+    for r in rows:
+        assert r["input_sha256"] == hashlib.sha256(files[r["input"]]).hexdigest()
+        if r["input"] == "space/broken.jpg":
+            assert r["status"] == "failed" and r["output_sha256"] is None
+            assert r["error"]["status"] == "INVALID_ARGUMENT"
+        else:
+            assert r["status"] == "ok" and r["output_sha256"] == sha(out / r["output"])
+        assert "audit" in r
+    assert not re.search(r"_ms|_at\"|wall", (out / "audit-manifest.json").read_text())
+
+
+@server_tests
+def test_attribute_flags_reach_the_server_as_the_documented_prompt(url, tmp_path):
+    for flags, want in ((["--age", 70, "--sex", "male"], "70-year-old man"),
+                        (["--age", 8, "--sex", "female", "--race", "Asian"], "8-year-old asian girl")):
+        out = tmp_path / want.replace(" ", "_")
+        code = run_cli("anonymize", TOM, "-o", out, "--url", url, "--mode", "aligned", "--steps", 2, *flags,
+                       "--progress", "none")
+        assert code == 0
+        report = json.loads((out / "Tom_Hanks_54745.png.json").read_text())
+        assert report["params"]["prompt"] == want  # as the server parsed and used it
+        assert report["client"]["request"]["prompt"] == want
+
+
+@server_tests
+def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_path):
+    src, out = tmp_path / "photos", tmp_path / "out"
+    n = 10
+    for k in range(n):
+        (src / f"part{k % 2}").mkdir(parents=True, exist_ok=True)
+        (src / f"part{k % 2}" / f"face{k:02d}.png").write_bytes(TOM.read_bytes())
+    cmd = [sys.executable, "-m", "client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
+           "--concurrency", "1", "--steps", "3", "--progress", "lines"]
+
+    def reports():
+        return sorted(p for p in out.rglob("*.png.json"))
+
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(reports()) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    log = proc.stdout.read().decode()
+    assert proc.returncode == -signal.SIGKILL, log
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in reports()}
+    images_before = {p.with_suffix(""): (p.with_suffix("").stat().st_ino, p.with_suffix("").stat().st_mtime_ns)
+                     for p in before}
+    assert 3 <= len(before) < n, f"kill landed at {len(before)} of {n} outputs; log:\n{log}"
+    assert not (out / "run-summary.json").exists()
+    # every report written before the kill describes a whole image (reports are written last)
+    for rp in before:
+        assert json.loads(rp.read_text())["client"]["output_sha256"] == sha(rp.with_suffix(""))
+    # what a crash can leave: a temporary file, and an image whose report was never written
+    # (here made by hand so that the case is always exercised, whatever instant the kill hit)
+    todo = sorted(p for p in src.rglob("*.png") if out / p.relative_to(src) not in images_before)
+    victim = out / todo[0].relative_to(src)
+    victim.parent.mkdir(parents=True, exist_ok=True)
+    victim.write_bytes(TOM.read_bytes()[:500])
+    (victim.parent / ("." + victim.name + ".part")).write_bytes(b"half")
+    parts_after_kill = sorted(p.name for p in out.rglob("*.part"))
+
+    t0 = time.perf_counter()
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    print(f"killed after {len(before)} of {n}; .part files left by the kill: {parts_after_kill}; "
+          f"resume took {time.perf_counter() - t0:.1f} s")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["counts"] == {"inputs": n, "ok": n - len(before), "failed": 0, "skipped": len(before),
+                                 "not_done": 0}
+    assert f"{len(before)} skipped" in resumed.stdout
+    for p, stamp in {**before, **images_before}.items():  # not redone: same inode, same mtime
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp, p
+    assert not list(out.rglob("*.part"))
+    assert image_format(victim) == "PNG"
+    for img in src.rglob("*.png"):
+        o = out / img.relative_to(src)
+        assert json.loads(Path(str(o) + ".json").read_text())["client"]["output_sha256"] == sha(o)
+    manifest = json.loads((out / "audit-manifest.json").read_text())
+    assert len(manifest["files"]) == n and all(r["status"] == "ok" for r in manifest["files"])
+    assert all(r["output_sha256"] == sha(out / r["output"]) for r in manifest["files"])
+    # the manifest is deterministic: a fresh uninterrupted run writes the same bytes
+    fresh = tmp_path / "fresh"
+    cmd_fresh = [fresh if a == str(out) else a for a in cmd]
+    assert subprocess.run([str(a) for a in cmd_fresh], cwd=REPO_ROOT, capture_output=True, timeout=300).returncode == 0
+    assert (fresh / "audit-manifest.json").read_bytes() == (out / "audit-manifest.json").read_bytes()
+    # a second resume has nothing to do
+    again = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0
+    assert json.loads((out / "run-summary.json").read_text())["counts"]["skipped"] == n
+    # a changed parameter is not "complete" for --resume: everything is redone
+    changed = subprocess.run(cmd[:-4] + ["--steps", "2", "--resume", "--concurrency", "2", "--progress", "none"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads((out / "run-summary.json").read_text())["counts"]["ok"] == n
+
+
+@server_tests
+def test_sigterm_stops_cleanly_with_summary(url, tmp_path):
+    src, out = tmp_path / "photos", tmp_path / "out"
+    src.mkdir()
+    for k in range(8):
+        (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
+                             "--concurrency", "1", "--steps", "3", "--mode", "aligned", "--progress", "lines"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.png.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, log
+    summary = json.loads((out / "run-summary.json").read_text())
+    done = len(list(out.glob("*.png.json")))
+    assert summary["interrupted"] == "SIGTERM" and summary["exit_code"] == 143
+    assert summary["counts"]["ok"] == done and summary["counts"]["not_done"] == 8 - done > 0
+    assert len(json.loads((out / "audit-manifest.json").read_text())["files"]) == done
+    assert not list(out.rglob("*.part"))
+
+
+@server_tests
+def test_retries_until_a_late_server_starts(second):
+    """Nothing listens on the URL yet; the server starts while the client is retrying."""
+    data = TOM.read_bytes()
+    client = BatchClient([second["url"]], retry=RetryPolicy(max_attempts=200, backoff_s=0.5, max_backoff_s=2.0),
+                         timeout=60)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=client.run(Job("tom", data, {"mode": "aligned",
+                                                                                     "steps": 2}))))
+    t.start()
+    time.sleep(2.0)
+    t0 = time.perf_counter()
+    second["ensure"]()
+    started = time.perf_counter() - t0
+    t.join(timeout=240)
+    client.close()
+    res = result["r"]
+    print(f"server started in {started:.1f} s; request succeeded after {res.attempts} attempts "
+          f"({res.latency_s:.1f} s in all)")
+    assert res.ok, res.errors
+    assert res.attempts >= 2
+    assert all(": UNAVAILABLE: " in e for e in res.errors)
+    assert res.report["params"]["steps"] == 2
+
+
+@server_tests
+def test_two_servers_both_receive_work(url, triton_server, second, tmp_path):
+    srv2 = second["ensure"]()
+    src = tmp_path / "photos"
+    src.mkdir()
+    for k in range(8):
+        (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
+    before = (success_count(triton_server.urls.metrics), success_count(srv2.urls.metrics))
+    t0 = time.perf_counter()
+    code = run_cli("anonymize", src, "-o", tmp_path / "out", "--url", url, "--url", srv2.urls.grpc,
+                   "--concurrency", 4, "--steps", 3, "--mode", "aligned", "--progress", "none")
+    wall = time.perf_counter() - t0
+    assert code == 0
+    after = (success_count(triton_server.urls.metrics), success_count(srv2.urls.metrics))
+    got = (after[0] - before[0], after[1] - before[1])
+    summary = json.loads((tmp_path / "out" / "run-summary.json").read_text())
+    print(f"8 images over 2 servers in {wall:.1f} s: server-side successes {got}, "
+          f"client-side {summary['requests_sent_per_url']}")
+    assert got[0] >= 1 and got[1] >= 1 and sum(got) == 8  # the servers' own counters
+    assert summary["requests_sent_per_url"] == {url: got[0], srv2.urls.grpc: got[1]}
+
+
+@server_tests
+def test_dead_server_in_the_list_is_retried_elsewhere(url):
+    from revpers.triton_server import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    data = TOM.read_bytes()
+    with BatchClient([dead, url], concurrency=2, retry=RetryPolicy(max_attempts=3, backoff_s=0.05),
+                     balance="round-robin") as bc:
+        results = list(bc.map(Job(k, data, {"mode": "aligned", "steps": 2}) for k in range(4)))
+        sent = bc.sent_per_url()
+    assert all(r.ok for r in results), [r.errors for r in results]
+    assert all(r.url == url for r in results)
+    assert sent[dead] >= 1 and sum(r.attempts for r in results) == 4 + sent[dead]
+    assert any(": UNAVAILABLE: " in e for r in results for e in r.errors)
+
+
+@server_tests
+def test_deadline_exceeded_is_retried_invalid_argument_is_not(url):
+    data = TOM.read_bytes()
+    with BatchClient([url], timeout=0.05, retry=RetryPolicy(max_attempts=2, backoff_s=0.05)) as bc:
+        slow = bc.run(Job("slow", data, {"mode": "aligned", "steps": 8}))
+    # the server is still busy with the two abandoned requests: give these a normal deadline
+    with BatchClient([url], timeout=60, retry=RetryPolicy(max_attempts=4, backoff_s=0.05)) as bc:
+        bad = bc.run(Job("bad", data[:300], {"mode": "aligned", "steps": 2}))
+        bad_param = bc.run(Job("bad", data, {"mode": "aligned", "steps": 0}))
+    assert slow.error.code == "DEADLINE_EXCEEDED" and slow.attempts == 2, slow.errors
+    assert bad.error.code == "INVALID_ARGUMENT" and bad.attempts == 1
+    assert bad_param.error.code == "INVALID_ARGUMENT" and bad_param.attempts == 1
+    assert "steps" in bad_param.error.message
+    with pytest.raises(ServiceError) as info:
+        BatchClient([url], retry=RetryPolicy(max_attempts=3)).anonymize(data, stepz=2)
+    assert info.value.code == "INVALID_ARGUMENT" and "stepz" in str(info.value)
+
+
+@server_tests
+def test_health(url, capsys):
+    from revpers.triton_server import free_port
+
+    assert run_cli("health", "--url", url) == 0
+    text = capsys.readouterr().out
+    assert "healthy" in text and re.search(r"model revpers\s+version 1\s+READY", text)
+    assert run_cli("health", "--url", url, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    [srv] = info["servers"]
+    assert info["healthy"] and srv["live"] and srv["ready"] and srv["model_ready"]
+    assert srv["server"]["name"] == "triton" and srv["server"]["version"]
+    assert {m["name"] for m in srv["models"]} >= {"revpers", "unet", "vae_encoder", "vae_decoder"}
+    assert srv["model_versions"] == ["1"]
+    dead = f"127.0.0.1:{free_port()}"
+    assert run_cli("health", "--url", url, "--url", dead, "--json", "--timeout", "2") == 1
+    info = json.loads(capsys.readouterr().out)
+    assert not info["healthy"] and "UNAVAILABLE" in info["servers"][1]["error"]
