@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     result["title"] = "FLOPs and the physical limit" + (" (tiny dry run)" if args.tiny else "")
     result.update({"counts": counts, "flops": fl, "face_flops": {"unet": face_unet, "vae": face_vae, "total": face_total},
                    "time_at_peak": limits, "peak_source": PEAK_SOURCE, "measured": measured,
-                   "not_counted": "text encoders (cached per prompt), ArcFace (~5 GFLOP), face detection, "
+                   "not_counted": "text encoders (cached per prompt), ArcFace (a few GFLOP), face detection, "
                                   "elementwise ops (norms, activations, solver arithmetic)"})
     md = [f"UNet evaluations per face at steps={args.steps}, skip={args.skip} (counted by running run_faces): "
           f"{counts['unet_calls']} UNet calls, {counts['unet_sample_evaluations']} sample evaluations; "
