@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "build" / "bench"
+# thread settings that change CPU timings; recorded in every result (the server inherits them)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "REVPERS_ORT_THREADS")
 
 
 def quiet() -> None:
@@ -166,9 +168,11 @@ def versions() -> dict:
 
 
 def stamp(name: str, params: dict) -> dict:
+    env = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
     return {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{name}", *sys.argv[1:]]),
-            "machine": machine(), "versions": versions(), "params": params}
+            "command": " ".join([*(f"{k}={v}" for k, v in env.items()), Path(sys.executable).name, "-m",
+                                 f"benchmarks.{name}", *sys.argv[1:]]),
+            "machine": machine(), "versions": versions(), "thread_env": env, "params": params}
 
 
 # --------------------------------------------------------------------------------------- numbers
