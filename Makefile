@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 DEMO_BUNDLE ?= build/demo-bundle
 DEMO_OUT    ?= demo-out
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,27 @@ test: install
 
 demo: install
 	$(BIN)/python -m revpers.demo --bundle $(DEMO_BUNDLE) --out $(DEMO_OUT)
+
+# Benchmarks (benchmarks/README.md): results in benchmarks/results/. BENCH_ARGS goes to the CPU ones
+# (e.g. BENCH_ARGS="--steps 100"); gpu_fullsize runs only where CUDA is available.
+BENCH_STAMP = $(VENV)/.installed-bench
+BENCH_ARGS ?=
+BACKEND    ?= onnxruntime
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[server,dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.stages --backend $(BACKEND) $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.compare --backend $(BACKEND) $(BENCH_ARGS)
+	if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(BIN)/python -m benchmarks.gpu_fullsize; \
+	else \
+		echo "no CUDA device: gpu_fullsize runs its CPU dry run only"; \
+		$(BIN)/python -m benchmarks.gpu_fullsize --device cpu --tiny --steps 10 --fast-steps 5; \
+	fi
+	$(BIN)/python -m benchmarks.flops
 
 clean:
 	rm -rf build $(DEMO_OUT) .pytest_cache

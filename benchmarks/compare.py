@@ -1,0 +1,245 @@
+"""Issue 6 item 2: (a) the paper's way vs (b) our in-process pipeline vs (c) our server (one gRPC
+client) vs (d) our server under 1, 2, 4, 8 concurrent clients — one run, one machine, one bundle.
+
+    python -m benchmarks.compare [--steps 20] [--backend onnxruntime|pytorch|tensorrt] [--bundle DIR]
+
+Photo mode on a folder of five real photos (``benchmarks.common.photo_folder``, or ``--photos DIR``).
+(a) and (b) alternate photo by photo so that load from other processes hits both alike. Each
+request, (a)/(b)/(c) alike, is decode -> detect -> align -> embed -> generator -> paste -> PNG
+encode. Results: benchmarks/results/compare.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .common import RESULTS, WORK, load_photos, md_table, quiet, smoke_bundle, stamp, target, write_results
+from .server import BACKENDS
+
+PAPER_WAY = ("(a) the paper's way: the same models and math, run as the paper's reference code runs them — "
+             "for every image the SDXL+FaceID pipeline is loaded from disk (from_pretrained + load_ip_adapter + "
+             "LoRA fuse, revpers.models.load_sdxl_faceid) and the face models (detector, landmarks, ArcFace) are "
+             "loaded again; faces go through the generator one at a time (CFG branches batched at 2, as in the "
+             "paper's code); the inversion makes one UNet call per step; prompts are encoded on every use (no "
+             "cache). Detection, alignment and paste-back are ours (the paper's code works on pre-aligned crops).")
+OURS = ("(b) in process: models loaded once (revpers.anonymizer.Anonymizer), all faces of a photo in one "
+        "generator batch, inversion batched {inv} timesteps per UNet call, prompt encodings cached. "
+        "(c) the same pipeline behind Triton (backend {backend}, BLS instances {bls}) over gRPC with one client. "
+        "(d) the server with N concurrent clients draining one queue of {jobs} requests (the folder {rounds}x).")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="inversion = generation steps (paper default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the smoke bundle, built once)")
+    p.add_argument("--photos", type=Path, default=None, help="folder of photos (default: five shipped photos)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="Triton repository backend")
+    p.add_argument("--device", default="cpu", help="torch device of (a) and (b)")
+    p.add_argument("--inversion-batch", type=int, default=10)
+    p.add_argument("--bls-instances", type=int, default=2)
+    p.add_argument("--levels", default="1,2,4,8", help="concurrent clients for (d)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="(d) queue = the folder this many times (default: enough for 2 requests per client at the top level)")
+    p.add_argument("--warmup-passes", type=int, default=1,
+                   help="uncounted passes over the folder before (b) and (c) (per BLS instance for (c))")
+    p.add_argument("--no-server", action="store_true", help="skip (c) and (d)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work", type=Path, default=WORK)
+    return p.parse_args(argv)
+
+
+def _faces(report: dict) -> int:
+    return sum(f["action"] == "anonymized" for f in report.get("faces", []))
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    quiet()
+    from revpers.anonymizer import Anonymizer
+    from revpers.pipeline import Params
+
+    from .pipelines import inprocess_request, max_pixel_difference, paper_way_request
+
+    bundle = args.bundle or smoke_bundle(args.work / "smoke-bundle")
+    photos = load_photos(args.photos, args.limit)
+    raws = [(p.name, p.read_bytes()) for p in photos]
+    params = Params(steps=args.steps, seed=args.seed)
+    levels = [int(x) for x in args.levels.split(",") if x]
+    rounds = args.rounds or max(1, math.ceil(2 * max(levels) / len(raws)))
+    settings = {"steps": args.steps, "skip": params.skip, "guidance": params.guidance, "seed": args.seed,
+                "photos": [n for n, _ in raws], "bundle": str(bundle), "backend": args.backend,
+                "device": args.device, "inversion_batch": args.inversion_batch, "bls_instances": args.bls_instances,
+                "levels": levels, "rounds": rounds, "warmup_passes": args.warmup_passes}
+    result = stamp("compare", settings)
+    result["title"] = "Comparison: paper's way vs in process vs server vs concurrency"
+    result["description"] = {"a": PAPER_WAY, "bcd": OURS.format(inv=args.inversion_batch, backend=args.backend,
+                                                                bls=args.bls_instances, jobs=rounds * len(raws),
+                                                                rounds=rounds)}
+    print(f"compare: {len(raws)} photos, steps={args.steps}, bundle {bundle}", flush=True)
+
+    anonymizer = Anonymizer(bundle, device=args.device, inversion_batch=args.inversion_batch)
+    result["inprocess_load_s"] = round(anonymizer.load_seconds, 3)
+    warm_name, warm_raw = min(raws, key=lambda r: len(r[1]))
+    # warm-up, not counted: a running service has seen every batch size before (first calls at a new
+    # shape pay allocation and kernel selection); (a) reloads per image anyway, one warm-up suffices
+    for _ in range(args.warmup_passes):
+        for _name, raw in raws:
+            inprocess_request(anonymizer, raw, params)
+    paper_way_request(bundle, warm_raw, params, args.device)
+
+    rows = []
+    outputs_b = {}
+    for name, raw in raws:
+        out_b, rep_b = inprocess_request(anonymizer, raw, params)
+        out_a, rep_a = paper_way_request(bundle, raw, params, args.device)
+        outputs_b[name] = out_b
+        row = {"photo": name, "faces": _faces(rep_b), "a_ms": rep_a["request_total_ms"],
+               "b_ms": rep_b["request_total_ms"], "a_stages_ms": rep_a["timings_ms"], "b_stages_ms": rep_b["timings_ms"],
+               "max_pixel_diff_a_vs_b": max_pixel_difference(out_a, out_b)}
+        rows.append(row)
+        print(f"  {name}: {row['faces']} face(s)  (a) {row['a_ms']:.0f} ms  (b) {row['b_ms']:.0f} ms  "
+              f"max |a-b| {row['max_pixel_diff_a_vs_b']}", flush=True)
+
+    n = len(rows)
+    a_img = sum(r["a_ms"] for r in rows) / n
+    b_img = sum(r["b_ms"] for r in rows) / n
+    result["per_photo"] = rows
+    result["per_image_ms"] = {"a": round(a_img, 3), "b": round(b_img, 3)}
+    with_faces = [r for r in rows if r["faces"]]
+    if with_faces:
+        result["a_over_b_photos_with_faces"] = round(sum(r["a_ms"] for r in with_faces) / sum(r["b_ms"] for r in with_faces), 4)
+    result["max_pixel_diff_a_vs_b"] = max(r["max_pixel_diff_a_vs_b"] for r in rows)
+    targets = {"b_vs_a": target("(b) at least 3x faster per image than (a)", a_img / b_img, 3.0)}
+
+    if not args.no_server:
+        from client import RevpersClient
+
+        from .common import served_repository
+        from .server import concurrency_level, running_server, timed_request
+
+        repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances)
+        wire = {"steps": args.steps, "seed": args.seed}
+        with running_server(repo) as (server, ready_s):
+            result["server_ready_s"] = round(ready_s, 3)
+            client = RevpersClient(server.urls.grpc)
+            for _ in range(args.warmup_passes):  # warm-up as for (b), on each BLS instance
+                for _i in range(max(1, args.bls_instances)):
+                    for _name, raw in raws:
+                        timed_request(client, raw, wire)
+            for row, (name, raw) in zip(rows, raws):
+                out_c, rep_c, ms = timed_request(client, raw, wire)
+                row.update({"c_ms": round(ms, 3), "c_server_total_ms": rep_c.get("server_total_ms"),
+                            "c_stages_ms": rep_c.get("timings_ms"),
+                            "max_pixel_diff_c_vs_b": max_pixel_difference(out_c, outputs_b[name])})
+                print(f"  {name}: (c) {ms:.0f} ms (server {rep_c.get('server_total_ms', 0):.0f} ms)  "
+                      f"max |c-b| {row['max_pixel_diff_c_vs_b']}", flush=True)
+            client.close()
+            c_img = sum(r["c_ms"] for r in rows) / n
+            result["per_image_ms"]["c"] = round(c_img, 3)
+            result["max_pixel_diff_c_vs_b"] = max(r["max_pixel_diff_c_vs_b"] for r in rows)
+            targets["c_vs_b"] = target("(c) within 15% of (b) per image: c/b - 1", c_img / b_img - 1.0, 0.15,
+                                       higher_is_better=False)
+            jobs = raws * rounds
+            conc = []
+            for k in levels:
+                level = concurrency_level(server.urls.grpc, jobs, k, wire)
+                conc.append(level)
+                lat = level.get("latency", {})
+                print(f"  (d) {k} client(s): {level['throughput_rps']:.3f} req/s, p50 {lat.get('p50_ms', 0):.0f} ms, "
+                      f"p95 {lat.get('p95_ms', 0):.0f} ms, errors {len(level['errors'])}", flush=True)
+            result["concurrency"] = conc
+            by = {c["clients"]: c["throughput_rps"] for c in conc}
+            if 1 in by and 4 in by and by[1] > 0:
+                targets["throughput_4_vs_1"] = target("(d) throughput at 4 clients at least 1.5x one client",
+                                                      by[4] / by[1], 1.5)
+    result["targets"] = targets
+    if "c" in result["per_image_ms"]:
+        result["ratios"] = {"a_over_b": round(a_img / b_img, 4), "c_over_b": round(result["per_image_ms"]["c"] / b_img, 4)}
+    else:
+        result["ratios"] = {"a_over_b": round(a_img / b_img, 4)}
+
+    write_results("compare", result, _markdown(result), lambda path: _plot(result, path), args.out)
+    print(f"wrote {args.out}/compare.json, .md, .png")
+    for t in targets.values():
+        print(f"  target: {t['target']}: measured {t['measured']} -> {'PASS' if t['pass'] else 'FAIL'}")
+    return result
+
+
+def _markdown(r: dict) -> str:
+    rows = r["per_photo"]
+    server = "c" in r["per_image_ms"]
+    head = ["photo", "faces", "(a) paper way ms", "(b) in process ms"] + (["(c) server ms"] if server else []) + \
+           ["max pixel diff a vs b"] + (["max pixel diff c vs b"] if server else [])
+    body = [[x["photo"], x["faces"], x["a_ms"], x["b_ms"]] + ([x["c_ms"]] if server else []) +
+            [x["max_pixel_diff_a_vs_b"]] + ([x["max_pixel_diff_c_vs_b"]] if server else []) for x in rows]
+    per = r["per_image_ms"]
+    body.append(["**per image**", "", per["a"], per["b"]] + ([per["c"]] if server else []) + ["", ""][: 1 + server])
+    text = [r["description"]["a"], "", r["description"]["bcd"], "", md_table(head, body), ""]
+    text.append(f"Ratios (this run): (a)/(b) = {r['ratios']['a_over_b']:.2f}x"
+                + (f", (c)/(b) = {r['ratios']['c_over_b']:.3f}" if server else "")
+                + (f"; (a)/(b) over the photos with faces only = {r['a_over_b_photos_with_faces']:.2f}x"
+                   if "a_over_b_photos_with_faces" in r else "") + ".")
+    text.append(f"Models loaded once for (b): {r['inprocess_load_s']:.2f} s"
+                + (f"; server ready after {r['server_ready_s']:.1f} s" if server else "") + " (not in the per-image figures).")
+    if r.get("concurrency"):
+        text += ["", "(d) concurrent clients:", "",
+                 md_table(["clients", "requests", "wall s", "throughput req/s", "faces/s", "p50 ms", "p95 ms", "errors"],
+                          [[c["clients"], c["requests"], c["wall_s"], c["throughput_rps"], c["faces_per_s"],
+                            c.get("latency", {}).get("p50_ms"), c.get("latency", {}).get("p95_ms"), len(c["errors"])]
+                           for c in r["concurrency"]])]
+    text += ["", "Targets (ratios from this run; not asserted anywhere):", "",
+             md_table(["target", "measured", "threshold", "pass"],
+                      [[t["target"], t["measured"], t["threshold"], t["pass"]] for t in r["targets"].values()])]
+    stages = sorted({k for x in rows for k in x["b_stages_ms"]} | {k for x in rows for k in x["a_stages_ms"]})
+    text += ["", "Stage totals over the folder, ms:", "",
+             md_table(["stage", "(a)", "(b)"] + (["(c) server-side"] if server else []),
+                      [[s, sum(x["a_stages_ms"].get(s, 0.0) for x in rows), sum(x["b_stages_ms"].get(s, 0.0) for x in rows)]
+                       + ([sum((x.get("c_stages_ms") or {}).get(s, 0.0) for x in rows)] if server else []) for s in stages])]
+    return "\n".join(text)
+
+
+def _plot(r: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    conc = r.get("concurrency") or []
+    fig, axes = plt.subplots(1, 2 if conc else 1, figsize=(12 if conc else 6, 4.5), squeeze=False)
+    ax = axes[0][0]
+    labels = [k for k in ("a", "b", "c") if k in r["per_image_ms"]]
+    names = {"a": "(a) paper way", "b": "(b) in process", "c": "(c) server, 1 client"}
+    vals = [r["per_image_ms"][k] / 1e3 for k in labels]
+    bars = ax.bar([names[k] for k in labels], vals, color=["#b0b0b0", "#4c72b0", "#55a868"][: len(labels)])
+    ax.bar_label(bars, fmt="%.2f s")
+    ax.set_ylabel("seconds per image (folder mean)")
+    ax.set_title(f"{len(r['per_photo'])} photos, steps={r['params']['steps']}")
+    if conc:
+        ax2 = axes[0][1]
+        xs = [c["clients"] for c in conc]
+        ax2.plot(xs, [c["throughput_rps"] for c in conc], "o-", label="throughput (req/s)", color="#4c72b0")
+        ax2.set_xlabel("concurrent clients")
+        ax2.set_ylabel("requests / s")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xticks(xs, [str(x) for x in xs])
+        ax3 = ax2.twinx()
+        ax3.plot(xs, [c.get("latency", {}).get("p50_ms", math.nan) / 1e3 for c in conc], "s--", color="#dd8452",
+                 label="p50 latency (s)")
+        ax3.plot(xs, [c.get("latency", {}).get("p95_ms", math.nan) / 1e3 for c in conc], "^--", color="#c44e52",
+                 label="p95 latency (s)")
+        ax3.set_ylabel("latency (s)")
+        h1, l1 = ax2.get_legend_handles_labels()
+        h2, l2 = ax3.get_legend_handles_labels()
+        ax2.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+        ax2.set_title(f"(d) server under load, backend {r['params']['backend']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,117 @@
+"""The three ways a photo request is run in the benchmarks.
+
+* ``paper_way_request``: (a), the reference — the same models and the same math, run the way the
+  paper's public code runs them: the SDXL + FaceID pipeline is loaded from disk for every image
+  (``from_pretrained`` + ``load_ip_adapter`` + LoRA fuse, i.e. ``load_sdxl_faceid``), the face
+  models (detector, landmarks, ArcFace) are loaded for every image, faces go through the generator
+  one at a time (batch 1 face, the two CFG branches batched at 2 as in the paper's code), the
+  inversion makes one UNet call per step (``batch_steps=1``) and prompts are encoded on every use
+  (no cache).
+* ``inprocess_request``: (b), our pipeline in process: models loaded once (``Anonymizer``), all faces
+  of a photo in one generator batch, inversion batched ``inversion_batch`` steps per UNet call,
+  prompt encodings cached.
+* (c)/(d) go through ``client.RevpersClient`` to a running Triton server (see compare.py).
+
+Each returns (encoded PNG bytes, report) with per-stage ``timings_ms``; decode and encode are timed
+the same way in all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _decode(raw: bytes, timings) -> np.ndarray:
+    from revpers.images import decode_image
+
+    t0 = time.perf_counter()
+    rgb = decode_image(raw, name="IMAGE")
+    timings.add("decode", time.perf_counter() - t0)
+    return rgb
+
+
+def _encode(image: np.ndarray, timings) -> bytes:
+    from revpers.images import encode_image
+
+    t0 = time.perf_counter()
+    out = encode_image(image, "PNG")
+    timings.add("encode", time.perf_counter() - t0)
+    return out
+
+
+def inprocess_request(anonymizer, raw: bytes, params) -> tuple[bytes, dict]:
+    """(b): decode -> ``Anonymizer.anonymize_photo`` -> PNG encode, models already loaded."""
+    from revpers.pipeline import Timings
+
+    timings = Timings()
+    t0 = time.perf_counter()
+    rgb = _decode(raw, timings)
+    result = anonymizer.anonymize_photo(rgb, params)
+    out = _encode(result.image, timings)
+    report = dict(result.report)
+    report["timings_ms"] = {**report["timings_ms"], **timings.as_ms()}
+    report["request_total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+    return out, report
+
+
+def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str = "cpu",
+                      unet_dtype=None) -> tuple[bytes, dict]:
+    """(a): everything loaded from disk for this image, faces one at a time, one UNet call per
+    inversion step, no prompt cache. Same models, same math, same seeds as (b)."""
+    from revpers import faces as face_lib
+    from revpers.anonymizer import _TimedAnalyzer
+    from revpers.bundle import load_bundle
+    from revpers.faces import analysis
+    from revpers.models import FaceIDUNet, TextEncoderCache, TorchModels, VaeDecoder, VaeEncoder, load_sdxl_faceid
+    from revpers.pipeline import Timings, run_faces
+    from revpers.schedule import NoiseSchedule
+
+    timings = Timings()
+    t0 = time.perf_counter()
+    rgb = _decode(raw, timings)
+
+    t1 = time.perf_counter()
+    bundle = load_bundle(bundle_path)
+    pipe, slot = load_sdxl_faceid(bundle, device, unet_dtype)
+    models = TorchModels(FaceIDUNet(pipe.unet, slot).eval(), VaeEncoder(pipe.vae).eval(), VaeDecoder(pipe.vae).eval(),
+                         TextEncoderCache(pipe, device, capacity=0),  # capacity 0: every prompt is encoded again
+                         NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config)), device, pipe.unet.dtype)
+    timings.add("load_pipeline", time.perf_counter() - t1)
+
+    t2 = time.perf_counter()
+    analysis._shape_predictor.cache_clear()  # the landmark model is read from disk again
+    analysis._hog_detector.cache_clear()
+    analyzer = face_lib.load_face_analyzer(bundle.faces, bundle.root)
+    timings.add("load_face_models", time.perf_counter() - t2)
+
+    n = bundle.native_size
+
+    def generate(crops, identities):
+        out = []
+        for f, (crop, identity) in enumerate(zip(crops, identities)):  # one face per pipeline call
+            out += run_faces(models, [crop], identity[None], params, n, inversion_batch=1, timings=timings,
+                             seeds=[params.seed + f]).images
+        return out
+
+    t3 = time.perf_counter()
+    image, faces = face_lib.anonymize_photo(rgb, _TimedAnalyzer(analyzer, timings), generate, n)
+    timings.add("align_paste", time.perf_counter() - t3 - sum(
+        timings.stages.get(k, 0.0) for k in ("detect", "identity_embed", "prompt_encode", "vae_encode", "inversion",
+                                              "generation", "vae_decode")))
+    out = _encode(image, timings)
+    report = {"mode": "photo", "way": "paper", "faces": faces, "timings_ms": timings.as_ms(),
+              "request_total_ms": round((time.perf_counter() - t0) * 1e3, 3), "unet_calls_note":
+              "inversion one UNet call per step, faces one at a time"}
+    return out, report
+
+
+def max_pixel_difference(png_a: bytes, png_b: bytes) -> int:
+    from revpers.images import decode_image
+
+    a, b = decode_image(png_a), decode_image(png_b)
+    if a.shape != b.shape:
+        raise ValueError(f"outputs differ in shape: {a.shape} vs {b.shape}")
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())

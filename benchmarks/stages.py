@@ -1,0 +1,192 @@
+"""Issue 6 item 1: where every millisecond of a photo request goes, in process and through the server.
+
+    python -m benchmarks.stages [--steps 20] [--backend onnxruntime|pytorch|tensorrt] [--repeats 3]
+
+Stages: decode, detect (faces in the photo), identity_embed (face search in each aligned crop +
+ArcFace), prompt_encode (cached and not), vae_encode, inversion, generation, vae_decode, align_paste
+(alignment, colour matching and paste-back: the photo-mode time not in any other stage), encode
+(PNG). Through the server the BLS model reports the same stages; "transport" is the client's wall
+time minus the server's own total (gRPC, serialization, queueing). Prompt encode "not cached" is
+measured on a request with an attribute prompt never seen before (the empty prompt is still a cache
+hit there, so it is one fresh encode); "cached" on requests without a prompt after the first.
+Each figure is the median over ``--repeats`` requests per photo. Results:
+benchmarks/results/stages.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import uuid
+from pathlib import Path
+
+from .common import RESULTS, WORK, load_photos, md_table, quiet, smoke_bundle, stamp, write_results
+from .server import BACKENDS
+
+STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "inversion", "generation",
+          "vae_decode", "align_paste", "encode")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stages", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="requests per photo (median reported)")
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--photos", type=Path, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--inversion-batch", type=int, default=10)
+    p.add_argument("--bls-instances", type=int, default=2)
+    p.add_argument("--no-server", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work", type=Path, default=WORK)
+    return p.parse_args(argv)
+
+
+def _median_stages(reports: list[dict], extra: list[float] | None = None) -> dict:
+    out = {s: round(statistics.median(r["timings_ms"].get(s, 0.0) for r in reports), 3) for s in STAGES}
+    return out
+
+
+def _measure(run, raws, repeats: int, prompt_key: str) -> dict:
+    """run(raw, **params) -> (bytes, report, total_ms). Per photo: ``repeats`` cached requests, then
+    one with a fresh prompt (uncached encode)."""
+    rows = []
+    for name, raw in raws:
+        reps, totals, server_totals = [], [], []
+        for _ in range(repeats):
+            _img, rep, total = run(raw)
+            reps.append(rep)
+            totals.append(total)
+            if "server_total_ms" in rep:
+                server_totals.append(rep["server_total_ms"])
+        _img, fresh, _ = run(raw, prompt=f"benchmark prompt {uuid.uuid4().hex[:12]}")
+        row = {"photo": name, "faces": sum(f["action"] == "anonymized" for f in reps[0].get("faces", [])),
+               "stages_ms": _median_stages(reps), "total_ms": round(statistics.median(totals), 3),
+               "prompt_encode_uncached_ms": fresh["timings_ms"].get("prompt_encode", 0.0),
+               "prompt_encode_cached_ms": round(statistics.median(r["timings_ms"].get("prompt_encode", 0.0)
+                                                                  for r in reps), 3)}
+        if server_totals:
+            row["server_total_ms"] = round(statistics.median(server_totals), 3)
+            row["transport_ms"] = round(row["total_ms"] - row["server_total_ms"], 3)
+        rows.append(row)
+        print(f"  {prompt_key} {name}: {row['total_ms']:.0f} ms  " +
+              " ".join(f"{s}={row['stages_ms'][s]:.0f}" for s in STAGES), flush=True)
+    return {"per_photo": rows, "totals_ms": {s: round(sum(r["stages_ms"][s] for r in rows), 3) for s in STAGES},
+            "request_total_ms": round(sum(r["total_ms"] for r in rows), 3)}
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    quiet()
+    import time
+
+    from revpers.anonymizer import Anonymizer
+    from revpers.pipeline import Params
+
+    from .pipelines import inprocess_request
+
+    bundle = args.bundle or smoke_bundle(args.work / "smoke-bundle")
+    raws = [(p.name, p.read_bytes()) for p in load_photos(args.photos, args.limit)]
+    result = stamp("stages", {"steps": args.steps, "seed": args.seed, "repeats": args.repeats, "bundle": str(bundle),
+                              "photos": [n for n, _ in raws], "backend": args.backend, "device": args.device,
+                              "inversion_batch": args.inversion_batch, "bls_instances": args.bls_instances})
+    result["title"] = "Stage breakdown of a photo request"
+    result["stage_definitions"] = " ".join(__doc__.split("Stages:", 1)[1].split("Results:", 1)[0].split())
+    print(f"stages: {len(raws)} photos, steps={args.steps}", flush=True)
+
+    anonymizer = Anonymizer(bundle, device=args.device, inversion_batch=args.inversion_batch)
+
+    def inproc(raw, prompt=None):
+        t0 = time.perf_counter()
+        out, rep = inprocess_request(anonymizer, raw, Params(steps=args.steps, seed=args.seed, prompt=prompt))
+        return out, rep, (time.perf_counter() - t0) * 1e3
+
+    for _name, raw in raws:  # uncounted: first calls at each batch size, the empty prompt's first encode
+        inproc(raw)
+    result["inprocess"] = _measure(inproc, raws, args.repeats, "in process")
+
+    if not args.no_server:
+        from client import RevpersClient
+
+        from .common import served_repository
+        from .server import running_server, timed_request
+
+        repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances)
+        with running_server(repo) as (server, ready_s):
+            result["server_ready_s"] = round(ready_s, 3)
+            client = RevpersClient(server.urls.grpc)
+            wire = {"steps": args.steps, "seed": args.seed}
+
+            def served(raw, prompt=None):
+                return timed_request(client, raw, {**wire, "prompt": prompt})
+
+            for _ in range(max(1, args.bls_instances)):  # the same warm-up on each BLS instance
+                for _name, raw in raws:
+                    served(raw)
+            result["server"] = _measure(served, raws, args.repeats, "server")
+            client.close()
+
+    write_results("stages", result, _markdown(result), lambda path: _plot(result, path), args.out)
+    print(f"wrote {args.out}/stages.json, .md, .png")
+    return result
+
+
+def _markdown(r: dict) -> str:
+    server = "server" in r
+    head = ["stage", "in process ms"] + (["server ms"] if server else [])
+    rows = [[s, r["inprocess"]["totals_ms"][s]] + ([r["server"]["totals_ms"][s]] if server else []) for s in STAGES]
+    ip_total = r["inprocess"]["request_total_ms"]
+    if server:
+        st = r["server"]
+        server_side = sum(x.get("server_total_ms", 0.0) for x in st["per_photo"])
+        rows.append(["transport (client wall - server total)", "", round(st["request_total_ms"] - server_side, 3)])
+    rows.append(["**request total**", ip_total] + ([r["server"]["request_total_ms"]] if server else []))
+    enc = [["in process", sum(x["prompt_encode_uncached_ms"] for x in r["inprocess"]["per_photo"]) / len(r["inprocess"]["per_photo"]),
+            sum(x["prompt_encode_cached_ms"] for x in r["inprocess"]["per_photo"]) / len(r["inprocess"]["per_photo"])]]
+    if server:
+        sp = r["server"]["per_photo"]
+        enc.append(["server", sum(x["prompt_encode_uncached_ms"] for x in sp) / len(sp),
+                    sum(x["prompt_encode_cached_ms"] for x in sp) / len(sp)])
+    per = [[x["photo"], x["faces"], x["total_ms"]] + ([y["total_ms"], y.get("transport_ms")] if server else [])
+           for x, y in zip(r["inprocess"]["per_photo"], (r["server"]["per_photo"] if server else r["inprocess"]["per_photo"]))]
+    return "\n".join([
+        f"Sum over the {len(r['inprocess']['per_photo'])} photos of the per-photo median of {r['params']['repeats']} "
+        f"requests (steps={r['params']['steps']}).", "", md_table(head, rows), "",
+        "Prompt encode per request, ms (not cached = a fresh attribute prompt; cached = no prompt, after the first request):",
+        "", md_table(["where", "not cached", "cached"], enc), "",
+        md_table(["photo", "faces", "in process ms"] + (["server ms (client wall)", "transport ms"] if server else []), per),
+        "", f"Stage definitions: {r['stage_definitions']}"])
+
+
+def _plot(r: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    cols = [("in process", r["inprocess"])] + ([("server", r["server"])] if "server" in r else [])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    for i, (label, data) in enumerate(cols):
+        bottom = 0.0
+        for j, s in enumerate(STAGES):
+            v = data["totals_ms"][s] / 1e3
+            ax.bar(i, v, bottom=bottom, color=colors[j % 10], label=s if i == 0 else None)
+            bottom += v
+        if label == "server":
+            transport = (data["request_total_ms"] - sum(x.get("server_total_ms", 0.0) for x in data["per_photo"])) / 1e3
+            ax.bar(i, transport, bottom=bottom, color="#333333", label="transport")
+    ax.set_xticks(range(len(cols)), [c[0] for c in cols])
+    ax.set_ylabel("seconds (sum over the photos)")
+    ax.set_title(f"Where the time goes: {len(r['inprocess']['per_photo'])} photos, steps={r['params']['steps']}")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
