@@ -80,18 +80,22 @@ def smoke_bundle(path: Path | None = None) -> Path:
 
 
 def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: int = 10,
-                      bls_instances: int = 2) -> Path:
-    """Export the bundle (ONNX; TensorRT engines when the backend is tensorrt) and build a Triton
-    repository for ``backend`` with ``revpers.repository.build_repository``."""
+                      bls_instances: int = 1, gpu: bool = False) -> Path:
+    """Export the bundle (ONNX; TensorRT engines when the backend is tensorrt; nothing for the
+    pytorch backend, which runs the bundle itself) and build a Triton repository for ``backend`` with
+    ``revpers.repository.build_repository``."""
     from export.onnx_export import export_bundle
     from revpers.bundle import load_bundle
     from revpers.repository import build_repository
 
-    artifacts = work / "artifacts"
-    export_bundle(load_bundle(bundle), artifacts, inversion_batch=inversion_batch,
-                  tensorrt=backend == "tensorrt", log=lambda *_: None)  # engines need TensorRT and a GPU
+    artifacts = None
+    if backend != "pytorch":
+        artifacts = work / "artifacts"
+        export_bundle(load_bundle(bundle), artifacts, inversion_batch=inversion_batch,
+                      tensorrt=backend == "tensorrt", log=lambda *_: None)  # engines need TensorRT and a GPU
     return build_repository(artifacts, work / f"repository-{backend}", backend, bundle=bundle,
-                            bls_instances=bls_instances, inversion_batch=inversion_batch, force=True)
+                            bls_instances=bls_instances, inversion_batch=inversion_batch, force=True,
+                            gpu=gpu or backend == "tensorrt")
 
 
 # ---------------------------------------------------------------------------------------- stamps

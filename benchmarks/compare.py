@@ -42,7 +42,8 @@ def parse(argv=None):
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="Triton repository backend")
     p.add_argument("--device", default="cpu", help="torch device of (a) and (b)")
     p.add_argument("--inversion-batch", type=int, default=10)
-    p.add_argument("--bls-instances", type=int, default=2)
+    p.add_argument("--bls-instances", type=int, default=1,
+                   help="BLS processes (each serves up to 8 requests at once from threads)")
     p.add_argument("--levels", default="1,2,4,8", help="concurrent clients for (d)")
     p.add_argument("--rounds", type=int, default=None,
                    help="(d) queue = the folder this many times (default: enough for 2 requests per client at the top level)")
@@ -123,7 +124,8 @@ def main(argv=None) -> dict:
         from .common import served_repository
         from .server import concurrency_level, running_server, timed_request
 
-        repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances)
+        repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
+                                 gpu=str(args.device).startswith("cuda"))
         wire = {"steps": args.steps, "seed": args.seed}
         with running_server(repo) as (server, ready_s):
             result["server_ready_s"] = round(ready_s, 3)

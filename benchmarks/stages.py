@@ -40,7 +40,8 @@ def parse(argv=None):
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--device", default="cpu")
     p.add_argument("--inversion-batch", type=int, default=10)
-    p.add_argument("--bls-instances", type=int, default=2)
+    p.add_argument("--bls-instances", type=int, default=1,
+                   help="BLS processes (each serves up to 8 requests at once from threads)")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=WORK)
@@ -116,7 +117,8 @@ def main(argv=None) -> dict:
         from .common import served_repository
         from .server import running_server, timed_request
 
-        repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances)
+        repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
+                                 gpu=str(args.device).startswith("cuda"))
         with running_server(repo) as (server, ready_s):
             result["server_ready_s"] = round(ready_s, 3)
             client = RevpersClient(server.urls.grpc)

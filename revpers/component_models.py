@@ -57,6 +57,8 @@ class OnnxRuntimeRunner:
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        # no busy-waiting between calls: the BLS, the detector and other component models share the CPU
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
