@@ -14,11 +14,10 @@ from . import __version__
 from .bundle import Bundle, load_bundle
 from .models import TorchModels
 from .pipeline import Params, Timings, run_faces
+from .verify import SMOKE_ARCFACE_NOTE
 
 SMOKE_WARNING = ("SMOKE WEIGHTS: this output was made with a smoke bundle (tiny random models); "
                  "it is noise, not an anonymized face")
-SMOKE_ARCFACE_NOTE = ("not used: the smoke bundle's ArcFace is a random network, so the gate relies on the "
-                      "independent dlib recognizer alone")
 
 
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -64,22 +63,9 @@ class Anonymizer:
         Thresholds can be overridden per bundle: manifest ``"verify": {"arcface_threshold": ...,
         "dlib_threshold": ...}`` (e.g. after calibrating on your own data)."""
         if self._verifier is None:
-            from .bundle import BundleError
-            from .verify import ARCFACE_THRESHOLD, DLIB_THRESHOLD, Verifier
+            from .verify import verifier_for_bundle
 
-            cfg = dict(self.bundle.manifest.get("verify") or {})
-            try:
-                arc = float(cfg.get("arcface_threshold", ARCFACE_THRESHOLD))
-                dl = float(cfg.get("dlib_threshold", DLIB_THRESHOLD))
-            except (TypeError, ValueError):
-                raise BundleError(f"manifest 'verify' thresholds must be numbers, got {cfg}") from None
-            if not (-1.0 < arc < 1.0 and 0.0 < dl < 2.0):
-                raise BundleError(f"manifest 'verify' thresholds out of range: arcface_threshold {arc} "
-                                  f"(cosine, in (-1, 1)), dlib_threshold {dl} (distance, in (0, 2))")
-            rec = self.bundle.faces["recognizer"]
-            self._verifier = Verifier(self.analyzer, use_arcface=not self.bundle.smoke, arcface_threshold=arc,
-                                      dlib_threshold=dl, arcface_note=SMOKE_ARCFACE_NOTE if self.bundle.smoke else None,
-                                      arcface_model=rec)
+            self._verifier = verifier_for_bundle(self.bundle, self.analyzer)
         return self._verifier
 
     def _verification_block(self, verify, session) -> dict:

@@ -437,6 +437,35 @@ def rejection_reason(faces: list[dict], policy: VerifyPolicy) -> str:
     return "; ".join(parts) + "; no image is returned"
 
 
+SMOKE_ARCFACE_NOTE = ("not used: the smoke bundle's ArcFace is a random network, so the gate relies on the "
+                      "independent dlib recognizer alone")
+
+
+def verifier_for_bundle(bundle, analyzer=None) -> Verifier:
+    """The gate's recognizers for a bundle: its detector and ArcFace (not for smoke bundles) plus dlib.
+    Thresholds can be overridden in the manifest: ``"verify": {"arcface_threshold": 0.3,
+    "dlib_threshold": 0.55}`` (after calibrating on your own data; docs/verification.md)."""
+    from .bundle import BundleError
+    from .faces import load_face_analyzer
+
+    cfg = bundle.manifest.get("verify") or {}
+    if not isinstance(cfg, dict):
+        raise BundleError(f"manifest 'verify' must be an object, got {cfg!r}")
+    try:
+        arc = float(cfg.get("arcface_threshold", ARCFACE_THRESHOLD))
+        dl = float(cfg.get("dlib_threshold", DLIB_THRESHOLD))
+    except (TypeError, ValueError):
+        raise BundleError(f"manifest 'verify' thresholds must be numbers, got {cfg}") from None
+    if not (-1.0 < arc < 1.0 and 0.0 < dl < 2.0):
+        raise BundleError(f"manifest 'verify' thresholds out of range: arcface_threshold {arc} (cosine, in (-1, 1)), "
+                          f"dlib_threshold {dl} (distance, in (0, 2))")
+    if analyzer is None:
+        analyzer = load_face_analyzer(bundle.faces, bundle.root)
+    return Verifier(analyzer, use_arcface=not bundle.smoke, arcface_threshold=arc, dlib_threshold=dl,
+                    arcface_note=SMOKE_ARCFACE_NOTE if bundle.smoke else None,
+                    arcface_model=bundle.faces.get("recognizer"))
+
+
 # ---------------------------------------------------------------------------------------- pairs after the fact
 def verify_pair(verifier: Verifier, original: np.ndarray, anonymized: np.ndarray, aligned: bool = False) -> list[dict]:
     """Check every face of ``original`` against the same place in ``anonymized`` (same size).
