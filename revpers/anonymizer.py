@@ -102,13 +102,14 @@ class Anonymizer:
 
     # ------------------------------------------------------------------ aligned faces
     def anonymize_aligned(self, rgb: np.ndarray, params: Params = Params(),
-                          identity: np.ndarray | None = None) -> AnonymizeResult:
+                          identity: np.ndarray | None = None, verify=None) -> AnonymizeResult:
         """The whole image is one aligned face (CelebA-HQ/FFHQ style), as in the paper.
 
         The image is resized to the bundle's native face size (1024 for SDXL) for the generator and
         the result resized back to the input size (no resize when it already is native size).
         """
-        return self.anonymize_aligned_batch([rgb], params, None if identity is None else identity[None])[0]
+        return self.anonymize_aligned_batch([rgb], params, None if identity is None else identity[None],
+                                            verify=verify)[0]
 
     def anonymize_aligned_batch(self, images: list[np.ndarray], params: Params = Params(),
                                 identities: np.ndarray | None = None, reconstruct: bool = False,
