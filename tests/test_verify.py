@@ -344,3 +344,17 @@ def test_cli_anonymize_writes_verdict_and_audit(tmp_path, smoke_bundle_dir):
     assert audit["verify_policy"] == replace(VerifyPolicy(), retries=1, fallback="pixelate").as_dict()
     bad = _revpers("anonymize", src, "-o", tmp_path / "o2", "--models", smoke_bundle_dir, "--retries", "9")
     assert bad.returncode == 2 and "retries must be an integer in [0, 5]" in bad.stderr
+
+
+def test_size_policy_faces_are_not_gated(unchanged):
+    from revpers.faces import FacePolicy
+
+    t1 = real_photo("t1.jpg")
+    left = unchanged.anonymize_photo(t1, Params(steps=2), policy=FacePolicy(min_face_px=400, small_action="leave"))
+    assert left.report["verdict"] == "partial" and left.report["generator_batches"] == []
+    assert {f["verdict"] for f in left.report["faces"]} == {"left"} and np.array_equal(left.image, t1)
+    blurred = unchanged.anonymize_photo(t1, Params(steps=2), policy=FacePolicy(min_face_px=400))
+    assert {f["verdict"] for f in blurred.report["faces"]} == {"not_generated"}
+    assert blurred.report["verdict"] == "passed" and "verification" not in blurred.report["faces"][0]
+    none = unchanged.anonymize_photo(skimage_data.coffee(), Params(steps=2))
+    assert none.report["verdict"] == "no_faces" and none.report["faces"] == []
