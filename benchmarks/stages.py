@@ -3,7 +3,7 @@
     python -m benchmarks.stages [--steps 20] [--backend onnxruntime|pytorch|tensorrt] [--repeats 3]
 
 Stages: decode, detect (faces in the photo), identity_embed (face search in each aligned crop +
-ArcFace), prompt_encode (cached and not), vae_encode, inversion, generation, vae_decode, align_paste
+ArcFace), prompt_encode (cached and not), vae_encode, inversion, generation, vae_decode, verify (the identity gate), align_paste
 (alignment, colour matching and paste-back: the photo-mode time not in any other stage), encode
 (PNG). Through the server the BLS model reports the same stages; "transport" is the client's wall
 time minus the server's own total (gRPC, serialization, queueing). Prompt encode "not cached" is
@@ -25,7 +25,7 @@ from .common import RESULTS, WORK, load_photos, md_table, quiet, smoke_bundle, s
 from .server import BACKENDS
 
 STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "inversion", "generation",
-          "vae_decode", "align_paste", "encode")
+          "vae_decode", "verify", "align_paste", "encode")
 
 
 def parse(argv=None):

@@ -14,6 +14,7 @@ from . import __version__
 from .bundle import Bundle, load_bundle
 from .models import TorchModels
 from .pipeline import Params, Timings, run_faces
+from .verify import SMOKE_ARCFACE_NOTE
 
 SMOKE_WARNING = ("SMOKE WEIGHTS: this output was made with a smoke bundle (tiny random models); "
                  "it is noise, not an anonymized face")
@@ -57,7 +58,7 @@ class _TimedAnalyzer:
 
 @dataclass
 class AnonymizeResult:
-    image: np.ndarray
+    image: np.ndarray | None  # None when the verification gate rejected the image (report["verdict"])
     report: dict
 
 
@@ -74,6 +75,7 @@ class Anonymizer:
         self.models = models if models is not None else TorchModels.load(self.bundle, device, unet_dtype)
         self.inversion_batch = inversion_batch
         self._analyzer = analyzer
+        self._verifier = None
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ face analysis
@@ -84,6 +86,27 @@ class Anonymizer:
 
             self._analyzer = load_face_analyzer(self.bundle.faces, self.bundle.root)
         return self._analyzer
+
+    @property
+    def verifier(self):
+        """The identity verification gate's recognizers (verify.py), loaded once per process.
+        Thresholds can be overridden per bundle: manifest ``"verify": {"arcface_threshold": ...,
+        "dlib_threshold": ...}`` (e.g. after calibrating on your own data)."""
+        if self._verifier is None:
+            from .verify import verifier_for_bundle
+
+            self._verifier = verifier_for_bundle(self.bundle, self.analyzer)
+        return self._verifier
+
+    def _verification_block(self, verify, session) -> dict:
+        block = {"enabled": verify.verify, "policy": verify.as_dict()}
+        if verify.verify:
+            block["recognizers"] = self.verifier.describe()
+            if self.bundle.smoke:
+                block["note"] = SMOKE_ARCFACE_NOTE
+        if session is not None:
+            block["embeddings_computed"] = session.embeddings
+        return block
 
     def identity_of_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
         """ArcFace embedding of each aligned crop (the paper takes it from the aligned crop)."""
@@ -109,17 +132,28 @@ class Anonymizer:
 
     # ------------------------------------------------------------------ aligned faces
     def anonymize_aligned(self, rgb: np.ndarray, params: Params = Params(),
-                          identity: np.ndarray | None = None) -> AnonymizeResult:
+                          identity: np.ndarray | None = None, verify=None) -> AnonymizeResult:
         """The whole image is one aligned face (CelebA-HQ/FFHQ style), as in the paper.
 
         The image is resized to the bundle's native face size (1024 for SDXL) for the generator and
         the result resized back to the input size (no resize when it already is native size).
         """
-        return self.anonymize_aligned_batch([rgb], params, None if identity is None else identity[None])[0]
+        return self.anonymize_aligned_batch([rgb], params, None if identity is None else identity[None],
+                                            verify=verify)[0]
 
     def anonymize_aligned_batch(self, images: list[np.ndarray], params: Params = Params(),
                                 identities: np.ndarray | None = None, reconstruct: bool = False,
-                                ) -> list[AnonymizeResult]:
+                                verify=None) -> list[AnonymizeResult]:
+        """Each image is one aligned face. ``verify`` (verify.VerifyPolicy, default: on, 2 retries,
+        then blur) gates every output face; retries of all failing faces run as one batch."""
+        from .audit import build_audit
+        from .faces.blend import obscure_face
+        from .verify import (VERIFY_SIZE, GateSession, VerifyPolicy, aligned_matrix, face_verdict, image_verdict,
+                             rejection_reason, run_gate)
+
+        verify = verify if verify is not None else VerifyPolicy()
+        if reconstruct:  # the fidelity check regenerates the input on purpose: nothing to gate
+            verify = VerifyPolicy(verify=False)
         timings = Timings()
         t0 = time.perf_counter()
         n = self.bundle.native_size
@@ -131,51 +165,155 @@ class Anonymizer:
             timings.add("identity_embed", time.perf_counter() - t1)
         else:
             sources = ["given"] * len(crops)
-        out = run_faces(self.models, crops, identities, params, n, inversion_batch=self.inversion_batch,
-                        timings=timings, reconstruct=reconstruct)
-        results = []
-        for i, (img, gen) in enumerate(zip(images, out.images)):
+        identities = np.asarray(identities, dtype=np.float32).reshape(len(crops), -1)
+        generated: dict[int, np.ndarray] = {}
+
+        def generate(ids, attempt):
+            p = verify.params_for(params, attempt)
+            seeds = [verify.seed_for(params.seed + i, attempt) for i in ids]
+            out = run_faces(self.models, [crops[i] for i in ids], identities[ids], p, n,
+                            inversion_batch=self.inversion_batch, timings=timings, seeds=seeds, reconstruct=reconstruct)
             t2 = time.perf_counter()
-            final = resize_rgb(gen, img.shape[:2])
+            for i, gen in zip(ids, out.images):
+                generated[i] = resize_rgb(gen, images[i].shape[:2])
             timings.add("resize", time.perf_counter() - t2)
+            return {i: {"seed": s, "guidance": p.guidance} for i, s in zip(ids, seeds)}
+
+        def render(override):
+            outs = {}
+            for i, img in enumerate(images):
+                if i in override:
+                    outs[i] = np.array(img, copy=True)
+                    obscure_face(outs[i], aligned_matrix(img.shape, n), n, override[i])
+                else:
+                    outs[i] = generated[i]
+            return outs
+
+        ids = list(range(len(images)))
+        session = None
+        if verify.verify:
+            session = GateSession(self.verifier, {i: (img, aligned_matrix(img.shape, VERIFY_SIZE))
+                                                  for i, img in enumerate(images)})
+        outcome = run_gate(ids, generate, render, session, verify, outputs=lambda out, i: out[i])
+        if session is not None:
+            timings.add("verify", session.seconds)
+        results = []
+        for i, img in enumerate(images):
+            attempts = outcome.attempts[i]
+            verdict = face_verdict(i, outcome, verify)
+            action = ("rejected" if i in outcome.rejected else
+                      {"blur": "blurred", "pixelate": "pixelated"}.get(outcome.fallback.get(i), "anonymized"))
+            face = {"index": 0, "box": [0.0, 0.0, float(img.shape[1]), float(img.shape[0])], "action": action,
+                    "identity_source": sources[i], "verdict": verdict,
+                    "seed_used": attempts[-1]["seed"] if action == "anonymized" else None, "attempts": attempts}
+            if i in outcome.final:
+                face["verification"] = outcome.final[i].as_dict()
+            image_v = image_verdict([verdict], verify.verify)
+            final = None if image_v == "rejected" else outcome.image[i]
             report = self._base_report(params, "aligned")
             report.update({"input_size": [int(img.shape[1]), int(img.shape[0])], "generator_size": n,
                            "resized": tuple(img.shape[:2]) != (n, n), "faces_in_batch": len(images),
-                           "seed_used": params.seed + i, "identity_source": sources[i],
-                           "timings_ms": timings.as_ms(), "batch_total_ms": round(sum(timings.stages.values()) * 1e3, 3)})
+                           "seed_used": face["seed_used"], "identity_source": sources[i],
+                           "faces": [face], "verdict": image_v, "generator_batches": outcome.generator_batches,
+                           "verification": self._verification_block(verify, session),
+                           "timings_ms": timings.as_ms(),
+                           "batch_total_ms": round(sum(timings.stages.values()) * 1e3, 3)})
+            if image_v == "rejected":
+                report["rejected_reason"] = rejection_reason([face], verify)
+            report["audit"] = build_audit(mode="aligned", bundle=self.bundle, params=params.as_dict(), face_policy=None,
+                                          verify_policy=verify.as_dict(), verification=self._audit_recognizers(verify),
+                                          faces=[face], verdict=image_v, input_rgb=img, output_rgb=final,
+                                          runtime=self._runtime())
             results.append(AnonymizeResult(final, report))
         return results
 
     # ------------------------------------------------------------------ ordinary photos
-    def anonymize_photo(self, rgb: np.ndarray, params: Params = Params(), policy=None) -> AnonymizeResult:
-        """Every face of an ordinary photo: detect, align, one generator batch, soft paste-back."""
-        from .faces import FacePolicy, anonymize_photo
+    def anonymize_photo(self, rgb: np.ndarray, params: Params = Params(), policy=None,
+                        verify=None) -> AnonymizeResult:
+        """Every face of an ordinary photo: detect, align, one generator batch, soft paste-back, then
+        the verification gate (``verify``: verify.VerifyPolicy, default on, 2 retries, then blur):
+        failing faces are regenerated together in one batch per retry, then fall back."""
+        from .audit import build_audit
+        from .faces import FacePolicy, compose_photo, plan_photo
+        from .faces.photo import DONE, check_generated
+        from .verify import (LEFT, NOT_GENERATED, GateSession, VerifyPolicy, face_verdict, image_verdict,
+                             rejection_reason, run_gate)
 
         policy = policy or FacePolicy()
+        verify = verify if verify is not None else VerifyPolicy()
         n = self.bundle.native_size
         timings = Timings()
-        batches = []
-
-        def generate(crops, identities):
-            batches.append(len(crops))
-            return run_faces(self.models, crops, identities, params, n, inversion_batch=self.inversion_batch,
-                             timings=timings).images
-
         t0 = time.perf_counter()
-        out, faces = anonymize_photo(rgb, _TimedAnalyzer(self.analyzer, timings), generate, n, policy)
+        plan = plan_photo(rgb, _TimedAnalyzer(self.analyzer, timings), n, policy)
+        rank = {i: r for r, i in enumerate(plan.to_generate)}
+        generated: dict[int, np.ndarray] = {}
+
+        def generate(ids, attempt):
+            p = verify.params_for(params, attempt)
+            seeds = [verify.seed_for(params.seed + rank[i], attempt) for i in ids]
+            idx = [rank[i] for i in ids]
+            out = run_faces(self.models, [plan.crops[r] for r in idx], plan.identities[idx], p, n,
+                            inversion_batch=self.inversion_batch, timings=timings, seeds=seeds).images
+            generated.update(check_generated(plan, out, ids))
+            return {i: {"seed": s, "guidance": p.guidance} for i, s in zip(ids, seeds)}
+
+        session = None
+        if verify.verify and plan.to_generate:
+            session = GateSession(self.verifier, {i: (plan.rgb, self.verifier.matrix_for(plan.faces[i].kps))
+                                                  for i in plan.to_generate})
+        outcome = run_gate(plan.to_generate, generate, lambda override: compose_photo(plan, generated, override),
+                           session, verify)
         total = time.perf_counter() - t0
+        if session is not None:
+            timings.add("verify", session.seconds)
         timings.add("align_paste", total - sum(timings.stages.values()))
-        report = self._base_report(params, "photo")
+
+        faces = plan.reports
         for face in faces:
-            if face["action"] == "anonymized":
-                face["seed_used"] = params.seed + sum(1 for f in faces[: face["index"]] if f["action"] == "anonymized")
+            i, decided = face["index"], face["action"]
+            if decided != "anonymize":
+                face["action"] = DONE[decided]
+                face["verdict"] = LEFT if decided == "leave" else NOT_GENERATED
+                continue
+            attempts = outcome.attempts[i]
+            if i in outcome.rejected:
+                face["action"] = "rejected"
+            elif i in outcome.fallback:
+                face["action"] = DONE[outcome.fallback[i]]
+                face["reason"] = (f"still matched its input after {len(attempts)} attempt(s); "
+                                  f"fallback {outcome.fallback[i]}")
+            else:
+                face["action"] = DONE[decided]
+            face["verdict"] = face_verdict(i, outcome, verify)
+            face["seed_used"] = attempts[-1]["seed"] if face["action"] == "anonymized" else None
+            face["attempts"] = attempts
+            if i in outcome.final:
+                face["verification"] = outcome.final[i].as_dict()
+        verdict = image_verdict([f["verdict"] for f in faces], verify.verify)
+        image = None if verdict == "rejected" else outcome.image
+        report = self._base_report(params, "photo")
         report.update({"input_size": [int(rgb.shape[1]), int(rgb.shape[0])], "generator_size": n,
-                       "faces": faces, "faces_found": len(faces), "generator_batches": batches,
-                       "policy": policy.as_dict(), "timings_ms": timings.as_ms(),
-                       "total_ms": round(total * 1e3, 3)})
+                       "faces": faces, "faces_found": len(faces), "generator_batches": outcome.generator_batches,
+                       "policy": policy.as_dict(), "verdict": verdict,
+                       "verification": self._verification_block(verify, session),
+                       "timings_ms": timings.as_ms(), "total_ms": round(total * 1e3, 3)})
         if not faces:
             report["note"] = "no face found; the image is returned unchanged"
-        return AnonymizeResult(out, report)
+        if verdict == "rejected":
+            report["rejected_reason"] = rejection_reason(faces, verify)
+        report["audit"] = build_audit(mode="photo", bundle=self.bundle, params=params.as_dict(),
+                                      face_policy=policy.as_dict(), verify_policy=verify.as_dict(),
+                                      verification=self._audit_recognizers(verify), faces=faces, verdict=verdict,
+                                      input_rgb=np.asarray(rgb), output_rgb=image, runtime=self._runtime())
+        return AnonymizeResult(image, report)
+
+    def _audit_recognizers(self, verify) -> dict | None:
+        return self.verifier.describe() if verify.verify else None
+
+    def _runtime(self) -> dict:
+        return {"device": str(getattr(self.models, "device", "triton")),
+                "unet_dtype": str(getattr(self.models, "unet_dtype", "served")).replace("torch.", ""),
+                "inversion_batch": self.inversion_batch}
 
     def reconstruction_error(self, rgb: np.ndarray, params: Params = Params()) -> dict:
         """Invert, then generate with the inversion's own conditioning: latent max abs error vs x0."""

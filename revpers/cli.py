@@ -1,4 +1,4 @@
-"""`revpers` command line: smoke-model, anonymize, reconstruct, export, repository, serve."""
+"""`revpers` command line: smoke-model, anonymize, verify, reconstruct, export, repository, serve."""
 
 from __future__ import annotations
 
@@ -44,6 +44,31 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="attribute prompt, e.g. 'an old man' (generation uncond branch only)")
 
 
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    from .verify import FALLBACKS, MAX_RETRIES, RETRY_MODES, VerifyPolicy
+
+    d = VerifyPolicy()
+    g = p.add_argument_group("identity verification gate (docs/verification.md)")
+    g.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the gate (faces are not checked; reports say verdict 'unverified')")
+    g.add_argument("--retries", type=int, default=d.retries,
+                   help=f"extra attempts for faces that still match their input (0-{MAX_RETRIES}; default {d.retries})")
+    g.add_argument("--retry-mode", choices=RETRY_MODES, default=d.retry_mode,
+                   help=f"new seed, stronger guidance (guidance - attempt x step), or both (default {d.retry_mode})")
+    g.add_argument("--guidance-step", type=float, default=d.guidance_step,
+                   help=f"guidance change per retry, in (0, 20] (default {d.guidance_step})")
+    g.add_argument("--fallback", choices=FALLBACKS, default=d.fallback,
+                   help=f"after the last failed attempt: blur or pixelate the face, or reject the image "
+                        f"(no image written; exit 1) (default {d.fallback})")
+
+
+def verify_policy_from_args(args):
+    from .verify import VerifyPolicy
+
+    return VerifyPolicy.from_mapping({"verify": args.verify, "retries": args.retries, "retry_mode": args.retry_mode,
+                                      "guidance_step": args.guidance_step, "fallback": args.fallback})
+
+
 def params_from_args(args):
     from .pipeline import Params
 
@@ -71,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--inversion-batch", type=int, default=10, help="inversion timesteps per UNet call (default 10)")
     add_param_arguments(p)
+    add_verify_arguments(p)
+
+    p = sub.add_parser("verify", help="check an (original, anonymized) pair after the fact: exit 0 when no face "
+                       "still matches, 1 when any does, 2 when the pair cannot be checked",
+                       description="Detects every face of ORIGINAL and measures the same place in ANONYMIZED with "
+                       "dlib's ResNet (and the bundle's ArcFace with --models, unless it is a smoke bundle). "
+                       "Exit status: 0 every face passes (or no face in ORIGINAL), 1 any face still matches, "
+                       "2 unreadable images, different sizes or a bad bundle.")
+    p.add_argument("original", type=Path)
+    p.add_argument("anonymized", type=Path)
+    p.add_argument("--models", type=Path, default=None,
+                   help="model bundle: use its face detector and ArcFace too (default: dlib detector + dlib ResNet only)")
+    p.add_argument("--aligned", action="store_true", help="each image is one aligned face crop (no detection)")
+    p.add_argument("--json", action="store_true", help="print the per-face results as JSON")
 
     p = sub.add_parser("reconstruct", help="fidelity check: invert then regenerate with the inversion's conditioning")
     p.add_argument("image", type=Path)
@@ -139,41 +178,101 @@ def _output_path(outdir: Path, src: Path, used: set) -> Path:
 
 
 def cmd_anonymize(args) -> int:
+    from collections import Counter
+
     from .anonymizer import Anonymizer
-    from .images import ImageError, encode_image, format_for, read_image
+    from .audit import add_byte_hashes
+    from .images import ImageError, decode_image, encode_image, format_for
 
     params = params_from_args(args)
+    verify = verify_policy_from_args(args)
     if args.inversion_batch < 1:
         raise SystemExit("error: --inversion-batch must be >= 1")
     anon = Anonymizer(args.models, device=args.device, inversion_batch=args.inversion_batch)
     args.outdir.mkdir(parents=True, exist_ok=True)
-    failures, used = 0, set()
+    failures, rejected, used = 0, 0, set()
+    faces_by_verdict, images_by_verdict = Counter(), Counter()
     for src in args.inputs:
         try:
             t0 = time.perf_counter()
-            rgb = read_image(src)
+            try:
+                raw = src.read_bytes()
+            except OSError as exc:
+                raise ImageError(f"{src}: cannot read file: {exc.strerror or exc}") from None
+            rgb = decode_image(raw, name=str(src))
             decode_s = time.perf_counter() - t0
             if args.aligned:
-                result = anon.anonymize_aligned(rgb, params)
+                result = anon.anonymize_aligned(rgb, params, verify=verify)
             else:
-                result = anon.anonymize_photo(rgb, params)
+                result = anon.anonymize_photo(rgb, params, verify=verify)
             out = _output_path(args.outdir, src, used)
             t1 = time.perf_counter()
-            data = encode_image(result.image, format_for(out))
-            report = dict(result.report, input=str(src), output=str(out))
+            data = encode_image(result.image, format_for(out)) if result.image is not None else None
+            report = dict(result.report, input=str(src), output=str(out) if data is not None else None)
+            add_byte_hashes(report, raw, data)
             report.setdefault("timings_ms", {})
             report["timings_ms"].update({"decode": round(decode_s * 1e3, 3),
                                          "encode": round((time.perf_counter() - t1) * 1e3, 3)})
-            tmp = out.with_name(out.name + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(out)
+            if data is not None:
+                tmp = out.with_name(out.name + ".part")
+                tmp.write_bytes(data)
+                tmp.replace(out)
             out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+            verdict = report.get("verdict")
+            images_by_verdict[verdict] += 1
+            faces_by_verdict.update(f.get("verdict") for f in report.get("faces", []))
+            if data is None:
+                rejected += 1
+                print(f"{src}: REJECTED, no image written: {report.get('rejected_reason')} "
+                      f"(report: {out.name}.json)", file=sys.stderr)
+                continue
             note = " [SMOKE WEIGHTS: noise, not a face]" if anon.bundle.smoke else ""
-            print(f"{src} -> {out}{note}")
+            print(f"{src} -> {out} [verdict: {verdict}]{note}")
         except ImageError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
-    return 1 if failures else 0
+    if images_by_verdict:
+        fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+        print(f"images by verdict: {fmt(images_by_verdict)}; faces by verdict: {fmt(faces_by_verdict)}")
+    return 1 if failures or rejected else 0
+
+
+def cmd_verify(args) -> int:
+    from .bundle import load_bundle
+    from .images import ImageError, read_image
+    from .verify import Verifier, verifier_for_bundle, verify_pair
+
+    try:
+        original, anonymized = read_image(args.original), read_image(args.anonymized)
+    except ImageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verifier = verifier_for_bundle(load_bundle(args.models)) if args.models else Verifier(None)
+    try:
+        results = verify_pair(verifier, original, anonymized, aligned=args.aligned)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    matched = [r for r in results if not r["passed"]]
+    if args.json:
+        print(json.dumps({"original": str(args.original), "anonymized": str(args.anonymized),
+                          "recognizers": verifier.describe(), "faces": results,
+                          "passed": not matched}, indent=2))
+    else:
+        d = verifier.describe()
+        if not d["arcface"]["used"]:
+            print(f"arcface {d['arcface'].get('note', 'not used')}")
+        for r in results:
+            arc = (f", arcface cosine {r['arcface_cosine']:.4f} (match >= {r['arcface_threshold']})"
+                   if r["arcface_cosine"] is not None else "")
+            print(f"face {r['index']} box {r['box']}: dlib distance {r['dlib_distance']:.4f} "
+                  f"(match <= {r['dlib_threshold']}){arc}, re-detected {'yes' if r['redetected'] else 'no'}: "
+                  f"{'PASS' if r['passed'] else 'STILL MATCHES'}")
+        if not results:
+            print(f"no face found in {args.original}; nothing to check")
+        else:
+            print(f"{len(results)} face(s): {len(results) - len(matched)} pass, {len(matched)} still match")
+    return 1 if matched else 0
 
 
 def cmd_reconstruct(args) -> int:
@@ -226,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError
     from .pipeline import ParameterError
 
-    handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "reconstruct": cmd_reconstruct,
+    handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
+                "reconstruct": cmd_reconstruct,
                 "export": cmd_export, "repository": cmd_repository}
     if args.command == "serve":
         from .triton_server import run_serve

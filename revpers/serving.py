@@ -176,7 +176,9 @@ class BlsService:
 
     def handle(self, request):
         from .images import ImageError, decode_image, encode_image
+        from .audit import add_byte_hashes
         from .pipeline import ParameterError, Params
+        from .verify import pop_verify_policy
 
         t0 = time.perf_counter()
         try:
@@ -203,16 +205,18 @@ class BlsService:
                 return self._error(f"mode must be 'photo' or 'aligned', got {mode!r}")
             if fmt not in ("PNG", "JPEG", "JPG", "WEBP"):
                 return self._error(f"format must be png, jpeg or webp, got {fmt.lower()!r}")
+            verify = pop_verify_policy(options)  # issue 7: verify, retries, retry_mode, guidance_step, fallback
             params = Params.from_mapping(options)
             rgb = decode_image(raw, name="IMAGE")
             decode_ms = (time.perf_counter() - t0) * 1e3
             if mode == "aligned":
-                result = self.anonymizer.anonymize_aligned(rgb, params)
+                result = self.anonymizer.anonymize_aligned(rgb, params, verify=verify)
             else:
-                result = self.anonymizer.anonymize_photo(rgb, params)
+                result = self.anonymizer.anonymize_photo(rgb, params, verify=verify)
             t1 = time.perf_counter()
-            out = encode_image(result.image, fmt)
-            report = dict(result.report)
+            # a rejected image (report["verdict"] == "rejected") comes back as an empty IMAGE
+            out = encode_image(result.image, fmt) if result.image is not None else b""
+            report = add_byte_hashes(dict(result.report), raw, out)
             report.setdefault("timings_ms", {}).update({"decode": round(decode_ms, 3),
                                                         "encode": round((time.perf_counter() - t1) * 1e3, 3)})
             report["server_total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)

@@ -178,6 +178,9 @@ def _bad_cases():
         ("guidance huge", good, {"guidance": 1e9}, r"guidance=.*out of range"),
         ("unknown param", good, {"stepz": 4}, r"unknown parameter.*stepz"),
         ("mode bogus", good, {"mode": "bogus"}, r"mode must be 'photo' or 'aligned'"),
+        ("fallback bogus", good, {"fallback": "burn"}, r"fallback must be one of blur, pixelate, reject"),
+        ("retries too many", good, {"retries": 99}, r"retries must be an integer in \[0, 5\]"),
+        ("verify not bool", good, {"verify": "maybe"}, r"verify must be true or false"),
     ]
 
 
@@ -253,3 +256,31 @@ def test_one_bls_instance_serves_concurrent_requests_and_unet_calls_merge(server
     assert bls["inferences"] == 4
     assert bls["executions"] < 4  # the BLS instance got several requests in one execute call
     assert concurrent["executions"] < sequential["executions"]  # and their UNet calls were merged
+
+
+def test_report_has_verdict_and_audit(client):
+    """Issue 7: every response carries the gate's verdicts and a deterministic audit record with the
+    SHA-256 of the bytes sent and received."""
+    import hashlib
+
+    from revpers.audit import canonical_json
+
+    data = png_bytes(real_photo("t1.jpg"))
+    params = {"mode": "photo", "steps": 2, "seed": 4, "retries": 1, "fallback": "pixelate"}
+    got, report, raw = infer(client, data, params)
+    assert report["verdict"] in ("passed", "fallback") and len(report["faces"]) == 6
+    assert {f["verdict"] for f in report["faces"]} <= {"passed", "fallback_pixelated"}
+    assert all(f["verification"]["dlib_threshold"] == 0.6 and f["attempts"] for f in report["faces"])
+    assert report["verification"]["recognizers"]["arcface"]["used"] is False  # smoke bundle: dlib only
+    audit = report["audit"]
+    assert audit["input_sha256"] == hashlib.sha256(data).hexdigest()
+    assert audit["output_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert audit["verify_policy"]["retries"] == 1 and audit["verify_policy"]["fallback"] == "pixelate"
+    assert audit["params"]["seed"] == 4 and audit["runtime"]["device"] == "triton"
+    assert [f["verdict"] for f in audit["faces"]] == [f["verdict"] for f in report["faces"]]
+    _, again, raw2 = infer(client, data, params)
+    assert raw2 == raw and canonical_json(again["audit"]) == canonical_json(audit)
+    print(f"server verdict {report['verdict']}, faces {[f['verdict'] for f in report['faces']]}, "
+          f"gate {report['timings_ms'].get('verify')} ms")
+    _, aligned, _ = infer(client, png_bytes(real_photo()), {"mode": "aligned", "steps": 2, "verify": False})
+    assert aligned["verdict"] == "unverified" and aligned["faces"][0]["verdict"] == "unverified"

@@ -6,12 +6,12 @@ from .align import (DETECTED_IN_CROP, TEMPLATE_FALLBACK, CropIdentity, align_fac
                     identity_from_crop, template_points)
 from .analysis import Face, FaceAnalyzer, FaceModelError, load_face_analyzer
 from .blend import face_alpha, full_alpha, obscure_face, paste_face
-from .photo import FacePolicy, anonymize_photo, face_mask, union_mask
+from .photo import FacePolicy, PhotoPlan, anonymize_photo, compose_photo, face_mask, plan_photo, union_mask
 
 __all__ = [
     "Face", "FaceAnalyzer", "FaceModelError", "load_face_analyzer",
     "align_face", "alignment_matrix", "crop_scale", "template_points", "identity_from_crop", "CropIdentity",
     "DETECTED_IN_CROP", "TEMPLATE_FALLBACK",
     "face_alpha", "full_alpha", "paste_face", "obscure_face",
-    "FacePolicy", "anonymize_photo", "face_mask", "union_mask",
+    "FacePolicy", "PhotoPlan", "anonymize_photo", "plan_photo", "compose_photo", "face_mask", "union_mask",
 ]

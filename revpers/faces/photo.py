@@ -97,18 +97,29 @@ def _decide(face: Face, scale: float, smooth: bool, native_size: int, policy: Fa
     return "anonymize", "face size is within the generator's range"
 
 
-def anonymize_photo(rgb: np.ndarray, analyzer, anonymize_batch: AnonymizeBatch, native_size: int,
-                    policy: FacePolicy | None = None) -> tuple[np.ndarray, list[dict]]:
-    """Anonymize all faces of an (H, W, 3) uint8 RGB photo; returns (image, per-face reports)."""
+@dataclass
+class PhotoPlan:
+    """What ``plan_photo`` decided for one photo: per-face reports (``action`` is still the decided
+    action, one of ACTIONS), and the aligned crops + identities of the faces to generate."""
+
+    rgb: np.ndarray
+    native_size: int
+    policy: FacePolicy
+    faces: list
+    reports: list
+    to_generate: list  # face indices, in order; rank r of the generator batch is to_generate[r]
+    crops: list
+    identities: np.ndarray | None
+
+
+def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy | None = None) -> PhotoPlan:
+    """Steps 1-2 of ``anonymize_photo``: detect, decide, align, embed (no generation, no paste)."""
     policy = policy or FacePolicy()
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {rgb.shape} dtype {rgb.dtype}")
     native_size = int(native_size)
     faces = analyzer.detect(rgb)
-    if not faces:
-        return rgb, []
-
     reports: list[dict] = []
     crops, to_generate = [], []
     for i, face in enumerate(faces):
@@ -126,35 +137,64 @@ def anonymize_photo(rgb: np.ndarray, analyzer, anonymize_batch: AnonymizeBatch, 
             crop, _ = align_face(rgb, face.kps, native_size)
             crops.append(crop)
             to_generate.append(i)
-
-    out = np.array(rgb, copy=True)
-    generated: dict[int, np.ndarray] = {}
+    identities = None
     if to_generate:
         embs = []
         for i, crop in zip(to_generate, crops):
             emb, source = identity_from_crop(analyzer, crop)
             embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
             reports[i]["identity_source"] = source
-        results = anonymize_batch(crops, np.stack(embs))
-        results = list(results) if results is not None else []
-        if len(results) != len(crops):
-            raise ValueError(f"anonymize_batch returned {len(results)} images for {len(crops)} faces")
-        for i, res in zip(to_generate, results):
-            res = np.asarray(res)
-            if res.shape != (native_size, native_size, 3) or res.dtype != np.uint8:
-                raise ValueError(f"anonymize_batch must return ({native_size}, {native_size}, 3) uint8 crops, "
-                                 f"got shape {res.shape} dtype {res.dtype}")
-            generated[i] = res
+        identities = np.stack(embs)
+    return PhotoPlan(rgb, native_size, policy, faces, reports, to_generate, crops, identities)
 
-    for rep in reports:
+
+def check_generated(plan: PhotoPlan, results, indices=None) -> dict[int, np.ndarray]:
+    """Validate the generator's crops for ``indices`` (default: all of ``plan.to_generate``)."""
+    indices = list(plan.to_generate if indices is None else indices)
+    results = list(results) if results is not None else []
+    if len(results) != len(indices):
+        raise ValueError(f"anonymize_batch returned {len(results)} images for {len(indices)} faces")
+    n = plan.native_size
+    out = {}
+    for i, res in zip(indices, results):
+        res = np.asarray(res)
+        if res.shape != (n, n, 3) or res.dtype != np.uint8:
+            raise ValueError(f"anonymize_batch must return ({n}, {n}, 3) uint8 crops, "
+                             f"got shape {res.shape} dtype {res.dtype}")
+        out[i] = res
+    return out
+
+
+def compose_photo(plan: PhotoPlan, generated: dict[int, np.ndarray], override: dict[int, str] | None = None,
+                  ) -> np.ndarray:
+    """Step 4: a new image from the input: paste each generated crop, blur/pixelate the others.
+    ``override`` replaces a face's action (e.g. the verification gate's blur fallback)."""
+    override = override or {}
+    out = np.array(plan.rgb, copy=True)
+    policy = plan.policy
+    for rep in plan.reports:
         i, m = rep["index"], np.asarray(rep["matrix"])
-        action = rep["action"]
+        action = override.get(i, rep["action"])
         if action == "anonymize":
             paste_face(out, generated[i], m, color_match=policy.color_match, min_feather_px=policy.min_feather_px)
         elif action in ("blur", "pixelate"):
-            obscure_face(out, m, native_size, action, min_feather_px=policy.min_feather_px)
-        rep["action"] = DONE[action]
-    return out, reports
+            obscure_face(out, m, plan.native_size, action, min_feather_px=policy.min_feather_px)
+    return out
+
+
+def anonymize_photo(rgb: np.ndarray, analyzer, anonymize_batch: AnonymizeBatch, native_size: int,
+                    policy: FacePolicy | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Anonymize all faces of an (H, W, 3) uint8 RGB photo; returns (image, per-face reports)."""
+    plan = plan_photo(rgb, analyzer, native_size, policy)
+    if not plan.faces:
+        return plan.rgb, []
+    generated: dict[int, np.ndarray] = {}
+    if plan.to_generate:
+        generated = check_generated(plan, anonymize_batch(plan.crops, plan.identities))
+    out = compose_photo(plan, generated)
+    for rep in plan.reports:
+        rep["action"] = DONE[rep["action"]]
+    return out, plan.reports
 
 
 def face_mask(report: dict, shape, min_feather_px: float = MIN_FEATHER_PX) -> np.ndarray:

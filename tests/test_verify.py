@@ -1,0 +1,360 @@
+"""The identity verification gate (revpers.verify) and the audit record, on real photos with the real
+dlib recognizer (dlib-bin + face-recognition-models).
+
+Photos ship inside installed packages: insightface's ``t1.jpg`` (6 different people) and
+``Tom_Hanks_54745.png``, scikit-image's astronaut. Smoke weights make the generator's output
+meaningless, so the gate's logic is fed known pairs: the same person is a photo and its mirrored
+(and a downscaled, JPEG re-encoded) copy; an unchanged face comes from ``UnchangedComponents``, a
+generator whose denoiser predicts zero noise and whose "VAE" is the identity, so the real pipeline
+(inversion, generation, paste-back) returns the input face unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import real_photo
+from revpers.audit import canonical_json, pixels_sha256
+from revpers.faces import alignment_matrix, obscure_face
+from revpers.images import decode_image, encode_image
+from revpers.pipeline import ParameterError, Params
+from revpers.verify import (DLIB_THRESHOLD, SEED_STRIDE, Verifier, VerifyPolicy, pop_verify_policy, verify_pair)
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    return Verifier(None)  # dlib HOG detector + dlib ResNet: no bundle
+
+
+def _embed_faces(verifier, rgb):
+    faces = verifier.analyzer.detect(rgb)
+    return faces, [verifier.embed(verifier.crop(rgb, verifier.matrix_for(f.kps))) for f in faces]
+
+
+def _mirror(rgb):
+    return np.ascontiguousarray(rgb[:, ::-1])
+
+
+def _rescaled_jpeg(rgb, k=0.75, quality=70):
+    img = Image.fromarray(rgb).resize((int(rgb.shape[1] * k), int(rgb.shape[0] * k)), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return decode_image(buf.getvalue())
+
+
+def _at(faces, centre, width):
+    """Index of the detected face centred at ``centre`` (the astronaut's mission patch is a second,
+    false, HOG detection in her mirrored and rescaled copies)."""
+    off = [np.hypot((g.box[0] + g.box[2]) / 2 - centre[0], (g.box[1] + g.box[3]) / 2 - centre[1]) for g in faces]
+    j = int(np.argmin(off))
+    assert off[j] < 0.2 * width, "the face was not found again in the copy"
+    return j
+
+
+def _dist(a, b):
+    return float(np.linalg.norm(a.dlib - b.dlib))
+
+
+def test_dlib_same_person_is_closer_than_different_people(verifier):
+    """Same person: each photo's face vs the same face in its mirrored copy, and (Tom Hanks, the
+    astronaut) vs a 0.75x downscaled JPEG q70 copy. Different people: all pairs of the 8 people in
+    t1.jpg (6), Tom_Hanks_54745.png and astronaut()."""
+    photos = {"t1": real_photo("t1.jpg"), "hanks": real_photo(), "astronaut": skimage_data.astronaut()}
+    people, same = {}, []
+    for name, rgb in photos.items():
+        faces, embs = _embed_faces(verifier, rgb)
+        mfaces, membs = _embed_faces(verifier, _mirror(rgb))
+        assert len(faces) == (6 if name == "t1" else 1), name
+        for i, (f, e) in enumerate(zip(faces, embs)):
+            people[f"{name}{i}"] = e
+            centre = np.array([(f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2])
+            # the same face at the mirrored place in the mirrored copy
+            j = _at(mfaces, (rgb.shape[1] - centre[0], centre[1]), f.box[2] - f.box[0])
+            same.append((f"{name}{i}~mirror", _dist(e, membs[j])))
+        if name != "t1":
+            k = 0.75
+            rfaces, rembs = _embed_faces(verifier, _rescaled_jpeg(rgb, k))
+            j = _at(rfaces, centre * k, (f.box[2] - f.box[0]) * k)
+            same.append((f"{name}~rescaled-jpeg", _dist(embs[0], rembs[j])))
+    keys = sorted(people)
+    different = [(f"{a}/{b}", _dist(people[a], people[b])) for i, a in enumerate(keys) for b in keys[i + 1:]]
+    s = [d for _, d in same]
+    d = [d for _, d in different]
+    print(f"\ndlib L2, same person ({len(s)} pairs): {min(s):.3f}-{max(s):.3f}, mean {np.mean(s):.3f}; "
+          f"different people ({len(d)} pairs): {min(d):.3f}-{max(d):.3f}, mean {np.mean(d):.3f}")
+    print("same:", ", ".join(f"{k} {v:.3f}" for k, v in same))
+    assert max(s) < min(d)
+    # and the documented operating point separates them on these photos
+    assert max(s) < DLIB_THRESHOLD < min(d)
+
+
+def test_unchanged_face_fails_and_a_blurred_face_passes(verifier):
+    t1 = real_photo("t1.jpg")
+    blurred = t1.copy()
+    for f in verifier.analyzer.detect(t1):
+        obscure_face(blurred, alignment_matrix(f.kps, 1024), 1024, "blur")
+    t0 = time.perf_counter()
+    same = verify_pair(verifier, t1, t1.copy())
+    t_pair = time.perf_counter() - t0
+    obscured = verify_pair(verifier, t1, blurred)
+    print(f"\nverify_pair t1 (6 faces, detection included): {t_pair:.2f} s; unchanged dlib distances "
+          f"{[r['dlib_distance'] for r in same]}; blurred {[r['dlib_distance'] for r in obscured]}")
+    assert len(same) == len(obscured) == 6
+    assert all(r["dlib_match"] and not r["passed"] and r["dlib_distance"] < 0.05 for r in same)
+    assert all(r["passed"] and r["dlib_distance"] > DLIB_THRESHOLD for r in obscured)
+    assert all(r["arcface_cosine"] is None for r in obscured)  # no bundle: dlib only
+    with pytest.raises(ValueError, match="differ in size"):
+        verify_pair(verifier, t1, t1[:-2])
+
+
+# ------------------------------------------------------------------------------------------ policy
+def test_policy_validation_and_retry_schedule():
+    p = VerifyPolicy()
+    assert (p.verify, p.retries, p.fallback) == (True, 2, "blur") and p.attempts == 3
+    assert [p.seed_for(7, a) for a in range(3)] == [7, 7 + SEED_STRIDE, 7 + 2 * SEED_STRIDE]
+    assert [p.params_for(Params(), a).guidance for a in range(3)] == [-10.0, -12.0, -14.0]
+    g = VerifyPolicy(retry_mode="guidance", guidance_step=5)
+    assert [g.seed_for(7, a) for a in range(3)] == [7, 7, 7]
+    assert g.params_for(Params(guidance=-48), 2).guidance == -50.0  # clamped to Params' range
+    s = VerifyPolicy(retry_mode="seed")
+    assert s.params_for(Params(), 2).guidance == -10.0 and s.seed_for(2**63 - 1, 1) < 2**63
+    assert VerifyPolicy(verify=False, retries=5).attempts == 1
+    options = {"steps": 4, "retries": "1", "fallback": "reject", "verify": "on"}
+    got = pop_verify_policy(options)
+    assert options == {"steps": 4} and got == VerifyPolicy(retries=1, fallback="reject")
+    for bad, pattern in [({"retries": 9}, r"retries must be an integer in \[0, 5\]"),
+                         ({"retries": "two"}, "retries must be"), ({"retries": True}, "retries must be"),
+                         ({"retry_mode": "harder"}, "retry_mode must be one of seed, guidance, both"),
+                         ({"fallback": "burn"}, "fallback must be one of blur, pixelate, reject"),
+                         ({"guidance_step": 0}, r"guidance_step must be a number in \(0, 20\]"),
+                         ({"guidance_step": "nan"}, "guidance_step"), ({"verify": "maybe"}, "verify must be"),
+                         ({"verfy": True}, "unknown verification parameter.*verfy")]:
+        with pytest.raises(ParameterError, match=pattern):
+            VerifyPolicy.from_mapping(bad)
+
+
+# ------------------------------------------------------------------------------------------ the gate in the pipeline
+class UnchangedComponents:
+    """pipeline.Components whose output equals its input: identity "VAE" (latents = images) and a
+    denoiser that predicts zero noise, so inversion + generation reproduce x0 whatever the
+    identity or guidance (the failure the gate exists for: a generator that changed nothing)."""
+
+    def __init__(self, torch_models):
+        self.schedule = torch_models.schedule
+        self.text = torch_models.text
+        self.device = "cpu"
+        self.unet_dtype = torch.float32
+        self.calls = []
+
+    def denoise(self, x, t, cond):
+        return torch.zeros_like(x)
+
+    def encode(self, images):
+        self.calls.append(images.shape[0])
+        return images.clone()
+
+    def decode(self, latents):
+        return latents.clone()
+
+
+@pytest.fixture(scope="module")
+def unchanged(smoke_bundle, torch_models):
+    """An Anonymizer over the smoke bundle (dlib detector, random ArcFace -> dlib-only gate) whose
+    generator changes nothing, at a 256 px face crop so the pasted face is the input face."""
+    from revpers.anonymizer import Anonymizer
+    from revpers.bundle import Bundle
+
+    bundle = Bundle(smoke_bundle.root, {**smoke_bundle.manifest, "native_size": 256})
+    return Anonymizer(bundle, models=UnchangedComponents(torch_models))
+
+
+def test_unchanged_faces_are_retried_in_one_batch_then_blurred(unchanged):
+    t1 = real_photo("t1.jpg")
+    unchanged.models.calls.clear()
+    t0 = time.perf_counter()
+    res = unchanged.anonymize_photo(t1, Params(steps=2, seed=5))
+    dt = time.perf_counter() - t0
+    rep = res.report
+    print(f"\nunchanged generator on t1: {dt:.2f} s, gate {rep['timings_ms']['verify']:.0f} ms for "
+          f"{rep['verification']['embeddings_computed']} embeddings; batches {rep['generator_batches']}")
+    assert rep["generator_batches"] == [6, 6, 6] and unchanged.models.calls == [6, 6, 6]
+    assert rep["verdict"] == "fallback"
+    assert rep["verification"]["recognizers"]["arcface"]["used"] is False
+    assert "random" in rep["verification"]["note"]
+    for face in rep["faces"]:
+        assert face["verdict"] == "fallback_blurred" and face["action"] == "blurred"
+        seeds = [a["seed"] for a in face["attempts"]]
+        assert seeds == [5 + face["index"] + a * SEED_STRIDE for a in range(3)]
+        assert [a["guidance"] for a in face["attempts"]] == [-10.0, -12.0, -14.0]
+        assert all(a["dlib_match"] and not a["passed"] and a["dlib_distance"] < 0.3 for a in face["attempts"])
+        assert face["verification"]["passed"] and face["verification"]["dlib_distance"] > DLIB_THRESHOLD
+        assert face["seed_used"] is None
+    # the image is the input with every face blurred under its mask, nothing else touched
+    assert res.image is not None and res.image.shape == t1.shape
+    want = t1.copy()
+    for face in rep["faces"]:
+        obscure_face(want, np.asarray(face["matrix"]), 256, "blur")
+    assert np.array_equal(res.image, want)
+    audit = rep["audit"]
+    assert audit["verdict"] == "fallback" and audit["input_pixels_sha256"] == pixels_sha256(t1)
+    assert audit["output_pixels_sha256"] == pixels_sha256(res.image) and audit["input_sha256"] is None
+    assert [len(f["attempts"]) for f in audit["faces"]] == [3] * 6
+
+
+def test_reject_fallback_returns_no_image_and_says_why(unchanged):
+    res = unchanged.anonymize_photo(real_photo(), Params(steps=2), verify=VerifyPolicy(retries=1, fallback="reject"))
+    rep = res.report
+    assert res.image is None and rep["verdict"] == "rejected"
+    assert rep["generator_batches"] == [1, 1]
+    assert rep["faces"][0]["verdict"] == "rejected" and len(rep["faces"][0]["attempts"]) == 2
+    assert "still matched its input after 2 attempt(s)" in rep["rejected_reason"]
+    assert rep["audit"]["output_pixels_sha256"] is None and rep["audit"]["verdict"] == "rejected"
+
+
+def test_no_retries_pixelate_and_verify_off(unchanged):
+    hanks = real_photo()
+    res = unchanged.anonymize_photo(hanks, Params(steps=2), verify=VerifyPolicy(retries=0, fallback="pixelate"))
+    assert res.report["generator_batches"] == [1]
+    face = res.report["faces"][0]
+    assert face["verdict"] == "fallback_pixelated" and face["action"] == "pixelated" and len(face["attempts"]) == 1
+    off = unchanged.anonymize_photo(hanks, Params(steps=2), verify=VerifyPolicy(verify=False))
+    assert off.report["verdict"] == "unverified" and off.report["faces"][0]["verdict"] == "unverified"
+    assert "verification" not in off.report["faces"][0] and off.report["generator_batches"] == [1]
+    assert off.report["verification"] == {"enabled": False, "policy": VerifyPolicy(verify=False).as_dict()}
+    # unchanged output: the face really is the input, up to the crop's resampling there and back
+    diff = np.abs(off.image.astype(int) - hanks.astype(int))
+    print(f"\nunchanged generator, Tom Hanks: mean abs difference {diff.mean():.2f} levels, max {diff.max()}")
+    assert diff.mean() < 1.5
+
+
+def test_aligned_mode_is_gated(unchanged, verifier):
+    from revpers.faces import align_face
+
+    astronaut = skimage_data.astronaut()
+    face = verifier.analyzer.detect(astronaut)[0]
+    crop, _ = align_face(astronaut, face.kps, 256)  # an aligned whole-face image, as the paper's datasets
+    res = unchanged.anonymize_aligned(crop, Params(steps=2, seed=1))
+    f = res.report["faces"][0]
+    print(f"\naligned astronaut: attempts {[a['dlib_distance'] for a in f['attempts']]}, "
+          f"after blur {f['verification']['dlib_distance']}")
+    assert res.report["verdict"] == "fallback" and f["verdict"] == "fallback_blurred"
+    assert [a["seed"] for a in f["attempts"]] == [1, 1 + SEED_STRIDE, 1 + 2 * SEED_STRIDE]
+    assert res.report["generator_batches"] == [1, 1, 1]
+    assert f["verification"]["passed"] and res.image.shape == crop.shape and not np.array_equal(res.image, crop)
+
+
+def test_a_fallback_that_still_matches_rejects_the_image(unchanged):
+    """Tom_Hanks_54745.png is a tight 112 px ArcFace chip, not the whole-face framing aligned mode
+    expects: the blur (sized from the framing) is too weak for its face, dlib still matches the
+    blurred face, and the gate refuses to release it rather than trusting the fallback."""
+    res = unchanged.anonymize_aligned(real_photo(), Params(steps=2), verify=VerifyPolicy(retries=0))
+    f = res.report["faces"][0]
+    print(f"\ntight chip: attempt {f['attempts'][0]['dlib_distance']}, after blur {f['verification']['dlib_distance']}")
+    assert f["verdict"] == "failed" and f["verification"]["dlib_match"]
+    assert res.image is None and res.report["verdict"] == "rejected"
+    assert "still matches its input in the final image" in res.report["rejected_reason"]
+
+
+def test_audit_is_byte_identical_across_runs(unchanged, smoke_bundle):
+    """Twice with the gate's retries (unchanged generator), and twice with the real smoke models."""
+    from revpers.anonymizer import Anonymizer
+
+    t1 = real_photo("t1.jpg")
+    a = unchanged.anonymize_photo(t1, Params(steps=2, seed=9)).report["audit"]
+    b = unchanged.anonymize_photo(t1, Params(steps=2, seed=9)).report["audit"]
+    assert canonical_json(a) == canonical_json(b)
+    assert sum(len(f["attempts"]) for f in a["faces"]) == 18
+    real = Anonymizer(smoke_bundle)
+    hanks = real_photo()
+    r1 = real.anonymize_photo(hanks, Params(steps=3, seed=2))
+    r2 = real.anonymize_photo(hanks, Params(steps=3, seed=2))
+    assert canonical_json(r1.report["audit"]) == canonical_json(r2.report["audit"])
+    audit = r1.report["audit"]
+    print(f"\nsmoke generator on Tom Hanks: verdict {audit['verdict']}, "
+          f"dlib distance {audit['faces'][0]['verification']['dlib_distance']}")
+    assert audit["params"] == Params(steps=3, seed=2).as_dict()
+    assert audit["bundle"]["manifest_sha256"] == smoke_bundle.digest()
+    assert {"revpers", "torch", "onnxruntime", "dlib_runtime", "numpy"} <= set(audit["versions"])
+    assert audit["verification"]["dlib"]["model_sha256"]
+    text = canonical_json(audit).decode()
+    assert "ms" not in {k.rsplit("_", 1)[-1] for k in audit} and str(smoke_bundle.root) not in text
+    # a different seed is a different record
+    r3 = real.anonymize_photo(hanks, Params(steps=3, seed=3))
+    assert canonical_json(r3.report["audit"]) != canonical_json(audit)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _revpers(*args):
+    return subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_verify_exit_codes(tmp_path, smoke_bundle_dir):
+    t1 = real_photo("t1.jpg")
+    blurred = t1.copy()
+    from revpers.faces.analysis import DlibAnalyzer
+
+    for f in DlibAnalyzer(None).detect(t1):
+        obscure_face(blurred, alignment_matrix(f.kps, 1024), 1024, "blur")
+    orig, blur, small = tmp_path / "t1.png", tmp_path / "blurred.png", tmp_path / "small.png"
+    orig.write_bytes(encode_image(t1))
+    blur.write_bytes(encode_image(blurred))
+    small.write_bytes(encode_image(t1[:100, :100]))
+    ok = _revpers("verify", orig, blur)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "6 face(s): 6 pass, 0 still match" in ok.stdout and "dlib only" in ok.stdout
+    same = _revpers("verify", orig, orig, "--models", smoke_bundle_dir, "--json")
+    assert same.returncode == 1, same.stderr
+    result = json.loads(same.stdout)
+    assert not result["passed"] and len(result["faces"]) == 6
+    assert all(f["dlib_match"] for f in result["faces"])
+    assert "random" in result["recognizers"]["arcface"]["note"]
+    bad = _revpers("verify", orig, small)
+    assert bad.returncode == 2 and "differ in size" in bad.stderr
+    missing = _revpers("verify", orig, tmp_path / "nope.png")
+    assert missing.returncode == 2 and "cannot read file" in missing.stderr
+
+
+def test_cli_anonymize_writes_verdict_and_audit(tmp_path, smoke_bundle_dir):
+    src = tmp_path / "hanks.png"
+    src.write_bytes(encode_image(real_photo()))
+    proc = _revpers("anonymize", src, "-o", tmp_path / "o", "--models", smoke_bundle_dir, "--steps", "3",
+                    "--retries", "1", "--fallback", "pixelate")
+    assert proc.returncode == 0, proc.stderr
+    assert "[verdict: " in proc.stdout and "faces by verdict:" in proc.stdout
+    out = tmp_path / "o" / "hanks.png"
+    report = json.loads((tmp_path / "o" / "hanks.png.json").read_text())
+    audit = report["audit"]
+    assert report["verdict"] in ("passed", "fallback") and report["faces"][0]["verdict"]
+    assert audit["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert audit["output_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert audit["verify_policy"] == replace(VerifyPolicy(), retries=1, fallback="pixelate").as_dict()
+    bad = _revpers("anonymize", src, "-o", tmp_path / "o2", "--models", smoke_bundle_dir, "--retries", "9")
+    assert bad.returncode == 2 and "retries must be an integer in [0, 5]" in bad.stderr
+
+
+def test_size_policy_faces_are_not_gated(unchanged):
+    from revpers.faces import FacePolicy
+
+    t1 = real_photo("t1.jpg")
+    left = unchanged.anonymize_photo(t1, Params(steps=2), policy=FacePolicy(min_face_px=400, small_action="leave"))
+    assert left.report["verdict"] == "partial" and left.report["generator_batches"] == []
+    assert {f["verdict"] for f in left.report["faces"]} == {"left"} and np.array_equal(left.image, t1)
+    blurred = unchanged.anonymize_photo(t1, Params(steps=2), policy=FacePolicy(min_face_px=400))
+    assert {f["verdict"] for f in blurred.report["faces"]} == {"not_generated"}
+    assert blurred.report["verdict"] == "passed" and "verification" not in blurred.report["faces"][0]
+    none = unchanged.anonymize_photo(skimage_data.coffee(), Params(steps=2))
+    assert none.report["verdict"] == "no_faces" and none.report["faces"] == []
