@@ -265,7 +265,8 @@ def request_params(args, fmt: str) -> dict:
     """The PARAMS JSON sent for one image (parameters not given are left to the server's defaults)."""
     p = {"mode": args.mode, "format": fmt, "guidance": args.guidance, "ip_scale": args.ip_scale,
          "id_scale": args.id_scale, "steps": args.steps, "skip": args.skip, "seed": args.seed,
-         "prompt": args.prompt}
+         "prompt": args.prompt, "verify": args.verify, "retries": args.retries, "retry_mode": args.retry_mode,
+         "guidance_step": args.guidance_step, "fallback": args.fallback}
     return {k: v for k, v in p.items() if v is not None}
 
 
@@ -363,6 +364,19 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
                                 "output_sha256": out_sha, "request": request_params(args, item.fmt),
                                 "url": res.url, "attempts": res.attempts,
                                 "latency_ms": round(res.latency_s * 1e3, 1)}
+            if report.get("verdict") == "rejected" or not res.image:
+                # the server's verification gate refused to release this image: no output file, only
+                # its report (why, per-face similarities, audit); counted as a failure
+                reason = report.get("rejected_reason") or "the server returned no image"
+                report["client"]["output"] = report["client"]["output_sha256"] = None
+                try:
+                    write_atomic(report_path(outdir, item), (json.dumps(report, indent=2) + "\n").encode())
+                except OSError:
+                    pass
+                fail(item, "REJECTED", reason, res.attempts, res.errors, res.input_sha256)
+                entries[item.out_rel] = _entry(item, "rejected", res.input_sha256, None, report,
+                                               {"status": "REJECTED", "message": reason})
+                continue
             try:
                 write_atomic(out, res.image)
                 write_atomic(report_path(outdir, item), (json.dumps(report, indent=2) + "\n").encode())
@@ -634,6 +648,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sex", type=str.lower, choices=attributes.SEXES, help="female or male")
     p.add_argument("--race", type=_race, metavar="WORD",
                    help="one word of letters/hyphens, e.g. asian, latino-hispanic (needs --sex)")
+    v = a.add_argument_group("identity verification gate (runs on the server; docs/verification.md)")
+    v.add_argument("--no-verify", dest="verify", action="store_const", const=False, default=None,
+                   help="skip the gate (faces are not checked; reports say verdict 'unverified')")
+    v.add_argument("--retries", type=int, metavar="K",
+                   help="extra generation attempts for faces that still match their input (server default 2; "
+                        "network retries are --max-attempts)")
+    v.add_argument("--retry-mode", choices=("seed", "guidance", "both"),
+                   help="new seed, stronger guidance, or both (server default both)")
+    v.add_argument("--guidance-step", type=_finite_float, metavar="G",
+                   help="guidance change per retry (server default 2.0)")
+    v.add_argument("--fallback", choices=("blur", "pixelate", "reject"),
+                   help="after the last failed attempt: blur or pixelate the face, or reject the image (no "
+                        "output written, counted as failed) (server default blur)")
     r = a.add_argument_group("timeouts and retries")
     r.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                    help="per-request deadline in seconds (default 600); past it the request fails with "

@@ -159,6 +159,7 @@ class BlsService:
             analyzer.recognizer = ServedArcFace(analyzer.recognizer, self.components)
         self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components,
                                      analyzer=SerializedAnalyzer(analyzer))
+        self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="revpers-request")
 
     def execute(self, requests) -> list:
@@ -205,7 +206,7 @@ class BlsService:
                 return self._error(f"mode must be 'photo' or 'aligned', got {mode!r}")
             if fmt not in ("PNG", "JPEG", "JPG", "WEBP"):
                 return self._error(f"format must be png, jpeg or webp, got {fmt.lower()!r}")
-            verify = pop_verify_policy(options)  # issue 7: verify, retries, retry_mode, guidance_step, fallback
+            verify = pop_verify_policy(options)  # the gate's keys: verify, retries, retry_mode, guidance_step, fallback
             params = Params.from_mapping(options)
             rgb = decode_image(raw, name="IMAGE")
             decode_ms = (time.perf_counter() - t0) * 1e3

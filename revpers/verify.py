@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -166,6 +167,8 @@ class DlibRecognizer:
     """dlib's 128-d face descriptor at a face box: 68 landmarks (the shape predictor) give dlib's own
     chip alignment (150 px, padding 0.25), then the ResNet. Models load once per process."""
 
+    _lock = threading.Lock()  # one set of dlib models per process, used by the BLS model's request threads
+
     def __init__(self):
         self.net, self.predictor, self.model_name, self.model_sha256 = _dlib_models()
 
@@ -173,8 +176,10 @@ class DlibRecognizer:
         import dlib
 
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        shape = self.predictor(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
-        return np.asarray(self.net.compute_face_descriptor(np.ascontiguousarray(rgb), shape), dtype=np.float64)
+        with self._lock:
+            shape = self.predictor(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
+            desc = self.net.compute_face_descriptor(np.ascontiguousarray(rgb), shape)
+        return np.asarray(desc, dtype=np.float64)
 
 
 def dlib_distance(a: np.ndarray, b: np.ndarray) -> float:

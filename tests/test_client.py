@@ -518,3 +518,37 @@ def test_health(url, capsys):
     assert run_cli("health", "--url", url, "--url", dead, "--json", "--timeout", "2") == 1
     info = json.loads(capsys.readouterr().out)
     assert not info["healthy"] and "UNAVAILABLE" in info["servers"][1]["error"]
+
+
+@server_tests
+def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_artifacts, smoke_bundle_dir, tmp_path):
+    """A server whose bundle says every face still matches (dlib threshold 1.99: any distance the
+    descriptor gives is below it) must reject the image after the retries: the client writes no
+    image, keeps the report (why, per-face attempts, audit), counts a failure and exits 1. Gate
+    flags travel as PARAMS."""
+    from revpers.repository import build_repository
+
+    bundle = tmp_path / "strict-bundle"
+    shutil.copytree(smoke_bundle_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps(manifest | {"verify": {"dlib_threshold": 1.99}}))
+    repo = build_repository(onnx_artifacts[0], tmp_path / "repo", "onnxruntime", bundle=bundle)
+    srv = start_triton(repo)
+    try:
+        out = tmp_path / "out"
+        code = run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--retries", 1,
+                       "--fallback", "reject", "--progress", "none")
+    finally:
+        srv.stop()
+    assert code == 1
+    assert not (out / "Tom_Hanks_54745.png").exists()
+    report = json.loads((out / "Tom_Hanks_54745.png.json").read_text())
+    assert report["verdict"] == "rejected" and report["rejected_reason"]
+    [face] = report["faces"]
+    assert len(face["attempts"]) == 2 and all(a["dlib_match"] for a in face["attempts"])  # first try + 1 retry
+    assert report["client"]["request"]["fallback"] == "reject" and report["client"]["request"]["retries"] == 1
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["counts"]["failed"] == 1 and summary["failures"][0]["status"] == "REJECTED"
+    [entry] = json.loads((out / "audit-manifest.json").read_text())["files"]
+    assert entry["status"] == "rejected" and entry["output_sha256"] is None
+    assert entry["audit"]["verdict"] == "rejected"

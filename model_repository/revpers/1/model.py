@@ -2,8 +2,10 @@
 
 Request (one image, shape [1, 1]): IMAGE (bytes: JPEG/PNG/WebP), optional PARAMS (JSON bytes:
 guidance, ip_scale, id_scale, steps, skip, seed, prompt, mode = "photo" | "aligned",
-format = "png" | "jpeg" | "webp"). Response: IMAGE (anonymized image bytes, no metadata) and REPORT
-(JSON bytes). Bad input gives INVALID_ARGUMENT for that request only. The requests of one execute
+format = "png" | "jpeg" | "webp", and the verification gate's verify, retries, retry_mode,
+guidance_step, fallback). Response: IMAGE (anonymized image bytes, no metadata; empty when the gate
+rejected the image) and REPORT (JSON bytes, with verdict and audit). Bad input gives
+INVALID_ARGUMENT for that request only. The requests of one execute
 call are served concurrently (config parameter "threads").
 """
 
