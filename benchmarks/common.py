@@ -80,7 +80,7 @@ def smoke_bundle(path: Path | None = None) -> Path:
 
 
 def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: int = 10,
-                      bls_instances: int = 1, gpu: bool = False) -> Path:
+                      bls_instances: int = 2, gpu: bool = False) -> Path:
     """Export the bundle (ONNX; TensorRT engines when the backend is tensorrt; nothing for the
     pytorch backend, which runs the bundle itself) and build a Triton repository for ``backend`` with
     ``revpers.repository.build_repository``."""

@@ -42,14 +42,18 @@ def parse(argv=None):
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="Triton repository backend")
     p.add_argument("--device", default="cpu", help="torch device of (a) and (b)")
     p.add_argument("--inversion-batch", type=int, default=10)
-    p.add_argument("--bls-instances", type=int, default=1,
-                   help="BLS processes (each serves up to 8 requests at once from threads)")
+    p.add_argument("--bls-instances", type=int, default=2,
+                   help="BLS processes (each also serves up to 8 requests at once from threads)")
     p.add_argument("--levels", default="1,2,4,8", help="concurrent clients for (d)")
     p.add_argument("--rounds", type=int, default=None,
                    help="(d) queue = the folder this many times (default: enough for 2 requests per client at the top level)")
     p.add_argument("--warmup-passes", type=int, default=1,
                    help="uncounted passes over the folder before (b) and (c) (per BLS instance for (c))")
     p.add_argument("--no-server", action="store_true", help="skip (c) and (d)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the identity verification gate in (b), (c) and (d) too (off by default: (a), the "
+                        "paper's way, has no gate, so the comparison is of the same work; benchmarks.stages shows "
+                        "the gate's cost)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=WORK)
     return p.parse_args(argv)
@@ -71,12 +75,16 @@ def main(argv=None) -> dict:
     photos = load_photos(args.photos, args.limit)
     raws = [(p.name, p.read_bytes()) for p in photos]
     params = Params(steps=args.steps, seed=args.seed)
+    from revpers.verify import VerifyPolicy
+
+    verify = VerifyPolicy(verify=args.verify)  # off by default: the paper's way has no identity gate
     levels = [int(x) for x in args.levels.split(",") if x]
     rounds = args.rounds or max(1, math.ceil(2 * max(levels) / len(raws)))
     settings = {"steps": args.steps, "skip": params.skip, "guidance": params.guidance, "seed": args.seed,
                 "photos": [n for n, _ in raws], "bundle": str(bundle), "backend": args.backend,
                 "device": args.device, "inversion_batch": args.inversion_batch, "bls_instances": args.bls_instances,
-                "levels": levels, "rounds": rounds, "warmup_passes": args.warmup_passes}
+                "levels": levels, "rounds": rounds, "warmup_passes": args.warmup_passes,
+                "verification_gate": args.verify}
     result = stamp("compare", settings)
     result["title"] = "Comparison: paper's way vs in process vs server vs concurrency"
     result["description"] = {"a": PAPER_WAY, "bcd": OURS.format(inv=args.inversion_batch, backend=args.backend,
@@ -91,13 +99,13 @@ def main(argv=None) -> dict:
     # shape pay allocation and kernel selection); (a) reloads per image anyway, one warm-up suffices
     for _ in range(args.warmup_passes):
         for _name, raw in raws:
-            inprocess_request(anonymizer, raw, params)
+            inprocess_request(anonymizer, raw, params, verify)
     paper_way_request(bundle, warm_raw, params, args.device)
 
     rows = []
     outputs_b = {}
     for name, raw in raws:
-        out_b, rep_b = inprocess_request(anonymizer, raw, params)
+        out_b, rep_b = inprocess_request(anonymizer, raw, params, verify)
         out_a, rep_a = paper_way_request(bundle, raw, params, args.device)
         outputs_b[name] = out_b
         row = {"photo": name, "faces": _faces(rep_b), "a_ms": rep_a["request_total_ms"],
@@ -126,7 +134,7 @@ def main(argv=None) -> dict:
 
         repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
                                  gpu=str(args.device).startswith("cuda"))
-        wire = {"steps": args.steps, "seed": args.seed}
+        wire = {"steps": args.steps, "seed": args.seed, "verify": args.verify}
         with running_server(repo) as (server, ready_s):
             result["server_ready_s"] = round(ready_s, 3)
             client = RevpersClient(server.urls.grpc)

@@ -42,14 +42,15 @@ def _encode(image: np.ndarray, timings) -> bytes:
     return out
 
 
-def inprocess_request(anonymizer, raw: bytes, params) -> tuple[bytes, dict]:
-    """(b): decode -> ``Anonymizer.anonymize_photo`` -> PNG encode, models already loaded."""
+def inprocess_request(anonymizer, raw: bytes, params, verify=None) -> tuple[bytes, dict]:
+    """(b): decode -> ``Anonymizer.anonymize_photo`` -> PNG encode, models already loaded.
+    ``verify``: the identity gate's policy (None: its default, on)."""
     from revpers.pipeline import Timings
 
     timings = Timings()
     t0 = time.perf_counter()
     rgb = _decode(raw, timings)
-    result = anonymizer.anonymize_photo(rgb, params)
+    result = anonymizer.anonymize_photo(rgb, params, verify=verify)
     out = _encode(result.image, timings)
     report = dict(result.report)
     report["timings_ms"] = {**report["timings_ms"], **timings.as_ms()}

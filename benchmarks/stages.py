@@ -40,8 +40,8 @@ def parse(argv=None):
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--device", default="cpu")
     p.add_argument("--inversion-batch", type=int, default=10)
-    p.add_argument("--bls-instances", type=int, default=1,
-                   help="BLS processes (each serves up to 8 requests at once from threads)")
+    p.add_argument("--bls-instances", type=int, default=2,
+                   help="BLS processes (each also serves up to 8 requests at once from threads)")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=WORK)

@@ -50,12 +50,19 @@ def parity(module: torch.nn.Module, spec: ComponentSpec, path: Path, inputs: dic
     return float(np.abs(got - want).max())
 
 
-def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool = False, log=print) -> dict:
+def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool = False, log=print,
+                  fp8: bool = False, calibration_images: list[Path] | None = None,
+                  calibration_steps: int = 20) -> dict:
     """Export UNet, VAE encoder/decoder and ArcFace of ``bundle`` into ``out`` (fp32 ONNX).
 
     Writes ``out/<component>/model.onnx`` and ``out/components.json`` (the specs + bundle info),
     which ``revpers repository`` reads. With ``tensorrt`` also builds engines (export.tensorrt_build).
+    With ``fp8`` (needs ``tensorrt``) the UNet engine is built from an FP8-quantized copy
+    (``unet/model.fp8.onnx``, NVIDIA ModelOpt) calibrated on UNet inputs recorded while the method
+    runs on the faces of ``calibration_images`` (export.calibration).
     """
+    if fp8 and not tensorrt:
+        raise ValueError("fp8 is a TensorRT engine option: use it with tensorrt=True (--tensorrt --fp8)")
     from revpers.models import TorchModels
 
     out = Path(out)
@@ -74,6 +81,24 @@ def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool =
     spec = copy_recognizer(bundle, dst)
     record["components"]["arcface"] = {"spec": spec.to_dict(), "onnx": str(dst.relative_to(out)), "export_seconds": 0}
     log(f"copied recognizer {bundle.faces['recognizer']} -> {dst}")
+    if fp8:
+        from revpers.images import read_image
+        from revpers.pipeline import Params
+
+        from .calibration import calibration_faces, capture_unet_inputs, quantize_unet_fp8
+
+        if not calibration_images:
+            from revpers.demo import demo_photos
+
+            calibration_images = demo_photos()
+        crops, ids = calibration_faces(bundle, [read_image(p) for p in calibration_images])
+        data = capture_unet_inputs(models, crops, ids, Params(steps=calibration_steps), bundle.native_size,
+                                   inversion_batch=inversion_batch)
+        fp8_path = quantize_unet_fp8(out / record["components"]["unet"]["onnx"], data, out / "unet" / "model.fp8.onnx")
+        record["components"]["unet"]["onnx_fp8"] = str(fp8_path.relative_to(out))
+        record["fp8"] = {"calibration_faces": len(crops), "calibration_samples": int(data["sample"].shape[0]),
+                         "calibration_images": [str(p) for p in calibration_images], "steps": calibration_steps}
+        log(f"FP8 UNet ({len(crops)} calibration faces, {data['sample'].shape[0]} UNet samples) -> {fp8_path}")
     if tensorrt:
         from .tensorrt_build import build_engines
 

@@ -3,8 +3,9 @@
 Runs where TensorRT and polygraphy import (NVIDIA GPU machines; `pip install 'revpers[tensorrt]'`).
 UNet: fp16, one optimisation profile covering CFG batch 2 (generation) up to the inversion batch
 (2 x inversion_batch x faces) with opt at the inversion batch; VAE and ArcFace: fp32 (SDXL's VAE
-overflows in fp16). A timing cache is kept beside the engines so rebuilds are fast. FP8/INT8
-through NVIDIA ModelOpt is not wired in (left undone: needs calibration data and an Ada/Hopper GPU).
+overflows in fp16). A timing cache is kept beside the engines so rebuilds are fast. With
+``revpers export --tensorrt --fp8`` the UNet engine is built from the ModelOpt FP8-quantized ONNX
+(explicit Q/DQ, export.calibration) with FP8 and fp16 enabled; that needs an FP8-capable GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _require():
                            "(pip install 'revpers[tensorrt]' on a machine with an NVIDIA GPU)") from exc
 
 
-def build_engine(onnx_path: Path, spec: ComponentSpec, engine_path: Path, timing_cache: Path) -> Path:
+def build_engine(onnx_path: Path, spec: ComponentSpec, engine_path: Path, timing_cache: Path,
+                 fp8: bool = False) -> Path:
     _require()
     from polygraphy.backend.trt import (CreateConfig, Profile, engine_from_network, network_from_onnx_path,
                                         save_engine)
@@ -34,7 +36,8 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, engine_path: Path, timing
     for t in spec.inputs:
         lo, opt, hi = spec.profile(t.name)
         profile.add(t.name, min=lo, opt=opt, max=hi)
-    config = CreateConfig(fp16=spec.precision == "fp16", tf32=True, profiles=[profile],
+    extra = {"fp8": True} if fp8 else {}
+    config = CreateConfig(fp16=spec.precision == "fp16" or fp8, tf32=True, profiles=[profile], **extra,
                           load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
                           builder_optimization_level=3)
     network = network_from_onnx_path(str(onnx_path))
@@ -52,9 +55,10 @@ def build_engines(artifacts: Path, record: dict, log=print) -> dict[str, str]:
     for name, comp in record["components"].items():
         spec = ComponentSpec.from_dict(comp["spec"])
         engine = artifacts / name / "model.plan"
-        build_engine(artifacts / comp["onnx"], spec, engine, artifacts / "timing.cache")
+        fp8 = "onnx_fp8" in comp
+        build_engine(artifacts / comp.get("onnx_fp8", comp["onnx"]), spec, engine, artifacts / "timing.cache", fp8=fp8)
         out[name] = str(engine.relative_to(artifacts))
-        log(f"built TensorRT engine {engine} ({spec.precision})")
+        log(f"built TensorRT engine {engine} ({'fp8' if fp8 else spec.precision})")
     return out
 
 

@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="artifacts folder")
     p.add_argument("--inversion-batch", type=int, default=10, help="inversion timesteps per UNet call (profile size)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines with polygraphy (GPU)")
+    p.add_argument("--fp8", action="store_true",
+                   help="with --tensorrt: FP8 UNet engine (NVIDIA ModelOpt PTQ, calibrated on the method's own UNet "
+                        "inputs; needs an FP8-capable GPU). Check the anonymization metrics before serving it")
+    p.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="IMG",
+                   help="photos whose faces calibrate --fp8 (default: the two demo photos)")
 
     p = sub.add_parser("repository", help="generate a Triton model repository (tensorrt, onnxruntime or pytorch)",
                        description="Generate a Triton model repository. tensorrt: engines for NVIDIA's Triton "
@@ -136,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=Path, default=None,
                    help="bundle path the server will read (default: the exported one; required for pytorch "
                         "without --artifacts)")
-    p.add_argument("--bls-instances", type=int, default=1, help="BLS model instances (processes)")
+    p.add_argument("--bls-instances", type=int, default=2,
+                   help="BLS model instances (processes: face detection, paste-back and image coding run in "
+                        "parallel across them; default 2)")
     p.add_argument("--bls-threads", type=int, default=8,
                    help="requests each BLS instance serves concurrently (their UNet calls batch together)")
     p.add_argument("--gpu", action="store_true", help="run the models on the GPU (KIND_GPU; implied by tensorrt)")
@@ -295,7 +302,11 @@ def cmd_export(args) -> int:
 
     from .bundle import load_bundle
 
-    export_bundle(load_bundle(args.models), args.out, args.inversion_batch, args.tensorrt)
+    if args.fp8 and not args.tensorrt:
+        print("revpers export: --fp8 needs --tensorrt (it is an engine option)", file=sys.stderr)
+        return 2
+    export_bundle(load_bundle(args.models), args.out, args.inversion_batch, args.tensorrt, fp8=args.fp8,
+                  calibration_images=args.calibration)
     print(f"artifacts in {args.out}")
     return 0
 

@@ -25,7 +25,7 @@ BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
 
 def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: str | Path | None = None,
-                     bls_instances: int = 1, inversion_batch: int = 10, force: bool = False,
+                     bls_instances: int = 2, inversion_batch: int = 10, force: bool = False,
                      bls_threads: int = 8, gpu: bool | None = None, torch_compile: bool = False) -> Path:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")

@@ -54,11 +54,12 @@ def onnx_artifacts(smoke_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def onnxruntime_repository(onnx_artifacts, smoke_bundle_dir, tmp_path_factory):
-    """A Triton model repository (onnxruntime target) over the session's ONNX artifacts."""
+    """A Triton model repository (onnxruntime target) over the session's ONNX artifacts, with ONE BLS
+    instance, so the server tests show that a single instance serves concurrent requests."""
     from revpers.repository import build_repository
 
     return build_repository(onnx_artifacts[0], tmp_path_factory.mktemp("repo") / "repo", "onnxruntime",
-                            bundle=smoke_bundle_dir)
+                            bundle=smoke_bundle_dir, bls_instances=1)
 
 
 def start_triton(repository):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.components import ComponentSpec
+from conftest import real_photo
+from export.components import NUMPY_DTYPES, ComponentSpec
 from export.onnx_export import ARTIFACTS_MANIFEST, onnx_session, parity
 
 FP32_TOL = 1e-4
@@ -150,3 +151,42 @@ def test_tensorrt_engines_match_onnx(exported):
         err = engine_parity(out / rel, _path(exported, name), {k: v.numpy() for k, v in inputs.items()})
         print(f"{name} engine-vs-onnx max abs {err:.3g}")
         assert err <= tolerances.get(name, 1e-3), name
+
+
+def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_bundle, fp32_models):
+    """FP8 calibration data is recorded from the method itself (inversion and generation calls) and
+    feeds the exported UNet graph as is. ModelOpt and the FP8 engine build run where they install."""
+    from export.calibration import calibration_faces, capture_unet_inputs, quantize_unet_fp8
+    from revpers.pipeline import Params
+    from revpers.schedule import timesteps
+
+    crops, ids = calibration_faces(smoke_bundle, [real_photo(), real_photo("t1.jpg")])
+    assert len(crops) == 7 and ids.shape == (7, smoke_bundle.embedding_dim)
+    params = Params(steps=6)
+    data = capture_unet_inputs(fp32_models, crops[:2], ids[:2], params, smoke_bundle.native_size, max_samples=1000,
+                               inversion_batch=3)
+    spec = _spec(exported[1], "unet")
+    n = data["sample"].shape[0]
+    ts = timesteps(params.steps, params.skip, fp32_models.schedule.num_train_timesteps)
+    assert n == 2 * 2 * 2 * len(ts)  # (inversion + generation) x 2 CFG branches x 2 faces x steps
+    for t in spec.inputs:
+        assert data[t.name].shape == (n, *t.shape), t.name
+        assert data[t.name].dtype == NUMPY_DTYPES[t.dtype], t.name
+    assert set(np.unique(data["timestep"]).tolist()) == set(int(t) for t in ts)
+    assert params.ip_scale in set(np.unique(data["ip_scale"]).tolist())
+    rows = {k: v[:5] for k, v in data.items()}
+    got = _run_onnx(_path(exported, "unet"), {k: torch.from_numpy(v) for k, v in rows.items()})
+    with torch.inference_mode():
+        want = fp32_models.unet(*[torch.from_numpy(rows[t.name]) for t in spec.inputs]).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    capped = capture_unet_inputs(fp32_models, crops[:1], ids[:1], params, smoke_bundle.native_size, max_samples=8)
+    assert capped["sample"].shape[0] == 8
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="ModelOpt"):
+            quantize_unet_fp8(_path(exported, "unet"), rows, Path("unused.onnx"))
+    with pytest.raises(ValueError, match="fp8 is a TensorRT engine option"):
+        from export.onnx_export import export_bundle
+
+        export_bundle(smoke_bundle, Path("unused"), fp8=True)

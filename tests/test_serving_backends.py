@@ -33,7 +33,7 @@ def test_repository_targets_and_their_configs(smoke_bundle_dir, onnx_artifacts, 
     assert 'string_value: "onnxruntime"' in (repo / "arcface" / "config.pbtxt").read_text()
     assert (repo / "arcface" / "1" / "model.onnx").is_file()
     bls = (repo / "revpers" / "config.pbtxt").read_text()
-    assert "max_batch_size: 8" in bls and "dynamic_batching" in bls and "count: 1 kind: KIND_CPU" in bls
+    assert "max_batch_size: 8" in bls and "dynamic_batching" in bls and "count: 2 kind: KIND_CPU" in bls
 
     gpu = build_repository(None, tmp_path / "gpu", "pytorch", bundle=smoke_bundle_dir, gpu=True, bls_threads=4)
     assert "KIND_GPU" in (gpu / "unet" / "config.pbtxt").read_text()
