@@ -79,8 +79,16 @@ def smoke_bundle(path: Path | None = None) -> Path:
     return path
 
 
+def component_instances(args) -> int:
+    """Instances per component model: --component-instances, else 2 on the CPU and 1 on a GPU."""
+    if getattr(args, "component_instances", None):
+        return int(args.component_instances)
+    return 1 if str(getattr(args, "device", "cpu")).startswith("cuda") else 2
+
+
 def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: int = 10,
-                      bls_instances: int = 2, gpu: bool = False) -> Path:
+                      bls_instances: int = 2, gpu: bool = False,
+                      component_instances: int = 1) -> Path:
     """Export the bundle (ONNX; TensorRT engines when the backend is tensorrt; nothing for the
     pytorch backend, which runs the bundle itself) and build a Triton repository for ``backend`` with
     ``revpers.repository.build_repository``."""
@@ -95,7 +103,7 @@ def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: i
                       tensorrt=backend == "tensorrt", log=lambda *_: None)  # engines need TensorRT and a GPU
     return build_repository(artifacts, work / f"repository-{backend}", backend, bundle=bundle,
                             bls_instances=bls_instances, inversion_batch=inversion_batch, force=True,
-                            gpu=gpu or backend == "tensorrt")
+                            gpu=gpu or backend == "tensorrt", component_instances=component_instances)
 
 
 # ---------------------------------------------------------------------------------------- stamps

@@ -16,7 +16,8 @@ import math
 import sys
 from pathlib import Path
 
-from .common import RESULTS, WORK, load_photos, md_table, quiet, smoke_bundle, stamp, target, write_results
+from .common import (RESULTS, WORK, component_instances, load_photos, md_table, quiet, smoke_bundle, stamp,
+                     target, write_results)
 from .server import BACKENDS
 
 PAPER_WAY = ("(a) the paper's way: the same models and math, run as the paper's reference code runs them — "
@@ -44,6 +45,9 @@ def parse(argv=None):
     p.add_argument("--inversion-batch", type=int, default=10)
     p.add_argument("--bls-instances", type=int, default=2,
                    help="BLS processes (each also serves up to 8 requests at once from threads)")
+    p.add_argument("--component-instances", type=int, default=None,
+                   help="instances of each component model (default: 2 on the CPU, where sessions run "
+                        "single-threaded so that two batches run at once; 1 on a GPU)")
     p.add_argument("--levels", default="1,2,4,8", help="concurrent clients for (d)")
     p.add_argument("--rounds", type=int, default=None,
                    help="(d) queue = the folder this many times (default: enough for 2 requests per client at the top level)")
@@ -83,6 +87,7 @@ def main(argv=None) -> dict:
     settings = {"steps": args.steps, "skip": params.skip, "guidance": params.guidance, "seed": args.seed,
                 "photos": [n for n, _ in raws], "bundle": str(bundle), "backend": args.backend,
                 "device": args.device, "inversion_batch": args.inversion_batch, "bls_instances": args.bls_instances,
+                "component_instances": component_instances(args),
                 "levels": levels, "rounds": rounds, "warmup_passes": args.warmup_passes,
                 "verification_gate": args.verify}
     result = stamp("compare", settings)
@@ -133,7 +138,8 @@ def main(argv=None) -> dict:
         from .server import concurrency_level, running_server, timed_request
 
         repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
-                                 gpu=str(args.device).startswith("cuda"))
+                                 gpu=str(args.device).startswith("cuda"),
+                                 component_instances=component_instances(args))
         wire = {"steps": args.steps, "seed": args.seed, "verify": args.verify}
         with running_server(repo) as (server, ready_s):
             result["server_ready_s"] = round(ready_s, 3)

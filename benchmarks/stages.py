@@ -21,7 +21,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from .common import RESULTS, WORK, load_photos, md_table, quiet, smoke_bundle, stamp, write_results
+from .common import (RESULTS, WORK, component_instances, load_photos, md_table, quiet, smoke_bundle, stamp,
+                     write_results)
 from .server import BACKENDS
 
 STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "inversion", "generation",
@@ -42,6 +43,9 @@ def parse(argv=None):
     p.add_argument("--inversion-batch", type=int, default=10)
     p.add_argument("--bls-instances", type=int, default=2,
                    help="BLS processes (each also serves up to 8 requests at once from threads)")
+    p.add_argument("--component-instances", type=int, default=None,
+                   help="instances of each component model (default: 2 on the CPU, where sessions run "
+                        "single-threaded so that two batches run at once; 1 on a GPU)")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=WORK)
@@ -95,7 +99,8 @@ def main(argv=None) -> dict:
     raws = [(p.name, p.read_bytes()) for p in load_photos(args.photos, args.limit)]
     result = stamp("stages", {"steps": args.steps, "seed": args.seed, "repeats": args.repeats, "bundle": str(bundle),
                               "photos": [n for n, _ in raws], "backend": args.backend, "device": args.device,
-                              "inversion_batch": args.inversion_batch, "bls_instances": args.bls_instances})
+                              "inversion_batch": args.inversion_batch, "bls_instances": args.bls_instances,
+                              "component_instances": component_instances(args)})
     result["title"] = "Stage breakdown of a photo request"
     result["stage_definitions"] = " ".join(__doc__.split("Stages:", 1)[1].split("Results:", 1)[0].split())
     print(f"stages: {len(raws)} photos, steps={args.steps}", flush=True)
@@ -118,7 +123,8 @@ def main(argv=None) -> dict:
         from .server import running_server, timed_request
 
         repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
-                                 gpu=str(args.device).startswith("cuda"))
+                                 gpu=str(args.device).startswith("cuda"),
+                                 component_instances=component_instances(args))
         with running_server(repo) as (server, ready_s):
             result["server_ready_s"] = round(ready_s, 3)
             client = RevpersClient(server.urls.grpc)

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "parallel across them; default 2)")
     p.add_argument("--bls-threads", type=int, default=8,
                    help="requests each BLS instance serves concurrently (their UNet calls batch together)")
+    p.add_argument("--component-instances", type=int, default=1,
+                   help="instances of each component model (default 1; on a CPU, about cores / ORT threads)")
     p.add_argument("--gpu", action="store_true", help="run the models on the GPU (KIND_GPU; implied by tensorrt)")
     p.add_argument("--torch-compile", action="store_true", help="pytorch target: torch.compile the modules")
     p.add_argument("--inversion-batch", type=int, default=10)
@@ -322,7 +324,7 @@ def cmd_repository(args) -> int:
         return 2
     out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
                            args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
-                           torch_compile=args.torch_compile)
+                           torch_compile=args.torch_compile, component_instances=args.component_instances)
     print(f"model repository ({args.backend}) in {out}; start it with: revpers serve --repository {out}")
     return 0
 

@@ -8,7 +8,8 @@ pytorch      the UNet and VAE as Python-backend models running the bundle's PyTo
              UNet on CUDA), ArcFace with ONNX Runtime: the GPU path where TensorRT is not installed.
              Needs only the bundle (no export step).
 The BLS model `revpers` is the same for all three. Component models run on the GPU (KIND_GPU)
-when ``gpu`` is set (always for tensorrt), else on the CPU.
+when ``gpu`` is set (always for tensorrt), else on the CPU; ``component_instances`` copies of each
+(on a CPU with single-threaded sessions, more copies let several requests' batches run at once).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
 def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: str | Path | None = None,
                      bls_instances: int = 2, inversion_batch: int = 10, force: bool = False,
-                     bls_threads: int = 8, gpu: bool | None = None, torch_compile: bool = False) -> Path:
+                     bls_threads: int = 8, gpu: bool | None = None, torch_compile: bool = False,
+                     component_instances: int = 1) -> Path:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     out = Path(out).resolve()
@@ -72,7 +74,8 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
             else:
                 copy_recognizer(loaded_bundle, version / "model.onnx")
             shutil.copyfile(SOURCE / "_python_component" / "model.py", version / "model.py")
-        (out / name / "config.pbtxt").write_text(component_config(spec, backend, gpu=gpu, parameters=params))
+        (out / name / "config.pbtxt").write_text(component_config(spec, backend, instances=component_instances, gpu=gpu,
+                                                                    parameters=params))
     (out / "revpers" / "1").mkdir(parents=True)
     shutil.copyfile(SOURCE / "revpers" / "1" / "model.py", out / "revpers" / "1" / "model.py")
     (out / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle_path), bls_instances, inversion_batch, gpu,
