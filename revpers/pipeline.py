@@ -25,6 +25,21 @@ class ParameterError(ValueError):
     """A request parameter is missing, of the wrong type or out of range (message says which)."""
 
 
+def coerce_number(name: str, raw, kind: type) -> int | float:
+    """An int or float parameter from untrusted input (JSON numbers or numeric strings). Booleans,
+    non-integral values for integers and non-finite values are refused with a ParameterError."""
+    what = "an integer" if kind is int else "a number"
+    if isinstance(raw, bool) or (kind is int and isinstance(raw, float) and not raw.is_integer()):
+        raise ParameterError(f"{name} must be {what}, got {raw!r}")
+    try:
+        value = kind(raw) if not isinstance(raw, str) else kind(float(raw) if kind is float else int(raw))
+    except (TypeError, ValueError):
+        raise ParameterError(f"{name} must be {what}, got {raw!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParameterError(f"{name} must be finite, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Params:
     """Method parameters; defaults are algorithm.md's."""
@@ -58,15 +73,7 @@ class Params:
                     raise ParameterError("prompt is longer than 1000 characters")
                 kwargs[name] = raw.strip() or None
                 continue
-            kind = type(default)
-            if isinstance(raw, bool) or (kind is int and isinstance(raw, float) and not raw.is_integer()):
-                raise ParameterError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
-            try:
-                value = kind(raw) if not isinstance(raw, str) else kind(float(raw) if kind is float else int(raw))
-            except (TypeError, ValueError):
-                raise ParameterError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ParameterError(f"{name} must be finite, got {raw!r}")
+            value = coerce_number(name, raw, type(default))
             lo, hi = cls.LIMITS[name]
             if not lo <= value <= hi:
                 raise ParameterError(f"{name}={value} is out of range [{lo}, {hi}]")

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from .pipeline import ParameterError, Params
+from .pipeline import ParameterError, Params, coerce_number
 
 VERIFY_SIZE = 320  # side of the whole-face crop both recognizers read (eye distance 80 px)
 DLIB_THRESHOLD = 0.6  # Euclidean distance; dlib's documented operating point (99.38 % on LFW)
@@ -126,16 +126,8 @@ class VerifyPolicy:
                     raw = raw.lower() in ("true", "on", "1")
                 if not isinstance(raw, bool):
                     raise ParameterError(f"verify must be true or false, got {raw!r}")
-            elif key == "retries":
-                if isinstance(raw, float) and raw.is_integer():
-                    raw = int(raw)
-                elif isinstance(raw, str) and raw.strip().isdigit():
-                    raw = int(raw)
-            elif key == "guidance_step" and isinstance(raw, str):
-                try:
-                    raw = float(raw)
-                except ValueError:
-                    raise ParameterError(f"guidance_step must be a number in (0, 20], got {raw!r}") from None
+            elif key in ("retries", "guidance_step"):
+                raw = coerce_number(key, raw, int if key == "retries" else float)
             kwargs[key] = raw
         return cls(**kwargs)
 
