@@ -48,11 +48,12 @@ def photo_folder() -> list[Path]:
     returns it unchanged: a real-world case a folder contains too); scikit-image ``astronaut.png``
     (1 face); matplotlib sample data ``grace_hopper.jpg`` (1 face).
     """
-    insight = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"
+    from revpers.demo import insightface_photo
+
     skimage_data = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
     mpl_data = Path(importlib.util.find_spec("matplotlib").submodule_search_locations[0]) / "mpl-data" / "sample_data"
-    photos = [insight / "t1.jpg", insight / "Tom_Hanks_54745.png", skimage_data / "astronaut.png",
-              mpl_data / "grace_hopper.jpg", insight / "mask_blue.jpg"]
+    photos = [insightface_photo("t1.jpg"), insightface_photo("Tom_Hanks_54745.png"), skimage_data / "astronaut.png",
+              mpl_data / "grace_hopper.jpg", insightface_photo("mask_blue.jpg")]
     missing = [str(p) for p in photos if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"benchmark photos missing: {missing} (install .[dev,bench])")

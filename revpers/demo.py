@@ -15,9 +15,14 @@ import time
 from pathlib import Path
 
 
+def insightface_photo(name: str) -> Path:
+    """A real photo that ships inside the insightface wheel (``data/images``: t1.jpg with 6 faces,
+    Tom_Hanks_54745.png, mask_white.jpg, mask_blue.jpg, ...)."""
+    return Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images" / name
+
+
 def demo_photos() -> list[Path]:
-    root = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"
-    return [root / "t1.jpg", root / "Tom_Hanks_54745.png"]
+    return [insightface_photo("t1.jpg"), insightface_photo("Tom_Hanks_54745.png")]
 
 
 def main(argv=None) -> int:

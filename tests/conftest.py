@@ -33,13 +33,10 @@ def torch_models(smoke_bundle):
 
 def real_photo(name: str = "Tom_Hanks_54745.png"):
     """A real photo that ships inside the insightface wheel, as RGB uint8."""
-    import importlib.util
-    from pathlib import Path
-
+    from revpers.demo import insightface_photo
     from revpers.images import read_image
 
-    root = Path(importlib.util.find_spec("insightface").submodule_search_locations[0])
-    return read_image(root / "data" / "images" / name)
+    return read_image(insightface_photo(name))
 
 
 @pytest.fixture(scope="session")

@@ -37,17 +37,14 @@ def test_whole_face_counts_follow_the_pipeline():
 
 
 def test_compare_in_process_writes_consistent_results(tmp_path, smoke_bundle_dir):
-    import importlib.util
-    from pathlib import Path
-
     from benchmarks import compare
+    from benchmarks.common import photo_folder
 
     photos = tmp_path / "photos"
     photos.mkdir()
-    skimage_data = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
-    insight = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"
-    shutil.copy(insight / "Tom_Hanks_54745.png", photos)
-    shutil.copy(skimage_data / "astronaut.png", photos)
+    tom, astronaut = photo_folder()[1:3]
+    shutil.copy(tom, photos)
+    shutil.copy(astronaut, photos)
     r = compare.main(["--steps", "1", "--photos", str(photos), "--no-server", "--warmup-passes", "0",
                       "--bundle", str(smoke_bundle_dir), "--out", str(tmp_path / "res"), "--work", str(tmp_path / "w")])
     saved = json.loads((tmp_path / "res" / "compare.json").read_text())

@@ -33,9 +33,9 @@ from client.core import RevpersClient, ServiceError  # noqa: E402
 
 
 def insightface_image(name: str) -> Path:
-    import importlib.util
+    from revpers.demo import insightface_photo  # test-side only: the client package never imports revpers
 
-    return Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images" / name
+    return insightface_photo(name)
 
 
 TOM = insightface_image("Tom_Hanks_54745.png")
