@@ -170,7 +170,7 @@ def run_faces(models: Components, crops: list[np.ndarray], identities: np.ndarra
         empty = models.text("").to(device)
         prompt = models.text(params.prompt).to(device) if params.prompt else None
     with _Timer(timings, "vae_encode"):
-        x0 = models.encode(to_model_images(crops).to(device)).float().to(device)
+        x0 = models.encode(to_model_images(crops).to(device))
     noise = [n.to(device) for n in sampling.draw_noise(x0.shape, seeds, ts)]
     inv_u, inv_c = inversion_branches(empty, faces, identity.shape[1], (h, w), params.ip_scale, device=device)
     with _Timer(timings, "inversion"):

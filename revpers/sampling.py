@@ -36,11 +36,14 @@ def concat_cond(a: Cond, b: Cond) -> dict[str, torch.Tensor]:
     return {k: torch.cat([a[k], b[k]], dim=0) for k in a}
 
 
-def guided_eps(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, uncond: Cond, cond: Cond,
+def guided_eps(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, branches: Cond,
                guidance: float) -> torch.Tensor:
-    """eps = eps_uncond + w * (eps_cond - eps_uncond), both branches in one denoiser call."""
+    """eps = eps_uncond + w * (eps_cond - eps_uncond), both branches in one denoiser call.
+
+    ``branches`` is ``concat_cond(uncond, cond)`` for this batch, built once per pass by the caller
+    (the conditioning does not change between steps)."""
     n = x.shape[0]
-    eps = denoise(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), concat_cond(uncond, cond))
+    eps = denoise(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), branches)
     eps_u, eps_c = eps[:n], eps[n:]
     return eps_u + guidance * (eps_c - eps_u)
 
@@ -116,11 +119,14 @@ def invert(denoise: Denoiser, x0: torch.Tensor, timesteps: Sequence[int], schedu
     xs = [schedule.alpha(t) * x0 + schedule.sigma(t) * noise[i].to(x0) for i, t in enumerate(timesteps)]
 
     eps: list[torch.Tensor] = []
+    branches: dict[int, dict[str, torch.Tensor]] = {}  # per chunk length: at most two (full and last)
     for start in range(0, n, batch_steps):
         chunk = list(range(start, min(start + batch_steps, n)))
         x = torch.cat([xs[i] for i in chunk], dim=0)
         t = torch.tensor([timesteps[i] for i in chunk for _ in range(faces)], dtype=torch.int64, device=x0.device)
-        e = guided_eps(denoise, x, t, repeat_cond(uncond, len(chunk)), repeat_cond(cond, len(chunk)), guidance)
+        if len(chunk) not in branches:
+            branches[len(chunk)] = concat_cond(repeat_cond(uncond, len(chunk)), repeat_cond(cond, len(chunk)))
+        e = guided_eps(denoise, x, t, branches[len(chunk)], guidance)
         eps.extend(e.split(faces, dim=0))
         if on_progress:
             on_progress(chunk[-1] + 1, n)
@@ -152,10 +158,11 @@ def generate(denoise: Denoiser, x_T: torch.Tensor, zs: Sequence[torch.Tensor], t
         raise ValueError(f"need one noise map per timestep ({n}), got {len(zs)}")
     x = x_T
     m_prev = None
+    branches = concat_cond(uncond, cond)
     for i, s in enumerate(timesteps):
         t_next = timesteps[i + 1] if i + 1 < n else 0
         t = torch.full((x.shape[0],), s, dtype=torch.int64, device=x.device)
-        e = guided_eps(denoise, x, t, uncond, cond, guidance)
+        e = guided_eps(denoise, x, t, branches, guidance)
         m0 = data_prediction(schedule, x, e, s)
         mu, sigma_noise = sde_dpmpp_2m_step(schedule, x, m0, s, t_next, m_prev,
                                             timesteps[i - 1] if i > 0 else None)

@@ -8,7 +8,7 @@ from revpers.pipeline import ParameterError, Params, run_faces
 from tests.conftest import real_photo
 
 
-def _crop(torch_models, size=64, seed=0):
+def _crop(size=64):
     from revpers.anonymizer import resize_rgb
 
     return resize_rgb(real_photo(), (size, size))
@@ -40,8 +40,8 @@ def test_branch_table(torch_models):
     """What each CFG branch gets in each pass (algorithm.md 'Guidance')."""
     rec = Recording(torch_models)
     ident = torch.randn(2, 512)
-    params = Params(steps=6, prompt="an old man")
-    crops = [_crop(torch_models)] * 2
+    params = Params(steps=6, prompt="an old man", ip_scale=0.7, id_scale=2.0)
+    crops = [_crop()] * 2
     run_faces(rec, crops, ident.numpy(), params, 64, inversion_batch=3)
     empty, prompt = torch_models.text(""), torch_models.text("an old man")
     assert not torch.equal(empty.text, prompt.text)
@@ -55,6 +55,7 @@ def test_branch_table(torch_models):
         assert torch.allclose(call["text"][c], empty.text.expand(b, -1, -1))
         assert torch.allclose(call["pooled"][c], empty.pooled.expand(b, -1))
         assert torch.count_nonzero(call["identity"]) == 0          # null identity in both branches
+        assert torch.all(call["ip_scale"] == 0.7)                   # the adapter scale in both branches
         assert torch.equal(call["time_ids"][0], torch.tensor([64.0, 64, 0, 0, 64, 64]))
     for call in gen_calls:
         b = call["t"].shape[0] // 2
@@ -64,7 +65,8 @@ def test_branch_table(torch_models):
         assert torch.allclose(call["pooled"][u], prompt.pooled.expand(b, -1))
         assert torch.allclose(call["text"][c], empty.text.expand(b, -1, -1))
         assert torch.count_nonzero(call["identity"][u]) == 0
-        assert torch.allclose(call["identity"][c], ident)
+        assert torch.allclose(call["identity"][c], 2.0 * ident)    # embedding x id_scale, cond only
+        assert torch.all(call["ip_scale"] == 0.7)
         assert torch.equal(call["t"][:b], call["t"][b:])
     # without a prompt the generation's uncond text is all zeros
     rec.calls.clear()
@@ -74,7 +76,7 @@ def test_branch_table(torch_models):
 
 def test_reconstruction_recovers_x0(torch_models):
     """Inversion + generation with the inversion's own conditioning gives back x0 (fp32, 100 steps)."""
-    out = run_faces(torch_models, [_crop(torch_models)], np.zeros((1, 512), np.float32), Params(), 64,
+    out = run_faces(torch_models, [_crop()], np.zeros((1, 512), np.float32), Params(), 64,
                     inversion_batch=25, reconstruct=True)
     err = (out.x_out - out.x0).abs().max().item()
     assert err <= 1e-4, err
@@ -82,7 +84,7 @@ def test_reconstruction_recovers_x0(torch_models):
 
 
 def test_ip_scale_zero_makes_identity_irrelevant(torch_models):
-    crop = _crop(torch_models)
+    crop = _crop()
     p = Params(steps=8, ip_scale=0.0)
     a = run_faces(torch_models, [crop], np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32), p, 64)
     b = run_faces(torch_models, [crop], np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32), p, 64)
@@ -95,7 +97,7 @@ def test_ip_scale_zero_makes_identity_irrelevant(torch_models):
 def test_seed_determinism(torch_models):
     from revpers.images import encode_image
 
-    crop = _crop(torch_models)
+    crop = _crop()
     ident = np.ones((1, 512), np.float32) / np.sqrt(512)
     run = lambda seed: encode_image(run_faces(torch_models, [crop], ident, Params(steps=8, seed=seed), 64).images[0])  # noqa: E731
     assert run(3) == run(3)
@@ -104,7 +106,7 @@ def test_seed_determinism(torch_models):
 
 def test_faces_in_one_batch_match_faces_alone(torch_models):
     """Batching faces changes nothing: face f uses seed+f whether alone or with others."""
-    crops = [_crop(torch_models), np.ascontiguousarray(_crop(torch_models)[:, ::-1])]
+    crops = [_crop(), np.ascontiguousarray(_crop()[:, ::-1])]
     ident = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
     both = run_faces(torch_models, crops, ident, Params(steps=6, seed=10), 64)
     second = run_faces(torch_models, crops[1:], ident[1:], Params(steps=6, seed=11), 64)
