@@ -1,8 +1,8 @@
 """ONNX -> TensorRT engines with polygraphy, profiles from the ComponentSpecs.
 
 Runs where TensorRT and polygraphy import (NVIDIA GPU machines; `pip install 'revpers[tensorrt]'`).
-UNet: fp16, one optimisation profile covering CFG batch 2 (generation) up to the inversion batch
-(2 x inversion_batch x faces) with opt at the inversion batch; VAE and ArcFace: fp32 (SDXL's VAE
+UNet: fp16, one optimisation profile from batch 1 to the spec's max batch (2 x inversion_batch x 4
+faces), optimised at one face's inversion call (2 x inversion_batch); VAE and ArcFace: fp32 (SDXL's VAE
 overflows in fp16). A timing cache is kept beside the engines so rebuilds are fast. With
 ``revpers export --tensorrt --fp8`` the UNet engine is built from the ModelOpt FP8-quantized ONNX
 (explicit Q/DQ, export.calibration) with FP8 and fp16 enabled; that needs an FP8-capable GPU.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .components import NUMPY_DTYPES, ComponentSpec
+from .components import ComponentSpec
 
 
 def _require():
@@ -75,5 +75,3 @@ def engine_parity(engine_path: Path, onnx_path: Path, inputs: dict[str, np.ndarr
         got = next(iter(runner.infer(feed_dict=inputs).values()))
     return float(np.abs(np.asarray(got, dtype=np.float32) - want).max())
 
-
-__all__ = ["build_engine", "build_engines", "engine_parity", "NUMPY_DTYPES"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from .components import TRITON_DTYPES, ComponentSpec
 
 
-def _tensor(t, kind: str) -> str:
+def _tensor(t) -> str:
     dims = list(t.shape) or [1]
     text = f'  {{\n    name: "{t.name}"\n    data_type: {TRITON_DTYPES[t.dtype]}\n    dims: {dims}\n'
     if not t.shape:  # per-sample scalar: sent as (B, 1), presented to the model as (B,)
@@ -25,8 +27,8 @@ def component_config(spec: ComponentSpec, backend: str, instances: int = 1, queu
         raise ValueError(f"unknown backend {backend!r}; use tensorrt, onnxruntime or pytorch")
     preferred = ", ".join(str(b) for b in spec.preferred_batches if b <= spec.max_batch)
     text = head + f"max_batch_size: {spec.max_batch}\n"
-    text += "input [\n" + ",\n".join(_tensor(t, "input") for t in spec.inputs) + "\n]\n"
-    text += "output [\n" + ",\n".join(_tensor(t, "output") for t in spec.outputs) + "\n]\n"
+    text += "input [\n" + ",\n".join(_tensor(t) for t in spec.inputs) + "\n]\n"
+    text += "output [\n" + ",\n".join(_tensor(t) for t in spec.outputs) + "\n]\n"
     text += "dynamic_batching {\n"
     if preferred:
         text += f"  preferred_batch_size: [ {preferred} ]\n"
@@ -41,11 +43,13 @@ def component_config(spec: ComponentSpec, backend: str, instances: int = 1, queu
 
 
 def bls_config(bundle_path: str, instances: int, inversion_batch: int, gpu: bool = False, threads: int = 8,
-               queue_delay_us: int = 500) -> str:
+               queue_delay_us: int = 500, max_batch: dict[str, int] | None = None) -> str:
     """The `revpers` BLS model. Its dynamic batcher hands each instance up to ``threads`` waiting
     requests per execute call, which it serves concurrently (see revpers.serving). A request holds
-    one image: IMAGE and PARAMS have shape [1, 1] (batch of one)."""
+    one image: IMAGE and PARAMS have shape [1, 1] (batch of one). ``max_batch``: each component's
+    max batch, so the BLS splits its calls to what the served models accept."""
     kind = "KIND_GPU" if gpu else "KIND_CPU"
+    limits = json.dumps(max_batch or {}).replace('"', '\\"')
     return f'''name: "revpers"
 backend: "python"
 max_batch_size: {threads}
@@ -61,6 +65,7 @@ dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 parameters {{ key: "bundle" value: {{ string_value: "{bundle_path}" }} }}
 parameters {{ key: "inversion_batch" value: {{ string_value: "{inversion_batch}" }} }}
+parameters {{ key: "max_batch" value: {{ string_value: "{limits}" }} }}
 parameters {{ key: "threads" value: {{ string_value: "{threads}" }} }}
 parameters {{ key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: {{ string_value: "{"no" if gpu else "yes"}" }} }}
 '''

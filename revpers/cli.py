@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("repository", help="generate a Triton model repository (tensorrt, onnxruntime or pytorch)",
                        description="Generate a Triton model repository. tensorrt: engines for NVIDIA's Triton "
                                    "container (GPU); onnxruntime: Python-backend models running the ONNX files "
-                                   "(pip tritonserver, CPU); pytorch: the bundle's PyTorch modules (fp16 UNet on "
-                                   "CUDA; no export needed, --models is enough).")
+                                   "(pip tritonserver, CPU); pytorch: the bundle's PyTorch modules (fp32 on the "
+                                   "CPU, fp16 UNet on CUDA with --gpu; no export needed, --models is enough).")
     p.add_argument("--artifacts", type=Path, default=None,
                    help="`revpers export` output (required for tensorrt and onnxruntime)")
     p.add_argument("--out", type=Path, required=True)
@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instances of each component model (default 1; on a CPU, about cores / ORT threads)")
     p.add_argument("--gpu", action="store_true", help="run the models on the GPU (KIND_GPU; implied by tensorrt)")
     p.add_argument("--torch-compile", action="store_true", help="pytorch target: torch.compile the modules")
-    p.add_argument("--inversion-batch", type=int, default=10)
+    p.add_argument("--inversion-batch", type=int, default=None,
+                   help="pytorch target without --artifacts: inversion timesteps per UNet call (default 10); "
+                        "otherwise the exported value is used (a different one is refused)")
     p.add_argument("--force", action="store_true")
 
     try:

@@ -7,7 +7,8 @@ the dynamic batcher are concatenated along the batch axis (tensors taken by DLPa
 stay on the GPU), run in one call, and split back into one response per request.
 
 ``OnnxRuntimeRunner`` runs the exported ONNX file (CUDA execution provider on a GPU instance when
-onnxruntime-gpu is installed, else CPU). ``TorchRunner`` runs the bundle's own PyTorch module for
+onnxruntime-gpu is installed, else CPU); it hands ONNX Runtime host arrays, so on a GPU its inputs
+and outputs go through host memory (it is the CPU/CI target; on GPUs use tensorrt or pytorch). ``TorchRunner`` runs the bundle's own PyTorch module for
 the component: fp16 UNet and fp32 VAE on CUDA (PyTorch SDPA attention), fp32 on the CPU, with
 optional ``torch.compile``. It is how the GPU path is measured on a machine without TensorRT.
 """
@@ -79,18 +80,20 @@ class TorchRunner:
         from .models import FaceIDUNet, VaeDecoder, VaeEncoder, load_sdxl_faceid
 
         bundle = load_bundle(bundle_path)
-        unet_dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        pipe, slot = load_sdxl_faceid(bundle, "cpu", torch.float32)  # everything on the host first
-        if component == "unet":
-            module, dtype = FaceIDUNet(pipe.unet, slot), unet_dtype
-        elif component == "vae_encoder":
-            module, dtype = VaeEncoder(pipe.vae), torch.float32  # SDXL's VAE needs fp32
-        elif component == "vae_decoder":
-            module, dtype = VaeDecoder(pipe.vae), torch.float32
+        if component == "unet":  # the whole pipeline: load_ip_adapter and the LoRA fuse work on it
+            pipe, slot = load_sdxl_faceid(bundle, "cpu", torch.float32)  # on the host first
+            module = FaceIDUNet(pipe.unet, slot)
+            dtype = torch.float16 if device.startswith("cuda") else torch.float32
+            del pipe
+            gc.collect()
+        elif component in ("vae_encoder", "vae_decoder"):
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(bundle.sdxl_dir, subfolder="vae", local_files_only=True)
+            module = VaeEncoder(vae) if component == "vae_encoder" else VaeDecoder(vae)
+            dtype = torch.float32  # SDXL's VAE overflows in fp16
         else:
             raise ValueError(f"no PyTorch module for component {component!r}")
-        del pipe
-        gc.collect()
         self.module = module.to(device=device, dtype=dtype).eval()  # only this component reaches the device
         self.device, self.dtype = device, dtype
         self.forward = torch.compile(self.module) if compile else self.module

@@ -4,11 +4,13 @@ tensorrt     components as ``platform: "tensorrt_plan"`` (engines from ``revpers
              for NVIDIA's Triton container on a GPU;
 onnxruntime  the same components as Python-backend models running the exported ONNX files with ONNX
              Runtime: what runs on a plain pip install (nvidia-pytriton's tritonserver) and in CI;
-pytorch      the UNet and VAE as Python-backend models running the bundle's PyTorch modules (fp16
-             UNet on CUDA), ArcFace with ONNX Runtime: the GPU path where TensorRT is not installed.
+pytorch      the UNet and VAE as Python-backend models running the bundle's PyTorch modules (fp32 on
+             the CPU; fp16 UNet on CUDA with ``gpu``), ArcFace with ONNX Runtime: the GPU path where
+             TensorRT is not installed.
              Needs only the bundle (no export step).
-The BLS model `revpers` is the same for all three. Component models run on the GPU (KIND_GPU)
-when ``gpu`` is set (always for tensorrt), else on the CPU; ``component_instances`` copies of each
+The BLS model `revpers` is the same for all three; its config carries each component's max
+batch. Component models run on the GPU (KIND_GPU) when ``gpu`` is set (always for tensorrt; the
+Python-backend ones then take GPU input tensors as they are), else on the CPU; ``component_instances`` copies of each
 (on a CPU with single-threaded sessions, more copies let several requests' batches run at once).
 """
 
@@ -26,9 +28,12 @@ BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
 
 def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: str | Path | None = None,
-                     bls_instances: int = 2, inversion_batch: int = 10, force: bool = False,
+                     bls_instances: int = 2, inversion_batch: int | None = None, force: bool = False,
                      bls_threads: int = 8, gpu: bool | None = None, torch_compile: bool = False,
                      component_instances: int = 1) -> Path:
+    """``inversion_batch``: timesteps per inversion UNet call. With artifacts it is the exported one
+    (the UNet's max batch and TensorRT profile were built for it; a different value is refused);
+    the pytorch target without artifacts takes it from here (default 10)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     out = Path(out).resolve()
@@ -39,6 +44,7 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
 
         bundle_path = Path(bundle).resolve()
         loaded_bundle = load_bundle(bundle_path)
+        inversion_batch = inversion_batch or 10
         specs = {s.name: s for s in specs_from_bundle(loaded_bundle, inversion_batch)}
         record = None
     else:
@@ -47,6 +53,11 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
         artifacts = Path(artifacts).resolve()
         record = load_artifacts(artifacts)
         specs = {name: ComponentSpec.from_dict(c["spec"]) for name, c in record["components"].items()}
+        exported = specs["unet"].opt_batch // 2
+        if inversion_batch not in (None, exported):
+            raise ValueError(f"inversion batch {inversion_batch} differs from the exported one ({exported}); "
+                             f"re-export with --inversion-batch {inversion_batch} or leave it out here")
+        inversion_batch = exported
         bundle_path = Path(bundle).resolve() if bundle else Path(record["bundle"]["path"])
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -63,7 +74,7 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
             if not engine:
                 raise FileNotFoundError(f"no TensorRT engine for {name} in {artifacts}; "
                                         "run `revpers export --tensorrt` on the GPU machine that will serve it")
-            shutil.copyfile(artifacts / engine, version / "model.plan")
+            _link_or_copy(artifacts / engine, version / "model.plan")
         elif backend == "pytorch" and name != "arcface":
             params = {"runtime": "pytorch", "bundle": str(bundle_path), "torch_compile": "yes" if torch_compile else "no"}
             shutil.copyfile(SOURCE / "_python_component" / "model.py", version / "model.py")
@@ -74,12 +85,15 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
             else:
                 copy_recognizer(loaded_bundle, version / "model.onnx")
             shutil.copyfile(SOURCE / "_python_component" / "model.py", version / "model.py")
+        if params is not None and gpu:  # Python-backend components take their inputs where the BLS has them
+            params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
         (out / name / "config.pbtxt").write_text(component_config(spec, backend, instances=component_instances, gpu=gpu,
                                                                     parameters=params))
     (out / "revpers" / "1").mkdir(parents=True)
     shutil.copyfile(SOURCE / "revpers" / "1" / "model.py", out / "revpers" / "1" / "model.py")
     (out / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle_path), bls_instances, inversion_batch, gpu,
-                                                              threads=bls_threads))
+                                                              threads=bls_threads,
+                                                              max_batch={n: s.max_batch for n, s in specs.items()}))
     return out
 
 

@@ -59,13 +59,10 @@ class TritonComponents:
     def __init__(self, bundle, pb_utils, max_batch: dict[str, int], device: str = "cpu"):
         self.pb = pb_utils
         self.max_batch = max_batch
-        cfg = json.loads((bundle.sdxl_dir / "scheduler" / "scheduler_config.json").read_text())
-        self.schedule = NoiseSchedule.from_scheduler_config(cfg)
         self.math_device = device
         self.text = TextEncoders(bundle, device)
+        self.schedule = NoiseSchedule.from_scheduler_config(dict(self.text.cache.pipe.scheduler.config))
         self.device = f"triton ({device} BLS)"
-        self.unet_dtype = "served"
-        self.unet_calls = 0
         self._request_kwargs = {}
         if device.startswith("cuda") and hasattr(pb_utils, "PreferredMemory"):
             index = torch.device(device).index or 0
@@ -91,7 +88,6 @@ class TritonComponents:
         return torch.cat(parts, dim=0).to(self.math_device)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        self.unet_calls += 1
         feeds = {"sample": x.float(), "timestep": t.to(torch.int64).reshape(-1, 1)}
         for k in UNET_INPUTS:
             v = cond[k].float()
@@ -140,23 +136,17 @@ class SerializedAnalyzer:
 
 
 class BlsService:
-    def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int] | None = None,
-                 device: str = "cpu", threads: int = 8, served_arcface: bool = True):
+    def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int],
+                 device: str = "cpu", threads: int = 8):
+        """``max_batch``: each served component's max batch (from the repository config)."""
         from .anonymizer import Anonymizer
         from .faces import load_face_analyzer
 
         self.pb = pb_utils
         bundle = load_bundle(bundle_path)
-        if max_batch is None:
-            from export.components import arcface_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
-
-            max_batch = {"unet": unet_spec(1, 1, 1, 1, 1, inversion_batch).max_batch,
-                         "vae_encoder": vae_encoder_spec(8).max_batch, "vae_decoder": vae_decoder_spec(8).max_batch,
-                         "arcface": arcface_spec(1).max_batch}
         self.components = TritonComponents(bundle, pb_utils, max_batch, device)
         analyzer = load_face_analyzer(bundle.faces, bundle.root)
-        if served_arcface:
-            analyzer.recognizer = ServedArcFace(analyzer.recognizer, self.components)
+        analyzer.recognizer = ServedArcFace(analyzer.recognizer, self.components)
         self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components,
                                      analyzer=SerializedAnalyzer(analyzer))
         self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread

@@ -824,7 +824,8 @@ def serve(
         LOG.addHandler(handler_)
         LOG.setLevel(logging.INFO)
         LOG.propagate = False
-    if log_file is None:
+    own_log = log_file is None
+    if own_log:  # made here (not by TritonServer) so it can be streamed from the start
         fd, name = tempfile.mkstemp(prefix="revpers-tritonserver-", suffix=".log")
         os.close(fd)
         log_file = name
@@ -847,6 +848,7 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
     follower: _LogFollower | None = None
+    clean_stop = False
     try:
         try:
             if stream_log:
@@ -862,6 +864,7 @@ def serve(
                 LOG.error("tritonserver exited with code %s while stopping", code)
                 return 1
             LOG.info("stopped")
+            clean_stop = True
             return 0
         finally:
             stopping.set()
@@ -870,6 +873,8 @@ def serve(
                 follower.finish()
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            if own_log and clean_stop:  # as TritonServer does with its own temp log
+                Path(log_file).unlink(missing_ok=True)
     except _StopRequested:  # a signal landed in the cleanup above: it is done by now
         return 0
 
@@ -922,7 +927,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0, all interfaces)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    parser.add_argument("--log-file", type=Path, default=None, help="server log file (default: a temp file)")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="server log file, appended to (default: a temp file, deleted after a clean stop)")
     parser.add_argument("--quiet", action="store_true", help="do not stream the server log to stderr")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for all models to load")
     parser.add_argument(

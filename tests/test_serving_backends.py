@@ -4,9 +4,12 @@ without TensorRT) and what every target shares: component descriptions from the 
 from __future__ import annotations
 
 import json
+import re
+import threading
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import real_photo, start_triton
 
@@ -22,26 +25,113 @@ def test_specs_from_bundle_match_the_loaded_modules(smoke_bundle, torch_models):
         assert from_configs[name] == spec, name
 
 
-def test_repository_targets_and_their_configs(smoke_bundle_dir, onnx_artifacts, tmp_path):
+def _config(repo, model: str) -> str:
+    return (repo / model / "config.pbtxt").read_text()
+
+
+def _param(text: str, key: str) -> str | None:
+    m = re.search(r'key: "%s" value: \{ string_value: "((?:[^"\\]|\\.)*)" \}' % re.escape(key), text)
+    return m and m.group(1).replace('\\"', '"')
+
+
+def test_repository_targets_and_their_configs(smoke_bundle_dir, smoke_bundle, onnx_artifacts, tmp_path):
+    from export.components import specs_from_bundle
     from revpers.repository import build_repository
 
     repo = build_repository(None, tmp_path / "pt", "pytorch", bundle=smoke_bundle_dir)
-    unet = (repo / "unet" / "config.pbtxt").read_text()
-    assert 'key: "runtime" value: { string_value: "pytorch" }' in unet
-    assert str(smoke_bundle_dir.resolve()) in unet and "KIND_CPU" in unet
+    unet = _config(repo, "unet")
+    assert _param(unet, "runtime") == "pytorch" and _param(unet, "torch_compile") == "no"
+    assert _param(unet, "bundle") == str(smoke_bundle_dir.resolve()) and "count: 1 kind: KIND_CPU" in unet
+    assert _param(unet, "FORCE_CPU_ONLY_INPUT_TENSORS") is None  # CPU: the backend's default (host tensors)
     assert not (repo / "unet" / "1" / "model.onnx").exists()
-    assert 'string_value: "onnxruntime"' in (repo / "arcface" / "config.pbtxt").read_text()
+    assert _param(_config(repo, "arcface"), "runtime") == "onnxruntime"
     assert (repo / "arcface" / "1" / "model.onnx").is_file()
-    bls = (repo / "revpers" / "config.pbtxt").read_text()
+    bls = _config(repo, "revpers")
     assert "max_batch_size: 8" in bls and "dynamic_batching" in bls and "count: 2 kind: KIND_CPU" in bls
+    specs = {s.name: s for s in specs_from_bundle(smoke_bundle, 10)}
+    assert _param(bls, "inversion_batch") == "10"
+    assert json.loads(_param(bls, "max_batch")) == {n: s.max_batch for n, s in specs.items()}
 
-    gpu = build_repository(None, tmp_path / "gpu", "pytorch", bundle=smoke_bundle_dir, gpu=True, bls_threads=4)
-    assert "KIND_GPU" in (gpu / "unet" / "config.pbtxt").read_text()
-    assert 'FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no"' in (gpu / "revpers" / "config.pbtxt").read_text()
+    gpu = build_repository(None, tmp_path / "gpu", "pytorch", bundle=smoke_bundle_dir, gpu=True, bls_threads=4,
+                           component_instances=3, torch_compile=True, inversion_batch=5)
+    unet, bls = _config(gpu, "unet"), _config(gpu, "revpers")
+    assert "count: 3 kind: KIND_GPU" in unet and _param(unet, "torch_compile") == "yes"
+    assert "max_batch_size: 40" in unet  # 2 CFG branches x 5 timesteps x 4 faces
+    for model in ("unet", "vae_encoder", "vae_decoder", "arcface"):  # GPU tensors reach them as they are
+        assert _param(_config(gpu, model), "FORCE_CPU_ONLY_INPUT_TENSORS") == "no", model
+    assert "max_batch_size: 4" in bls and _param(bls, "FORCE_CPU_ONLY_INPUT_TENSORS") == "no"
+    assert _param(bls, "inversion_batch") == "5" and json.loads(_param(bls, "max_batch"))["unet"] == 40
+
+    ort = build_repository(onnx_artifacts[0], tmp_path / "ort", "onnxruntime", bundle=smoke_bundle_dir)
+    assert _param(_config(ort, "revpers"), "inversion_batch") == str(onnx_artifacts[1]["components"]["unet"]["spec"]
+                                                                       ["opt_batch"] // 2)
+    with pytest.raises(ValueError, match="differs from the exported one"):
+        build_repository(onnx_artifacts[0], tmp_path / "ort7", "onnxruntime", bundle=smoke_bundle_dir,
+                         inversion_batch=7)
     with pytest.raises(ValueError, match="needs exported artifacts"):
         build_repository(None, tmp_path / "x", "onnxruntime", bundle=smoke_bundle_dir)
     with pytest.raises(FileNotFoundError, match="no TensorRT engine"):
         build_repository(onnx_artifacts[0], tmp_path / "trt", "tensorrt", bundle=smoke_bundle_dir)
+
+
+class _FakePb:
+    """Just the triton_python_backend_utils calls component_models.execute makes, over torch DLPack."""
+
+    class Tensor:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        @classmethod
+        def from_dlpack(cls, name, capsule):
+            return cls(name, torch.utils.dlpack.from_dlpack(capsule))
+
+        def to_dlpack(self):
+            return torch.utils.dlpack.to_dlpack(self.value)
+
+    class InferenceResponse:
+        def __init__(self, output_tensors):
+            self.outputs = {t.name: t.value for t in output_tensors}
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return _FakePb.Tensor(name, request[name])
+
+
+def test_component_execute_merges_requests_and_splits_results_back():
+    from revpers.component_models import execute
+
+    seen = []
+
+    def run(feeds):  # y = 10 * x + scalar, row by row; records the merged batch it got
+        x, k = feeds
+        seen.append((x.shape[0], k.shape))
+        return [10 * x + k[:, None]]
+
+    requests = [{"x": torch.full((n, 2), float(i)), "k": torch.full((n, 1), float(i))} for i, n in enumerate((1, 3, 2))]
+    responses = execute(_FakePb, requests, [("x", False), ("k", True)], ["y"], run)
+    assert seen == [(6, (6,))]  # one run over all 6 rows; the per-sample scalar given as (B,)
+    for i, (req, resp) in enumerate(zip(requests, responses)):
+        assert torch.equal(resp.outputs["y"], torch.full((req["x"].shape[0], 2), 11.0 * i))
+
+
+def test_bls_execute_serves_the_requests_of_one_call_concurrently():
+    """Three requests in one execute call: each handler waits until all three are running, so a
+    sequential execute would break the barrier instead of answering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from revpers.serving import BlsService
+
+    barrier = threading.Barrier(3, timeout=20)
+
+    class Service:
+        pool = ThreadPoolExecutor(3)
+
+        @staticmethod
+        def handle(request):
+            barrier.wait()
+            return request.upper()
+
+    assert BlsService.execute(Service(), ["a", "b", "c"]) == ["A", "B", "C"]  # and in request order
 
 
 @pytest.mark.server
@@ -67,4 +157,4 @@ def test_pytorch_target_serves_the_same_images(smoke_bundle_dir, tmp_path):
     print(f"pytorch target vs in process: max diff {diff} levels; report device {report['device']}")
     assert diff <= 1
     assert int(np.abs(got.astype(int) - rgb.astype(int)).max()) > 10
-    assert json.dumps(report["params"]) and report["smoke"] is True
+    assert report["params"]["steps"] == 6 and report["params"]["seed"] == 5 and report["smoke"] is True

@@ -363,6 +363,13 @@ def _launch_serve(repo: Path, ports, cache_dir: Path, log: Path, probe_dir: Path
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
+def _server_log(serve_stderr: Path) -> Path:
+    """The tritonserver log file that `revpers serve` names on stderr."""
+    m = re.search(r"starting tritonserver on .* \(log (.+)\)", serve_stderr.read_text(errors="replace"))
+    assert m, serve_stderr.read_text(errors="replace")[-2000:]
+    return Path(m.group(1))
+
+
 def _wait_serving(proc: subprocess.Popen, log: Path, timeout: float = 60) -> int:
     """Waits for serve's 'ready' report; returns the tritonserver pid it names."""
     deadline = time.monotonic() + timeout
@@ -396,6 +403,7 @@ def test_serve_stops_cleanly_on_sigterm(install, cache_dir, good_repo, probe_dir
             proc.kill()
     assert _group_gone(server_pid)
     assert "stopped" in log.read_text()
+    assert not _server_log(log).exists()  # serve's own temp log goes after a clean stop
     for port in ports:
         assert not port_in_use(port, "127.0.0.1"), port
 
@@ -413,6 +421,7 @@ def test_serve_exits_nonzero_when_the_server_dies(install, cache_dir, good_repo,
         if proc.poll() is None:
             proc.kill()
     assert "killed by signal 9 while serving" in log.read_text()
+    assert _server_log(log).is_file()  # kept for the post-mortem
     assert _group_gone(server_pid)  # the orphaned model stubs were cleaned up too
 
 

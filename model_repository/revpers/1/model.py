@@ -16,17 +16,14 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        import torch
-
+        from revpers.component_models import instance_device
         from revpers.serving import BlsService
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        device = "cpu"
-        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-            device = f"cuda:{args['model_instance_device_id']}"
-        self.service = BlsService(params["bundle"], int(params.get("inversion_batch", "10")), pb_utils,
-                                  device=device, threads=int(params.get("threads", "8")))
+        self.service = BlsService(params["bundle"], int(params["inversion_batch"]), pb_utils,
+                                  max_batch=json.loads(params["max_batch"]), device=instance_device(args),
+                                  threads=int(params.get("threads", "8")))
 
     def execute(self, requests):
         return self.service.execute(requests)
