@@ -48,8 +48,7 @@ def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple]:
     down; a batch client retrying against a restarting replica would then fail fast for minutes
     after the server is back. Capping the wait keeps retries meaningful.
     """
-    from tritonclient.grpc import KeepAliveOptions
-    from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
     ka = KeepAliveOptions()
     cap = max(100, int(max_reconnect_backoff_s * 1000))
