@@ -185,20 +185,31 @@ def completed_report(outdir: Path, item: Item, request: dict) -> dict | None:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of ``values``; None when empty."""
+    """The ``q``-th percentile (``q`` in [0, 100]) of ``values``, ``None`` when there are none.
+
+    Linear interpolation between the two nearest ranks: position ``(n - 1) * q / 100`` in the sorted
+    values. This is ``statistics.quantiles(values, n=100, method="inclusive")`` at integer ``q`` (and
+    numpy's default percentile); it also takes one value (that value) and fractional ``q``.
+    """
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q!r}")
     if not values:
         return None
     s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def latency_stats(ms: Sequence[float]) -> dict:
-    return {"n": len(ms), "p50": _r(percentile(ms, 50)), "p95": _r(percentile(ms, 95)),
-            "max": _r(max(ms) if ms else None), "mean": _r(sum(ms) / len(ms) if ms else None)}
+def latency_stats(ms: Sequence[float], ndigits: int = 1) -> dict:
+    """``{"n", "mean", "p50", "p95", "min", "max"}`` of latencies in milliseconds, rounded to
+    ``ndigits`` decimals (percentiles as :func:`percentile`); all but ``n`` are ``None`` when empty."""
+    def r(x):
+        return None if x is None else round(x, ndigits)
 
-
-def _r(x):
-    return None if x is None else round(x, 1)
+    return {"n": len(ms), "mean": r(sum(ms) / len(ms) if ms else None), "p50": r(percentile(ms, 50)),
+            "p95": r(percentile(ms, 95)), "min": r(min(ms) if ms else None), "max": r(max(ms) if ms else None)}
 
 
 def faces_of(report: dict) -> list[dict]:
