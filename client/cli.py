@@ -35,6 +35,7 @@ SUMMARY = "run-summary.json"
 MANIFEST = "audit-manifest.json"
 PART = ".part"  # temporary files: ".<name>.part" beside the final file, renamed when complete
 
+MAX_GATE_RETRIES = 5  # the server's limit on PARAMS "retries" (revpers.verify.MAX_RETRIES; a test compares)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as shells report
 
@@ -577,18 +578,25 @@ _positive_float = _float_type(0.0, strict=True)
 _nonneg_float = _float_type(0.0)
 
 
-def _age(text: str) -> int:
-    try:
-        return attributes.parse_age(text)
-    except attributes.AttributeValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _attribute(parse):
+    """An argparse type from an ``attributes.parse_*`` function (its message on a bad value)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except attributes.AttributeValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
-def _race(text: str) -> str:
+def _retries(text: str) -> int:
+    """``--retries``: checked as the server checks PARAMS ``retries`` (revpers.verify.MAX_RETRIES)."""
     try:
-        return attributes.parse_race(text)
-    except attributes.AttributeValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= MAX_GATE_RETRIES:
+        raise argparse.ArgumentTypeError(f"retries must be an integer in [0, {MAX_GATE_RETRIES}], got {text!r}")
+    return v
 
 
 def _url(text: str) -> str:
@@ -645,16 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs become .png")
     p = a.add_argument_group("attribute prompt (used in generation's unconditional branch)")
     p.add_argument("--prompt", help="free-text attribute prompt, e.g. 'an old man'")
-    p.add_argument("--age", type=_age, metavar="N", help="age in years, 0-120 (needs --sex)")
-    p.add_argument("--sex", type=str.lower, choices=attributes.SEXES, help="female or male")
-    p.add_argument("--race", type=_race, metavar="WORD",
+    p.add_argument("--age", type=_attribute(attributes.parse_age), metavar="N",
+                   help="age in years, 0-120 (needs --sex)")
+    p.add_argument("--sex", type=_attribute(attributes.parse_sex), metavar="{female,male}", help="female or male")
+    p.add_argument("--race", type=_attribute(attributes.parse_race), metavar="WORD",
                    help="one word of letters/hyphens, e.g. asian, latino-hispanic (needs --sex)")
     v = a.add_argument_group("identity verification gate (runs on the server; docs/verification.md)")
     v.add_argument("--no-verify", dest="verify", action="store_const", const=False, default=None,
                    help="skip the gate (faces are not checked; reports say verdict 'unverified')")
-    v.add_argument("--retries", type=int, metavar="K",
-                   help="extra generation attempts for faces that still match their input (server default 2; "
-                        "network retries are --max-attempts)")
+    v.add_argument("--retries", type=_retries, metavar="K",
+                   help=f"extra generation attempts (0-{MAX_GATE_RETRIES}) for faces that still match their "
+                        "input (server default 2; network retries are --max-attempts)")
     v.add_argument("--retry-mode", choices=("seed", "guidance", "both"),
                    help="new seed, stronger guidance, or both (server default both)")
     v.add_argument("--guidance-step", type=_finite_float, metavar="G",

@@ -111,7 +111,10 @@ def test_attribute_prompt_template_and_bands():
     (["--age", "200", "--sex", "male"], "between 0 and 120"),
     (["--age", "7.5", "--sex", "male"], "whole number"),
     (["--race", "two words", "--sex", "male"], "one word"),
-    (["--sex", "other"], "invalid choice"),
+    (["--sex", "other"], "sex must be one of female, male; got 'other'"),
+    (["--retries", "6"], "retries must be an integer in [0, 5], got '6'"),
+    (["--retries", "-1"], "retries must be an integer in [0, 5]"),
+    (["--retries", "two"], "retries must be an integer in [0, 5], got 'two'"),
     (["--concurrency", "0"], "must be >= 1"),
     (["--timeout", "-1"], "must be a number > 0"),
 ])
@@ -121,6 +124,19 @@ def test_cli_refuses_bad_arguments(argv, message, tmp_path, capsys):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_gate_retries_limit_is_the_servers():
+    from revpers.verify import MAX_RETRIES  # test-side only
+
+    from client.cli import MAX_GATE_RETRIES, build_parser
+
+    assert MAX_GATE_RETRIES == MAX_RETRIES
+    base = ["anonymize", "x.jpg", "-o", "out", "--url", "127.0.0.1:1"]
+    parser = build_parser()
+    assert parser.parse_args(base + ["--retries", "0"]).retries == 0
+    assert parser.parse_args(base + ["--retries", str(MAX_RETRIES)]).retries == MAX_RETRIES
+    assert parser.parse_args(base + ["--sex", " Female "]).sex == "female"
 
 
 def test_cli_refuses_bad_url(tmp_path, capsys):
