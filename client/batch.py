@@ -15,7 +15,6 @@ INTERNAL is retried only when asked (``RetryPolicy(retry_internal=True)``).
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import random
 import threading
@@ -23,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .core import ServiceError, channel_args, infer_once
+from .core import ServiceError, channel_args, infer_once, sha256_hex
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 NEVER_RETRIED = frozenset({"INVALID_ARGUMENT"})
@@ -169,7 +168,7 @@ class BatchClient:
         except OSError as exc:
             res.error = ServiceError(f"cannot read input: {exc}", "CLIENT")
             return res
-        res.input_sha256 = hashlib.sha256(data).hexdigest()
+        res.input_sha256 = sha256_hex(data)
         t0 = time.perf_counter()
         last = None
         while True:

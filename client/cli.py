@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from typing import Iterator, Sequence
 
 from . import attributes
 from .batch import BatchClient, Job, RetryPolicy
-from .core import MODEL
+from .core import MODEL, sha256_hex
 
 PROG = "revpers-client"
 IMAGE_EXTS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
@@ -133,14 +132,6 @@ def plan(inputs: Sequence[str], outdir: Path, fmt_choice: str = "keep") -> list[
 # --------------------------------------------------------------------------- files
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def part_path(path: Path) -> Path:
     return path.with_name("." + path.name + PART)
 
@@ -173,9 +164,9 @@ def completed_report(outdir: Path, item: Item, request: dict) -> dict | None:
     try:
         report = json.loads(rpath.read_text())
         meta = report["client"]
-        if meta["request"] != request or meta["input_sha256"] != sha256_file(item.src):
+        if meta["request"] != request or meta["input_sha256"] != sha256_hex(item.src.read_bytes()):
             return None
-        if sha256_file(outdir / item.out_rel) != meta["output_sha256"]:
+        if sha256_hex((outdir / item.out_rel).read_bytes()) != meta["output_sha256"]:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -371,7 +362,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
                 continue
             report = dict(res.report)
             out = outdir / item.out_rel
-            out_sha = hashlib.sha256(res.image).hexdigest()
+            out_sha = sha256_hex(res.image)
             report["client"] = {"input": item.rel, "input_sha256": res.input_sha256, "output": item.out_rel,
                                 "output_sha256": out_sha, "request": request_params(args, item.fmt),
                                 "url": res.url, "attempts": res.attempts,

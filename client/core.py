@@ -6,11 +6,17 @@ machines that never load a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 
 MODEL = "revpers"
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data``: the digest every report, manifest entry and resume check uses."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def status_code(status: str | None) -> str | None:
