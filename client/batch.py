@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from .core import ServiceError, channel_args, infer_once, sha256_hex
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
-NEVER_RETRIED = frozenset({"INVALID_ARGUMENT"})
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class RetryPolicy:
         return RETRYABLE | ({"INTERNAL"} if self.retry_internal else frozenset())
 
     def retryable(self, error: ServiceError) -> bool:
-        return error.code in self.retry_on and error.code not in NEVER_RETRIED
+        return error.code in self.retry_on
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""

@@ -226,10 +226,14 @@ def test_backoff_and_retryable():
         waits = [pol.delay(attempt, rng) for _ in range(200)]
         assert min(waits) >= cap / 2 and max(waits) <= cap
         assert max(waits) - min(waits) > cap / 4  # jittered, not a constant
+    # exactly these statuses are retried: INVALID_ARGUMENT (and anything else) never is; that a
+    # real INVALID_ARGUMENT answer is sent once: test_deadline_exceeded_is_retried_invalid_argument_is_not
+    assert pol.retry_on == {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert RetryPolicy(retry_internal=True).retry_on == {"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"}
     assert pol.retryable(ServiceError("x", "StatusCode.UNAVAILABLE"))
     assert pol.retryable(ServiceError("x", "StatusCode.DEADLINE_EXCEEDED"))
-    assert not pol.retryable(ServiceError("x", "StatusCode.INVALID_ARGUMENT"))
     assert not pol.retryable(ServiceError("x", "StatusCode.INTERNAL"))
+    assert not pol.retryable(ServiceError("x", "CLIENT"))
     assert RetryPolicy(retry_internal=True).retryable(ServiceError("x", "StatusCode.INTERNAL"))
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
