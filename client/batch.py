@@ -83,6 +83,28 @@ class BatchResult:
         return self.error is None
 
 
+def choose_server(outstanding: Sequence[int], down_until: Sequence[float], now: float, turn: int,
+                  balance: str = "least-outstanding", avoid: int | None = None) -> int:
+    """Index of the server for the next attempt (pure; :class:`BatchClient` calls it under its lock).
+
+    Servers cooling down after an UNAVAILABLE (``down_until[i] > now``) are left out unless all
+    are, then the one that comes back first is taken. ``avoid`` (the server a retry just failed
+    on) is left out when another remains. Among the rest, ``least-outstanding`` takes the fewest
+    requests in flight; ties, and every choice under ``round-robin``, go to the first at or after
+    index ``turn`` in rotation.
+    """
+    n = len(outstanding)
+    candidates = [i for i in range(n) if down_until[i] <= now]
+    if not candidates:
+        candidates = [min(range(n), key=lambda i: down_until[i])]
+    if avoid is not None and len(candidates) > 1:
+        candidates = [i for i in candidates if i != avoid]
+    order = sorted(candidates, key=lambda i: (i - turn) % n)
+    if balance == "least-outstanding":
+        order.sort(key=lambda i: outstanding[i])  # stable: ties keep the rotation
+    return order[0]
+
+
 class _Endpoint:
     def __init__(self, url: str, client):
         self.url, self.client = url, client
@@ -128,18 +150,11 @@ class BatchClient:
     # ------------------------------------------------------------------ choosing a server
     def _acquire(self, avoid: _Endpoint | None = None) -> _Endpoint:
         with self._lock:
-            now = time.monotonic()
-            eps = [e for e in self.endpoints if e.down_until <= now]
-            if not eps:  # all cooling down: the one that comes back first
-                eps = [min(self.endpoints, key=lambda e: e.down_until)]
-            if avoid is not None and len(eps) > 1:
-                eps = [e for e in eps if e is not avoid]
-            n = len(self.endpoints)
-            order = sorted(eps, key=lambda e: (self.endpoints.index(e) - self._turn) % n)
-            if self.balance == "least-outstanding":
-                order.sort(key=lambda e: e.outstanding)  # stable: ties keep the rotation
-            ep = order[0]
-            self._turn = (self.endpoints.index(ep) + 1) % n
+            eps = self.endpoints
+            i = choose_server([e.outstanding for e in eps], [e.down_until for e in eps], time.monotonic(),
+                              self._turn, self.balance, None if avoid is None else eps.index(avoid))
+            ep = eps[i]
+            self._turn = (i + 1) % len(eps)
             ep.outstanding += 1
             ep.sent += 1
             return ep

@@ -239,6 +239,57 @@ def test_backoff_and_retryable():
         RetryPolicy(max_attempts=0)
 
 
+def test_server_choice_least_outstanding_rotation_and_cool_down():
+    from client.batch import choose_server
+
+    free = [0.0, 0.0, 0.0]
+    # least-outstanding: the fewest in flight, wherever the rotation stands
+    for turn in range(3):
+        assert choose_server([3, 1, 2], free, now=10.0, turn=turn) == 1
+    # ties rotate from ``turn``; round-robin ignores the counts
+    assert [choose_server([1, 0, 0], free, 10.0, turn) for turn in range(3)] == [1, 1, 2]
+    assert [choose_server([3, 1, 2], free, 10.0, turn, "round-robin") for turn in range(3)] == [0, 1, 2]
+    # a server cooling down after UNAVAILABLE is skipped even when it has the fewest in flight ...
+    assert choose_server([0, 5, 7], [15.0, 0.0, 0.0], now=10.0, turn=0) == 1
+    assert choose_server([0, 5, 7], [15.0, 0.0, 0.0], now=10.0, turn=0, balance="round-robin") == 1
+    # ... and taken again once its cool-down is over
+    assert choose_server([0, 5, 7], [15.0, 0.0, 0.0], now=15.0, turn=0) == 0
+    # all cooling down: the one that comes back first
+    assert choose_server([0, 0, 0], [30.0, 12.0, 20.0], now=10.0, turn=0) == 1
+    # a retry avoids the server it just failed on while another is up, not when it is the only one
+    assert choose_server([0, 4], [0.0, 0.0], 10.0, 0, avoid=0) == 1
+    assert choose_server([0, 4], [0.0, 15.0], 10.0, 0, avoid=0) == 0
+    assert choose_server([0], [0.0], 10.0, 0, avoid=0) == 0
+
+
+def test_batch_client_keeps_outstanding_counts_and_cools_down_unavailable_servers():
+    """BatchClient's own bookkeeping around choose_server, without sending anything (gRPC channels
+    connect only when used)."""
+    urls = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    with BatchClient(urls) as bc:
+        a, b, c = (bc._acquire() for _ in range(3))
+        assert [a.url, b.url, c.url] == urls  # a tie each time: rotation
+        bc._release(b, None)
+        assert bc._acquire() is b  # fewest outstanding (round-robin would take urls[0])
+        bc._release(a, ServiceError("down", "StatusCode.UNAVAILABLE"))
+        bc._release(c, None)
+        assert a.outstanding == c.outstanding == 0 and b.outstanding == 1
+        assert bc._acquire() is c  # a has none in flight but is cooling down
+        bc._release(c, None)
+        assert bc._acquire() is c
+        bc._release(b, None)
+        bc._release(c, None)
+        assert bc._acquire(avoid=b) is c  # a retry leaves the server it failed on
+        bc._release(c, None)
+        a.down_until = 0.0  # cool-down over
+        assert bc._acquire() is a
+        assert bc.sent_per_url() == {urls[0]: 2, urls[1]: 2, urls[2]: 4}
+    with BatchClient(urls[:2], balance="round-robin") as bc:
+        first = bc._acquire()
+        bc._release(first, None)
+        assert [bc._acquire().url for _ in range(3)] == [urls[1], urls[0], urls[1]]
+
+
 def test_client_library_does_not_need_torch():
     code = ("import sys; import client, client.cli, client.batch; "
             "assert 'torch' not in sys.modules and 'revpers' not in sys.modules, sorted(sys.modules)")
