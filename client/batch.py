@@ -59,11 +59,14 @@ class RetryPolicy:
 @dataclass
 class Job:
     """One request: ``image`` is encoded bytes or a zero-argument callable returning them (read in a
-    worker thread, so file reading overlaps the requests; an OSError there fails this job only)."""
+    worker thread, so file reading overlaps the requests; an OSError there fails this job only).
+    ``input_sha256``: the SHA-256 of those bytes when the caller has already computed it (it is
+    then recorded as given, not recomputed)."""
 
     key: Any
     image: bytes | Callable[[], bytes]
     params: dict = field(default_factory=dict)
+    input_sha256: str | None = None
 
 
 @dataclass
@@ -182,7 +185,7 @@ class BatchClient:
         except OSError as exc:
             res.error = ServiceError(f"cannot read input: {exc}", "CLIENT")
             return res
-        res.input_sha256 = sha256_hex(data)
+        res.input_sha256 = job.input_sha256 or sha256_hex(data)
         t0 = time.perf_counter()
         last = None
         while True:

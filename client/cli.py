@@ -156,21 +156,30 @@ def report_path(outdir: Path, item: Item) -> Path:
     return outdir / (item.out_rel + ".json")
 
 
-def completed_report(outdir: Path, item: Item, request: dict) -> dict | None:
-    """The saved report if this item's output is complete for the same input and request: report
-    present and readable, the image's SHA-256 as recorded, the input's SHA-256 and the request
-    parameters unchanged. ``None`` means (re)do it."""
-    rpath = report_path(outdir, item)
+@dataclass(frozen=True)
+class ResumeCheck:
+    report: dict | None              # the saved report when the output is complete: skip the item
+    data: bytes | None = None        # the input's bytes when the check read them: send these
+    input_sha256: str | None = None  # ... and their digest
+
+
+def resume_check(outdir: Path, item: Item, request: dict) -> ResumeCheck:
+    """Is this item's output complete for the same input and request? Report present and readable
+    with the same request parameters, the image's SHA-256 as recorded, the input's SHA-256 unchanged
+    (cheapest first: the input is read only when everything else holds). ``report`` None means
+    (re)do it; the input's bytes and digest, when read, come back so they are not read twice."""
     try:
-        report = json.loads(rpath.read_text())
+        report = json.loads(report_path(outdir, item).read_text())
         meta = report["client"]
-        if meta["request"] != request or meta["input_sha256"] != sha256_hex(item.src.read_bytes()):
-            return None
+        if meta["request"] != request:
+            return ResumeCheck(None)
         if sha256_hex((outdir / item.out_rel).read_bytes()) != meta["output_sha256"]:
-            return None
+            return ResumeCheck(None)
+        data = item.src.read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return report
+        return ResumeCheck(None)
+    digest = sha256_hex(data)
+    return ResumeCheck(report if digest == meta["input_sha256"] else None, data, digest)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -317,29 +326,35 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
     retries = 0
     started_at, t0 = _now(), time.perf_counter()
 
-    def on_retry(item, attempt, error, wait, url):
+    def on_retry(key, attempt, error, wait, url):
         nonlocal retries
+        item = key[0]
         retries += 1
         progress.log(f"retry {item.rel}: attempt {attempt} on {url} failed with {error.code} "
                      f"({error.message.splitlines()[0][:200] if error.message else ''}); again in {wait:.1f} s")
 
     def jobs() -> Iterator[Job]:
+        """One job per item to (re)do; its key is (item, the request sent), so the report records
+        exactly the parameters that went to the server."""
         for item in items:
             out = outdir / item.out_rel
             request = request_params(args, item.fmt)
             for p in (part_path(out), part_path(report_path(outdir, item))):  # left by a killed run
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+            check = ResumeCheck(None)
             if args.resume:
-                report = completed_report(outdir, item, request)
-                if report is not None:
+                check = resume_check(outdir, item, request)
+                if check.report is not None:
+                    report = check.report
                     counts["skipped"] += 1
                     reports[item.out_rel] = report
                     entries[item.out_rel] = _entry(item, "ok", report["client"]["input_sha256"],
                                                    report["client"]["output_sha256"], report, None)
                     progress.item("skipped", item.rel)
                     continue
-            yield Job(item, item.src.read_bytes, request)
+            image = check.data if check.data is not None else item.src.read_bytes
+            yield Job((item, request), image, request, check.input_sha256)
 
     def fail(item: Item, code: str, message: str, attempts: int, errors: list, sha: str | None):
         counts["failed"] += 1
@@ -355,7 +370,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         for res in client.map(jobs()):
-            item: Item = res.key
+            item, request = res.key
             if res.error is not None:
                 fail(item, res.error.code or "UNKNOWN", res.error.message, res.attempts, res.errors,
                      res.input_sha256)
@@ -364,7 +379,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
             out = outdir / item.out_rel
             out_sha = sha256_hex(res.image)
             report["client"] = {"input": item.rel, "input_sha256": res.input_sha256, "output": item.out_rel,
-                                "output_sha256": out_sha, "request": request_params(args, item.fmt),
+                                "output_sha256": out_sha, "request": request,
                                 "url": res.url, "attempts": res.attempts,
                                 "latency_ms": round(res.latency_s * 1e3, 1)}
             if report.get("verdict") == "rejected" or not res.image:

@@ -290,6 +290,35 @@ def test_batch_client_keeps_outstanding_counts_and_cools_down_unavailable_server
         assert [bc._acquire().url for _ in range(3)] == [urls[1], urls[0], urls[1]]
 
 
+def test_resume_check_reads_the_input_only_when_needed_and_hands_its_bytes_on(tmp_path):
+    from client.cli import Item, resume_check
+    from client.core import sha256_hex
+
+    src, out = tmp_path / "in.png", tmp_path / "out"
+    src.write_bytes(b"input bytes")
+    out.mkdir()
+    (out / "in.png").write_bytes(b"output bytes")
+    request = {"mode": "photo", "format": "png", "steps": 3}
+    report = {"verdict": "passed", "client": {"request": request, "input_sha256": sha256_hex(b"input bytes"),
+                                              "output_sha256": sha256_hex(b"output bytes")}}
+    (out / "in.png.json").write_text(json.dumps(report))
+    item = Item(src, "in.png", "in.png", "png")
+    assert resume_check(out, item, request).report == report  # complete: skipped
+    # another request or a changed output: redo, and the input is not read for the check
+    check = resume_check(out, item, request | {"steps": 2})
+    assert check.report is None and check.data is None and check.input_sha256 is None
+    (out / "in.png").write_bytes(b"tampered")
+    assert resume_check(out, item, request).data is None
+    (out / "in.png").write_bytes(b"output bytes")
+    # a changed input: redo with the bytes and digest the check read
+    src.write_bytes(b"new input")
+    check = resume_check(out, item, request)
+    assert check.report is None and check.data == b"new input" and check.input_sha256 == sha256_hex(b"new input")
+    for broken in ("", "{", "[]", '{"client": {}}'):
+        (out / "in.png.json").write_text(broken)
+        assert resume_check(out, item, request).report is None
+
+
 def test_client_library_does_not_need_torch():
     code = ("import sys; import client, client.cli, client.batch; "
             "assert 'torch' not in sys.modules and 'revpers' not in sys.modules, sorted(sys.modules)")
@@ -489,6 +518,15 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
     again = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0
     assert json.loads((out / "run-summary.json").read_text())["counts"]["skipped"] == n
+    # a changed input is redone, and its report records the new bytes' digest
+    changed_src = sorted(src.rglob("*.png"))[0]
+    changed_src.write_bytes(TOM.read_bytes() + b"\0")  # trailing byte after IEND: same image, new SHA-256
+    redo = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert redo.returncode == 0, redo.stdout + redo.stderr
+    assert json.loads((out / "run-summary.json").read_text())["counts"] == {
+        "inputs": n, "ok": 1, "failed": 0, "skipped": n - 1, "not_done": 0}
+    redone = json.loads(Path(str(out / changed_src.relative_to(src)) + ".json").read_text())
+    assert redone["client"]["input_sha256"] == sha(changed_src) == redone["audit"]["input_sha256"]
     # a changed parameter is not "complete" for --resume: everything is redone
     changed = subprocess.run(cmd[:-4] + ["--steps", "2", "--resume", "--concurrency", "2", "--progress", "none"],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
