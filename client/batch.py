@@ -11,6 +11,10 @@ exponential backoff with jitter, up to ``max_attempts`` attempts in all, preferr
 a server that answered UNAVAILABLE is avoided for a cool-down while others are up.
 INVALID_ARGUMENT (bad image, bad parameters) is never retried: the same request would fail again.
 INTERNAL is retried only when asked (``RetryPolicy(retry_internal=True)``).
+
+The server's identity gate can refuse to release an image (``fallback: "reject"``): that request
+succeeds (``result.ok``) with an empty ``image`` and a report whose ``verdict`` is ``"rejected"``;
+``result.rejected`` says so. Check it before using ``result.image``.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ class Job:
 
 @dataclass
 class BatchResult:
+    """The outcome of one :class:`Job`. ``ok``: the server answered (``error`` is None). An ok result
+    can still carry no image: see :attr:`rejected`."""
+
     key: Any
     image: bytes | None = None
     report: dict | None = None
@@ -84,6 +91,12 @@ class BatchResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def rejected(self) -> bool:
+        """The server answered but released no image: its identity gate rejected it (report
+        ``verdict`` ``"rejected"``, with ``rejected_reason``; ``image`` is ``b""``)."""
+        return self.ok and (not self.image or (self.report or {}).get("verdict") == "rejected")
 
 
 def choose_server(outstanding: Sequence[int], down_until: Sequence[float], now: float, turn: int,
@@ -218,7 +231,9 @@ class BatchClient:
         return res
 
     def anonymize(self, image: bytes, **params) -> tuple[bytes, dict]:
-        """One image with retries and server choice; raises ServiceError when it finally fails."""
+        """One image with retries and server choice; returns (image bytes, report) and raises
+        ServiceError when it finally fails. A rejected image (the gate refused it) comes back as
+        ``(b"", report)`` with ``report["verdict"] == "rejected"``."""
         res = self.run(Job(None, image, params))
         if res.error is not None:
             raise res.error

@@ -109,7 +109,11 @@ class RevpersClient:
         return bool(self.client.is_server_ready() and self.client.is_model_ready(MODEL))
 
     def anonymize(self, image: bytes, **params) -> tuple[bytes, dict]:
-        """Send encoded image bytes plus parameters; returns (anonymized image bytes, report)."""
+        """Send encoded image bytes plus parameters; returns (anonymized image bytes, report).
+
+        When the server's identity gate rejects the image (PARAMS ``fallback: "reject"`` and a face
+        still matches), the call succeeds with ``b""`` as the image and ``report["verdict"] ==
+        "rejected"`` (``report["rejected_reason"]`` says why): check before writing the bytes."""
         return infer_once(self._grpc, self.client, image, params, self.timeout)
 
     def close(self) -> None:

@@ -319,6 +319,16 @@ def test_resume_check_reads_the_input_only_when_needed_and_hands_its_bytes_on(tm
         assert resume_check(out, item, request).report is None
 
 
+def test_batch_result_rejected_means_answered_without_an_image():
+    from client.batch import BatchResult
+
+    assert BatchResult("k", image=b"", report={"verdict": "rejected", "rejected_reason": "x"}).rejected
+    assert BatchResult("k", image=b"", report={"verdict": "passed"}).rejected  # no image is never usable
+    assert not BatchResult("k", image=b"png", report={"verdict": "passed"}).rejected
+    failed = BatchResult("k", error=ServiceError("bad", "StatusCode.INVALID_ARGUMENT"))
+    assert not failed.ok and not failed.rejected
+
+
 def test_client_library_does_not_need_torch():
     code = ("import sys; import client, client.cli, client.batch; "
             "assert 'torch' not in sys.modules and 'revpers' not in sys.modules, sorted(sys.modules)")
