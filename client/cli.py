@@ -320,7 +320,9 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
     progress = Progress(len(items), args.progress)
     entries: dict[str, dict] = {}   # out_rel -> manifest entry
     reports: dict[str, dict] = {}   # out_rel -> report of every complete output (done now or skipped)
+    #                                 and of every image the gate rejected in this run
     failures: list[dict] = []
+    write_errors: list[str] = []    # "input: what could not be written or removed"
     latencies, server_ms = [], []
     counts = Counter()
     retries = 0
@@ -356,11 +358,13 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
             image = check.data if check.data is not None else item.src.read_bytes
             yield Job((item, request), image, request, check.input_sha256)
 
-    def fail(item: Item, code: str, message: str, attempts: int, errors: list, sha: str | None):
+    def fail(item: Item, code: str, message: str, attempts: int, errors: list, sha: str | None,
+             status: str = "failed", report: dict | None = None):
+        """Count a failure; ``status``: the manifest's (failed | rejected), ``report``: its audit source."""
         counts["failed"] += 1
         failures.append({"input": item.rel, "status": code, "message": message, "attempts": attempts,
                          "errors": errors})
-        entries[item.out_rel] = _entry(item, "failed", sha, None, None, {"status": code, "message": message})
+        entries[item.out_rel] = _entry(item, status, sha, None, report, {"status": code, "message": message})
         progress.item("FAILED", item.rel, f"{code}: {message.splitlines()[0] if message else ''}")
 
     client = BatchClient(args.url, concurrency=args.concurrency, timeout=args.timeout, retry=retry,
@@ -382,23 +386,35 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
                                 "output_sha256": out_sha, "request": request,
                                 "url": res.url, "attempts": res.attempts,
                                 "latency_ms": round(res.latency_s * 1e3, 1)}
-            if report.get("verdict") == "rejected" or not res.image:
-                # the server's verification gate refused to release this image: no output file, only
-                # its report (why, per-face similarities, audit); counted as a failure
+            if res.rejected:
+                # the server's verification gate refused to release this image: no output file (one
+                # left by an earlier run, e.g. with --no-verify, is removed), only its report (why,
+                # per-face similarities, audit); counted as a failure
                 reason = report.get("rejected_reason") or "the server returned no image"
                 report["client"]["output"] = report["client"]["output_sha256"] = None
+                problems = []
+                try:
+                    out.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    problems.append(f"cannot remove the output of an earlier run: {exc}")
                 try:
                     write_atomic(report_path(outdir, item), (json.dumps(report, indent=2) + "\n").encode())
-                except OSError:
-                    pass
-                fail(item, "REJECTED", reason, res.attempts, res.errors, res.input_sha256)
-                entries[item.out_rel] = _entry(item, "rejected", res.input_sha256, None, report,
-                                               {"status": "REJECTED", "message": reason})
+                except OSError as exc:
+                    problems.append(f"cannot write its report: {exc}")
+                for problem in problems:
+                    write_errors.append(f"{item.rel}: {problem}")
+                    progress.log(f"ERROR {item.rel}: {problem}")
+                reports[item.out_rel] = report
+                fail(item, "REJECTED", "; ".join([reason] + problems), res.attempts, res.errors, res.input_sha256,
+                     status="rejected", report=report)
                 continue
             try:
                 write_atomic(out, res.image)
                 write_atomic(report_path(outdir, item), (json.dumps(report, indent=2) + "\n").encode())
             except OSError as exc:
+                write_errors.append(f"{item.rel}: cannot write output: {exc}")
                 fail(item, "CLIENT", f"cannot write output: {exc}", res.attempts, res.errors, res.input_sha256)
                 continue
             counts["ok"] += 1
@@ -427,7 +443,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
                 "files": [entries[k] for k in sorted(entries, key=lambda k: (entries[k]["input"], k))]}
     write_atomic(outdir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
-    done_reports = list(reports.values())
+    done_reports = list(reports.values())  # complete outputs (skipped ones included) and rejected images
     faces = [f for r in done_reports for f in faces_of(r)]
     smoke = any(bool(r.get("smoke")) for r in done_reports)
     not_done = len(items) - counts["ok"] - counts["failed"] - counts["skipped"]
@@ -441,6 +457,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
         "counts": {"inputs": len(items), "ok": counts["ok"], "failed": counts["failed"],
                    "skipped": counts["skipped"], "not_done": not_done},
         "failures": sorted(failures, key=lambda f: f["input"]),
+        "write_errors": sorted(write_errors),
         "throughput_images_per_s": round(counts["ok"] / wall, 3) if wall > 0 else None,
         "latency_ms": latency_stats(latencies),
         "server_total_ms": latency_stats(server_ms),
@@ -487,6 +504,9 @@ def _print_summary(s: dict, outdir: Path) -> None:
         lines.append(f"FAILED {f['input']}: {f['status']}: {(f['message'] or '').splitlines()[0][:300]}")
     if len(s["failures"]) > 20:
         lines.append(f"... and {len(s['failures']) - 20} more failures in {outdir / SUMMARY}")
+    if s["write_errors"]:
+        lines.append(f"{len(s['write_errors'])} file(s) could not be written or removed, first: "
+                     f"{s['write_errors'][0]}")
     if s["smoke"]:
         lines.append("WARNING: " + s["warning"])
     lines.append(f"summary: {outdir / SUMMARY}; audit manifest: {outdir / MANIFEST}")

@@ -672,8 +672,9 @@ def test_health(url, capsys):
 def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_artifacts, smoke_bundle_dir, tmp_path):
     """A server whose bundle says every face still matches (dlib threshold 1.99: any distance the
     descriptor gives is below it) must reject the image after the retries: the client writes no
-    image, keeps the report (why, per-face attempts, audit), counts a failure and exits 1. Gate
-    flags travel as PARAMS."""
+    image (and removes one an earlier --no-verify run wrote there), keeps the report (why, per-face
+    attempts, audit), counts a failure and exits 1. Gate flags travel as PARAMS: the server's own
+    records show the policy and per-attempt guidance it used. The library says ``rejected``."""
     from revpers.repository import build_repository
 
     bundle = tmp_path / "strict-bundle"
@@ -682,21 +683,47 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
     (bundle / "manifest.json").write_text(json.dumps(manifest | {"verify": {"dlib_threshold": 1.99}}))
     repo = build_repository(onnx_artifacts[0], tmp_path / "repo", "onnxruntime", bundle=bundle)
     srv = start_triton(repo)
+    out = tmp_path / "out"
+    image, report_path = out / "Tom_Hanks_54745.png", out / "Tom_Hanks_54745.png.json"
     try:
-        out = tmp_path / "out"
+        # gate off: an image is written
+        assert run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--no-verify",
+                       "--progress", "none") == 0
+        assert image.exists() and json.loads(report_path.read_text())["verdict"] == "unverified"
+        # gate on, same OUTDIR: rejected, and that earlier image must not stay beside the new report
         code = run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--retries", 1,
-                       "--fallback", "reject", "--progress", "none")
+                       "--retry-mode", "guidance", "--guidance-step", 3, "--fallback", "reject",
+                       "--progress", "none")
+        with BatchClient([srv.urls.grpc]) as bc:
+            res = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "retries": 0, "fallback": "reject"}))
+            kept = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "verify": False}))
     finally:
         srv.stop()
     assert code == 1
-    assert not (out / "Tom_Hanks_54745.png").exists()
-    report = json.loads((out / "Tom_Hanks_54745.png.json").read_text())
+    assert not image.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["Tom_Hanks_54745.png.json", "audit-manifest.json",
+                                                     "run-summary.json"]
+    report = json.loads(report_path.read_text())
     assert report["verdict"] == "rejected" and report["rejected_reason"]
+    assert report["client"]["output"] is None and report["client"]["output_sha256"] is None
+    policy = report["audit"]["verify_policy"]  # what the server used, not the client's echo
+    assert policy["fallback"] == "reject" and policy["retries"] == 1
+    assert policy["retry_mode"] == "guidance" and policy["guidance_step"] == 3
     [face] = report["faces"]
+    assert face["action"] == "rejected" and face["verdict"] == "rejected"
     assert len(face["attempts"]) == 2 and all(a["dlib_match"] for a in face["attempts"])  # first try + 1 retry
-    assert report["client"]["request"]["fallback"] == "reject" and report["client"]["request"]["retries"] == 1
+    # guidance mode: the server's default guidance -10, then one --guidance-step stronger; same seed
+    assert [a["guidance"] for a in face["attempts"]] == [-10.0, -13.0]
+    assert len({a["seed"] for a in face["attempts"]}) == 1
     summary = json.loads((out / "run-summary.json").read_text())
     assert summary["counts"]["failed"] == 1 and summary["failures"][0]["status"] == "REJECTED"
+    assert summary["failures"][0]["message"] == report["rejected_reason"]
+    assert summary["write_errors"] == []
+    assert summary["images_by_verdict"] == {"rejected": 1} and summary["faces_by_verdict"] == {"rejected": 1}
     [entry] = json.loads((out / "audit-manifest.json").read_text())["files"]
     assert entry["status"] == "rejected" and entry["output_sha256"] is None
+    assert entry["error"] == {"status": "REJECTED", "message": report["rejected_reason"]}
     assert entry["audit"]["verdict"] == "rejected"
+    # the library: a rejection is an answer (ok) without an image, and says so
+    assert res.ok and res.rejected and res.image == b"" and res.report["verdict"] == "rejected"
+    assert kept.ok and not kept.rejected and kept.image
