@@ -550,7 +550,7 @@ def server_health(url: str, timeout: float, model: str = MODEL) -> dict:
 
 
 def run_health(args) -> int:
-    results = [server_health(u, args.timeout, args.model) for u in args.url]
+    results = [server_health(u, args.timeout) for u in args.url]
     if args.json:
         print(json.dumps({"healthy": all(r["healthy"] for r in results), "servers": results}, indent=2))
     else:
@@ -719,7 +719,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC endpoint; repeat to check several servers")
     h.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     h.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S", help="per-call timeout (default 10)")
-    h.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
     h.set_defaults(func=run_health)
     return parser
 
