@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"OUTDIR/{SUMMARY} (counts, failures, throughput, latency, verdicts) and "
                        f"OUTDIR/{MANIFEST} (per input: SHA-256 of input and output, status, audit) are "
                        "written at the end. Exit code 0 only when every input succeeded (or was skipped "
-                       "with --resume), 1 when any failed, 2 for a usage error, 130/143 when stopped by "
+                       "with --resume), 1 when any failed or was rejected by the identity gate, 2 for a usage error, 130/143 when stopped by "
                        "Ctrl-C/SIGTERM (the summary and manifest are still written).")
     a.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image file, folder (searched recursively for .jpg/.jpeg/.png/.webp, hidden "
@@ -686,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one word of letters/hyphens, e.g. asian, latino-hispanic (needs --sex)")
     v = a.add_argument_group("identity verification gate (runs on the server; docs/verification.md)")
     v.add_argument("--no-verify", dest="verify", action="store_const", const=False, default=None,
-                   help="skip the gate (faces are not checked; reports say verdict 'unverified')")
+                   help="skip the gate (faces are not checked; reports say verdict 'unverified', or "
+                        "'no_faces' for a photo with no face)")
     v.add_argument("--retries", type=_retries, metavar="K",
                    help=f"extra generation attempts (0-{MAX_GATE_RETRIES}) for faces that still match their "
                         "input (server default 2; network retries are --max-attempts)")
@@ -695,8 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--guidance-step", type=_finite_float, metavar="G",
                    help="guidance change per retry (server default 2.0)")
     v.add_argument("--fallback", choices=("blur", "pixelate", "reject"),
-                   help="after the last failed attempt: blur or pixelate the face, or reject the image (no "
-                        "output written, counted as failed) (server default blur)")
+                   help="after the last failed attempt: blur or pixelate the face, or reject the image "
+                        "(server default blur). A rejected image gets its report but no output (one left "
+                        "by an earlier run is removed) and counts as failed (status REJECTED). A blurred "
+                        "or pixelated face that still matches on the final check also gets its image "
+                        "rejected")
     r = a.add_argument_group("timeouts and retries")
     r.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                    help="per-request deadline in seconds (default 600); past it the request fails with "
