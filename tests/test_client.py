@@ -676,7 +676,8 @@ def test_health(url, capsys):
 
 
 @server_tests
-def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_artifacts, smoke_bundle_dir, tmp_path):
+def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_artifacts, smoke_bundle_dir, tmp_path,
+                                                                         capsys):
     """A server whose bundle says every face still matches (dlib threshold 1.99: any distance the
     descriptor gives is below it) must reject the image after the retries: the client writes no
     image (and removes one an earlier --no-verify run wrote there), keeps the report (why, per-face
@@ -701,6 +702,11 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
         code = run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--retries", 1,
                        "--retry-mode", "guidance", "--guidance-step", 3, "--fallback", "reject",
                        "--progress", "none")
+        # a report that cannot be written (a folder in its way) is logged and listed, not swallowed
+        blocked = tmp_path / "blocked"
+        (blocked / "Tom_Hanks_54745.png.json").mkdir(parents=True)
+        blocked_code = run_cli("anonymize", TOM, "-o", blocked, "--url", srv.urls.grpc, "--steps", 2,
+                               "--retries", 0, "--fallback", "reject", "--progress", "lines")
         with BatchClient([srv.urls.grpc]) as bc:
             res = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "retries": 0, "fallback": "reject"}))
             kept = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "verify": False}))
@@ -731,6 +737,13 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
     assert entry["status"] == "rejected" and entry["output_sha256"] is None
     assert entry["error"] == {"status": "REJECTED", "message": report["rejected_reason"]}
     assert entry["audit"]["verdict"] == "rejected"
+    assert blocked_code == 1
+    blocked_summary = json.loads((blocked / "run-summary.json").read_text())
+    [write_error] = blocked_summary["write_errors"]
+    assert write_error.startswith("Tom_Hanks_54745.png: cannot write its report: ")
+    assert "cannot write its report" in blocked_summary["failures"][0]["message"]
+    assert blocked_summary["failures"][0]["status"] == "REJECTED"
+    assert "ERROR Tom_Hanks_54745.png: cannot write its report" in capsys.readouterr().err
     # the library: a rejection is an answer (ok) without an image, and says so
     assert res.ok and res.rejected and res.image == b"" and res.report["verdict"] == "rejected"
     assert kept.ok and not kept.rejected and kept.image
