@@ -1,10 +1,13 @@
 """gRPC client for the revpers Triton service (tritonclient; no torch needed).
 
+>>> from pathlib import Path
 >>> from client import RevpersClient, BatchClient, Job
->>> image_bytes, report = RevpersClient("localhost:8001").anonymize(open("photo.jpg", "rb").read(), steps=100)
+>>> image_bytes, report = RevpersClient("localhost:8001").anonymize(Path("photo.jpg").read_bytes(), steps=100)
+>>> if report["verdict"] == "rejected":  # the identity gate released no image (image_bytes == b"")
+...     print(report["rejected_reason"])
 >>> with BatchClient(["gpu1:8001", "gpu2:8001"], concurrency=16) as bc:
-...     for res in bc.map(Job(p, open(p, "rb").read, {"format": "jpeg"}) for p in paths):
-...         print(res.key, res.ok, res.error)
+...     for res in bc.map(Job(p, Path(p).read_bytes, {"format": "jpeg"}) for p in paths):
+...         print(res.key, res.ok, res.rejected, res.error)
 
 The ``revpers-client`` command (``client.cli``) runs whole collections with progress, resume,
 reports, a run summary and an audit manifest.

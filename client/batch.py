@@ -11,11 +11,14 @@ exponential backoff with jitter, up to ``max_attempts`` attempts in all, preferr
 a server that answered UNAVAILABLE is avoided for a cool-down while others are up.
 INVALID_ARGUMENT (bad image, bad parameters) is never retried: the same request would fail again.
 INTERNAL is retried only when asked (``RetryPolicy(retry_internal=True)``).
+
+The server's identity gate can refuse to release an image (``fallback: "reject"``): that request
+succeeds (``result.ok``) with an empty ``image`` and a report whose ``verdict`` is ``"rejected"``;
+``result.rejected`` says so. Check it before using ``result.image``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import random
 import threading
@@ -23,10 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .core import ServiceError, channel_args, infer_once
+from .core import ServiceError, channel_args, infer_once, sha256_hex
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
-NEVER_RETRIED = frozenset({"INVALID_ARGUMENT"})
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class RetryPolicy:
         return RETRYABLE | ({"INTERNAL"} if self.retry_internal else frozenset())
 
     def retryable(self, error: ServiceError) -> bool:
-        return error.code in self.retry_on and error.code not in NEVER_RETRIED
+        return error.code in self.retry_on
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -61,15 +63,21 @@ class RetryPolicy:
 @dataclass
 class Job:
     """One request: ``image`` is encoded bytes or a zero-argument callable returning them (read in a
-    worker thread, so file reading overlaps the requests; an OSError there fails this job only)."""
+    worker thread, so file reading overlaps the requests; an OSError there fails this job only).
+    ``input_sha256``: the SHA-256 of those bytes when the caller has already computed it (it is
+    then recorded as given, not recomputed)."""
 
     key: Any
     image: bytes | Callable[[], bytes]
     params: dict = field(default_factory=dict)
+    input_sha256: str | None = None
 
 
 @dataclass
 class BatchResult:
+    """The outcome of one :class:`Job`. ``ok``: the server answered (``error`` is None). An ok result
+    can still carry no image: see :attr:`rejected`."""
+
     key: Any
     image: bytes | None = None
     report: dict | None = None
@@ -83,6 +91,34 @@ class BatchResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def rejected(self) -> bool:
+        """The server answered but released no image: its identity gate rejected it (report
+        ``verdict`` ``"rejected"``, with ``rejected_reason``; ``image`` is ``b""``)."""
+        return self.ok and (not self.image or (self.report or {}).get("verdict") == "rejected")
+
+
+def choose_server(outstanding: Sequence[int], down_until: Sequence[float], now: float, turn: int,
+                  balance: str = "least-outstanding", avoid: int | None = None) -> int:
+    """Index of the server for the next attempt (pure; :class:`BatchClient` calls it under its lock).
+
+    Servers cooling down after an UNAVAILABLE (``down_until[i] > now``) are left out unless all
+    are, then the one that comes back first is taken. ``avoid`` (the server a retry just failed
+    on) is left out when another remains. Among the rest, ``least-outstanding`` takes the fewest
+    requests in flight; ties, and every choice under ``round-robin``, go to the first at or after
+    index ``turn`` in rotation.
+    """
+    n = len(outstanding)
+    candidates = [i for i in range(n) if down_until[i] <= now]
+    if not candidates:
+        candidates = [min(range(n), key=lambda i: down_until[i])]
+    if avoid is not None and len(candidates) > 1:
+        candidates = [i for i in candidates if i != avoid]
+    order = sorted(candidates, key=lambda i: (i - turn) % n)
+    if balance == "least-outstanding":
+        order.sort(key=lambda i: outstanding[i])  # stable: ties keep the rotation
+    return order[0]
 
 
 class _Endpoint:
@@ -130,18 +166,11 @@ class BatchClient:
     # ------------------------------------------------------------------ choosing a server
     def _acquire(self, avoid: _Endpoint | None = None) -> _Endpoint:
         with self._lock:
-            now = time.monotonic()
-            eps = [e for e in self.endpoints if e.down_until <= now]
-            if not eps:  # all cooling down: the one that comes back first
-                eps = [min(self.endpoints, key=lambda e: e.down_until)]
-            if avoid is not None and len(eps) > 1:
-                eps = [e for e in eps if e is not avoid]
-            n = len(self.endpoints)
-            order = sorted(eps, key=lambda e: (self.endpoints.index(e) - self._turn) % n)
-            if self.balance == "least-outstanding":
-                order.sort(key=lambda e: e.outstanding)  # stable: ties keep the rotation
-            ep = order[0]
-            self._turn = (self.endpoints.index(ep) + 1) % n
+            eps = self.endpoints
+            i = choose_server([e.outstanding for e in eps], [e.down_until for e in eps], time.monotonic(),
+                              self._turn, self.balance, None if avoid is None else eps.index(avoid))
+            ep = eps[i]
+            self._turn = (i + 1) % len(eps)
             ep.outstanding += 1
             ep.sent += 1
             return ep
@@ -169,7 +198,7 @@ class BatchClient:
         except OSError as exc:
             res.error = ServiceError(f"cannot read input: {exc}", "CLIENT")
             return res
-        res.input_sha256 = hashlib.sha256(data).hexdigest()
+        res.input_sha256 = job.input_sha256 or sha256_hex(data)
         t0 = time.perf_counter()
         last = None
         while True:
@@ -202,7 +231,9 @@ class BatchClient:
         return res
 
     def anonymize(self, image: bytes, **params) -> tuple[bytes, dict]:
-        """One image with retries and server choice; raises ServiceError when it finally fails."""
+        """One image with retries and server choice; returns (image bytes, report) and raises
+        ServiceError when it finally fails. A rejected image (the gate refused it) comes back as
+        ``(b"", report)`` with ``report["verdict"] == "rejected"``."""
         res = self.run(Job(None, image, params))
         if res.error is not None:
             raise res.error

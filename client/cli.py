@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from typing import Iterator, Sequence
 
 from . import attributes
 from .batch import BatchClient, Job, RetryPolicy
-from .core import MODEL
+from .core import MODEL, sha256_hex
 
 PROG = "revpers-client"
 IMAGE_EXTS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
@@ -35,6 +34,7 @@ SUMMARY = "run-summary.json"
 MANIFEST = "audit-manifest.json"
 PART = ".part"  # temporary files: ".<name>.part" beside the final file, renamed when complete
 
+MAX_GATE_RETRIES = 5  # the server's limit on PARAMS "retries" (revpers.verify.MAX_RETRIES; a test compares)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as shells report
 
@@ -132,14 +132,6 @@ def plan(inputs: Sequence[str], outdir: Path, fmt_choice: str = "keep") -> list[
 # --------------------------------------------------------------------------- files
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def part_path(path: Path) -> Path:
     return path.with_name("." + path.name + PART)
 
@@ -164,41 +156,61 @@ def report_path(outdir: Path, item: Item) -> Path:
     return outdir / (item.out_rel + ".json")
 
 
-def completed_report(outdir: Path, item: Item, request: dict) -> dict | None:
-    """The saved report if this item's output is complete for the same input and request: report
-    present and readable, the image's SHA-256 as recorded, the input's SHA-256 and the request
-    parameters unchanged. ``None`` means (re)do it."""
-    rpath = report_path(outdir, item)
+@dataclass(frozen=True)
+class ResumeCheck:
+    report: dict | None              # the saved report when the output is complete: skip the item
+    data: bytes | None = None        # the input's bytes when the check read them: send these
+    input_sha256: str | None = None  # ... and their digest
+
+
+def resume_check(outdir: Path, item: Item, request: dict) -> ResumeCheck:
+    """Is this item's output complete for the same input and request? Report present and readable
+    with the same request parameters, the image's SHA-256 as recorded, the input's SHA-256 unchanged
+    (cheapest first: the input is read only when everything else holds). ``report`` None means
+    (re)do it; the input's bytes and digest, when read, come back so they are not read twice."""
     try:
-        report = json.loads(rpath.read_text())
+        report = json.loads(report_path(outdir, item).read_text())
         meta = report["client"]
-        if meta["request"] != request or meta["input_sha256"] != sha256_file(item.src):
-            return None
-        if sha256_file(outdir / item.out_rel) != meta["output_sha256"]:
-            return None
+        if meta["request"] != request:
+            return ResumeCheck(None)
+        if sha256_hex((outdir / item.out_rel).read_bytes()) != meta["output_sha256"]:
+            return ResumeCheck(None)
+        data = item.src.read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return report
+        return ResumeCheck(None)
+    digest = sha256_hex(data)
+    return ResumeCheck(report if digest == meta["input_sha256"] else None, data, digest)
 
 
 # --------------------------------------------------------------------------- statistics
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of ``values``; None when empty."""
+    """The ``q``-th percentile (``q`` in [0, 100]) of ``values``, ``None`` when there are none.
+
+    Linear interpolation between the two nearest ranks: position ``(n - 1) * q / 100`` in the sorted
+    values. This is ``statistics.quantiles(values, n=100, method="inclusive")`` at integer ``q`` (and
+    numpy's default percentile); it also takes one value (that value) and fractional ``q``.
+    """
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q!r}")
     if not values:
         return None
     s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def latency_stats(ms: Sequence[float]) -> dict:
-    return {"n": len(ms), "p50": _r(percentile(ms, 50)), "p95": _r(percentile(ms, 95)),
-            "max": _r(max(ms) if ms else None), "mean": _r(sum(ms) / len(ms) if ms else None)}
+def latency_stats(ms: Sequence[float], ndigits: int = 1) -> dict:
+    """``{"n", "mean", "p50", "p95", "min", "max"}`` of latencies in milliseconds, rounded to
+    ``ndigits`` decimals (percentiles as :func:`percentile`); all but ``n`` are ``None`` when empty."""
+    def r(x):
+        return None if x is None else round(x, ndigits)
 
-
-def _r(x):
-    return None if x is None else round(x, 1)
+    return {"n": len(ms), "mean": r(sum(ms) / len(ms) if ms else None), "p50": r(percentile(ms, 50)),
+            "p95": r(percentile(ms, 95)), "min": r(min(ms) if ms else None), "max": r(max(ms) if ms else None)}
 
 
 def faces_of(report: dict) -> list[dict]:
@@ -308,41 +320,51 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
     progress = Progress(len(items), args.progress)
     entries: dict[str, dict] = {}   # out_rel -> manifest entry
     reports: dict[str, dict] = {}   # out_rel -> report of every complete output (done now or skipped)
+    #                                 and of every image the gate rejected in this run
     failures: list[dict] = []
+    write_errors: list[str] = []    # "input: what could not be written or removed"
     latencies, server_ms = [], []
     counts = Counter()
     retries = 0
     started_at, t0 = _now(), time.perf_counter()
 
-    def on_retry(item, attempt, error, wait, url):
+    def on_retry(key, attempt, error, wait, url):
         nonlocal retries
+        item = key[0]
         retries += 1
         progress.log(f"retry {item.rel}: attempt {attempt} on {url} failed with {error.code} "
                      f"({error.message.splitlines()[0][:200] if error.message else ''}); again in {wait:.1f} s")
 
     def jobs() -> Iterator[Job]:
+        """One job per item to (re)do; its key is (item, the request sent), so the report records
+        exactly the parameters that went to the server."""
         for item in items:
             out = outdir / item.out_rel
             request = request_params(args, item.fmt)
             for p in (part_path(out), part_path(report_path(outdir, item))):  # left by a killed run
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+            check = ResumeCheck(None)
             if args.resume:
-                report = completed_report(outdir, item, request)
-                if report is not None:
+                check = resume_check(outdir, item, request)
+                if check.report is not None:
+                    report = check.report
                     counts["skipped"] += 1
                     reports[item.out_rel] = report
                     entries[item.out_rel] = _entry(item, "ok", report["client"]["input_sha256"],
                                                    report["client"]["output_sha256"], report, None)
                     progress.item("skipped", item.rel)
                     continue
-            yield Job(item, item.src.read_bytes, request)
+            image = check.data if check.data is not None else item.src.read_bytes
+            yield Job((item, request), image, request, check.input_sha256)
 
-    def fail(item: Item, code: str, message: str, attempts: int, errors: list, sha: str | None):
+    def fail(item: Item, code: str, message: str, attempts: int, errors: list, sha: str | None,
+             status: str = "failed", report: dict | None = None):
+        """Count a failure; ``status``: the manifest's (failed | rejected), ``report``: its audit source."""
         counts["failed"] += 1
         failures.append({"input": item.rel, "status": code, "message": message, "attempts": attempts,
                          "errors": errors})
-        entries[item.out_rel] = _entry(item, "failed", sha, None, None, {"status": code, "message": message})
+        entries[item.out_rel] = _entry(item, status, sha, None, report, {"status": code, "message": message})
         progress.item("FAILED", item.rel, f"{code}: {message.splitlines()[0] if message else ''}")
 
     client = BatchClient(args.url, concurrency=args.concurrency, timeout=args.timeout, retry=retry,
@@ -352,35 +374,47 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         for res in client.map(jobs()):
-            item: Item = res.key
+            item, request = res.key
             if res.error is not None:
                 fail(item, res.error.code or "UNKNOWN", res.error.message, res.attempts, res.errors,
                      res.input_sha256)
                 continue
             report = dict(res.report)
             out = outdir / item.out_rel
-            out_sha = hashlib.sha256(res.image).hexdigest()
+            out_sha = sha256_hex(res.image)
             report["client"] = {"input": item.rel, "input_sha256": res.input_sha256, "output": item.out_rel,
-                                "output_sha256": out_sha, "request": request_params(args, item.fmt),
+                                "output_sha256": out_sha, "request": request,
                                 "url": res.url, "attempts": res.attempts,
                                 "latency_ms": round(res.latency_s * 1e3, 1)}
-            if report.get("verdict") == "rejected" or not res.image:
-                # the server's verification gate refused to release this image: no output file, only
-                # its report (why, per-face similarities, audit); counted as a failure
+            if res.rejected:
+                # the server's verification gate refused to release this image: no output file (one
+                # left by an earlier run, e.g. with --no-verify, is removed), only its report (why,
+                # per-face similarities, audit); counted as a failure
                 reason = report.get("rejected_reason") or "the server returned no image"
                 report["client"]["output"] = report["client"]["output_sha256"] = None
+                problems = []
+                try:
+                    out.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    problems.append(f"cannot remove the output of an earlier run: {exc}")
                 try:
                     write_atomic(report_path(outdir, item), (json.dumps(report, indent=2) + "\n").encode())
-                except OSError:
-                    pass
-                fail(item, "REJECTED", reason, res.attempts, res.errors, res.input_sha256)
-                entries[item.out_rel] = _entry(item, "rejected", res.input_sha256, None, report,
-                                               {"status": "REJECTED", "message": reason})
+                except OSError as exc:
+                    problems.append(f"cannot write its report: {exc}")
+                for problem in problems:
+                    write_errors.append(f"{item.rel}: {problem}")
+                    progress.log(f"ERROR {item.rel}: {problem}")
+                reports[item.out_rel] = report
+                fail(item, "REJECTED", "; ".join([reason] + problems), res.attempts, res.errors, res.input_sha256,
+                     status="rejected", report=report)
                 continue
             try:
                 write_atomic(out, res.image)
                 write_atomic(report_path(outdir, item), (json.dumps(report, indent=2) + "\n").encode())
             except OSError as exc:
+                write_errors.append(f"{item.rel}: cannot write output: {exc}")
                 fail(item, "CLIENT", f"cannot write output: {exc}", res.attempts, res.errors, res.input_sha256)
                 continue
             counts["ok"] += 1
@@ -409,7 +443,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
                 "files": [entries[k] for k in sorted(entries, key=lambda k: (entries[k]["input"], k))]}
     write_atomic(outdir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
-    done_reports = list(reports.values())
+    done_reports = list(reports.values())  # complete outputs (skipped ones included) and rejected images
     faces = [f for r in done_reports for f in faces_of(r)]
     smoke = any(bool(r.get("smoke")) for r in done_reports)
     not_done = len(items) - counts["ok"] - counts["failed"] - counts["skipped"]
@@ -423,6 +457,7 @@ def _run(args, outdir: Path, items: list[Item], retry: RetryPolicy) -> int:
         "counts": {"inputs": len(items), "ok": counts["ok"], "failed": counts["failed"],
                    "skipped": counts["skipped"], "not_done": not_done},
         "failures": sorted(failures, key=lambda f: f["input"]),
+        "write_errors": sorted(write_errors),
         "throughput_images_per_s": round(counts["ok"] / wall, 3) if wall > 0 else None,
         "latency_ms": latency_stats(latencies),
         "server_total_ms": latency_stats(server_ms),
@@ -469,6 +504,9 @@ def _print_summary(s: dict, outdir: Path) -> None:
         lines.append(f"FAILED {f['input']}: {f['status']}: {(f['message'] or '').splitlines()[0][:300]}")
     if len(s["failures"]) > 20:
         lines.append(f"... and {len(s['failures']) - 20} more failures in {outdir / SUMMARY}")
+    if s["write_errors"]:
+        lines.append(f"{len(s['write_errors'])} file(s) could not be written or removed, first: "
+                     f"{s['write_errors'][0]}")
     if s["smoke"]:
         lines.append("WARNING: " + s["warning"])
     lines.append(f"summary: {outdir / SUMMARY}; audit manifest: {outdir / MANIFEST}")
@@ -512,7 +550,7 @@ def server_health(url: str, timeout: float, model: str = MODEL) -> dict:
 
 
 def run_health(args) -> int:
-    results = [server_health(u, args.timeout, args.model) for u in args.url]
+    results = [server_health(u, args.timeout) for u in args.url]
     if args.json:
         print(json.dumps({"healthy": all(r["healthy"] for r in results), "servers": results}, indent=2))
     else:
@@ -566,18 +604,25 @@ _positive_float = _float_type(0.0, strict=True)
 _nonneg_float = _float_type(0.0)
 
 
-def _age(text: str) -> int:
-    try:
-        return attributes.parse_age(text)
-    except attributes.AttributeValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _attribute(parse):
+    """An argparse type from an ``attributes.parse_*`` function (its message on a bad value)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except attributes.AttributeValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
-def _race(text: str) -> str:
+def _retries(text: str) -> int:
+    """``--retries``: checked as the server checks PARAMS ``retries`` (revpers.verify.MAX_RETRIES)."""
     try:
-        return attributes.parse_race(text)
-    except attributes.AttributeValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= MAX_GATE_RETRIES:
+        raise argparse.ArgumentTypeError(f"retries must be an integer in [0, {MAX_GATE_RETRIES}], got {text!r}")
+    return v
 
 
 def _url(text: str) -> str:
@@ -602,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"OUTDIR/{SUMMARY} (counts, failures, throughput, latency, verdicts) and "
                        f"OUTDIR/{MANIFEST} (per input: SHA-256 of input and output, status, audit) are "
                        "written at the end. Exit code 0 only when every input succeeded (or was skipped "
-                       "with --resume), 1 when any failed, 2 for a usage error, 130/143 when stopped by "
+                       "with --resume), 1 when any failed or was rejected by the identity gate, 2 for a usage error, 130/143 when stopped by "
                        "Ctrl-C/SIGTERM (the summary and manifest are still written).")
     a.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image file, folder (searched recursively for .jpg/.jpeg/.png/.webp, hidden "
@@ -634,23 +679,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs become .png")
     p = a.add_argument_group("attribute prompt (used in generation's unconditional branch)")
     p.add_argument("--prompt", help="free-text attribute prompt, e.g. 'an old man'")
-    p.add_argument("--age", type=_age, metavar="N", help="age in years, 0-120 (needs --sex)")
-    p.add_argument("--sex", type=str.lower, choices=attributes.SEXES, help="female or male")
-    p.add_argument("--race", type=_race, metavar="WORD",
+    p.add_argument("--age", type=_attribute(attributes.parse_age), metavar="N",
+                   help="age in years, 0-120 (needs --sex)")
+    p.add_argument("--sex", type=_attribute(attributes.parse_sex), metavar="{female,male}", help="female or male")
+    p.add_argument("--race", type=_attribute(attributes.parse_race), metavar="WORD",
                    help="one word of letters/hyphens, e.g. asian, latino-hispanic (needs --sex)")
     v = a.add_argument_group("identity verification gate (runs on the server; docs/verification.md)")
     v.add_argument("--no-verify", dest="verify", action="store_const", const=False, default=None,
-                   help="skip the gate (faces are not checked; reports say verdict 'unverified')")
-    v.add_argument("--retries", type=int, metavar="K",
-                   help="extra generation attempts for faces that still match their input (server default 2; "
-                        "network retries are --max-attempts)")
+                   help="skip the gate (faces are not checked; reports say verdict 'unverified', or "
+                        "'no_faces' for a photo with no face)")
+    v.add_argument("--retries", type=_retries, metavar="K",
+                   help=f"extra generation attempts (0-{MAX_GATE_RETRIES}) for faces that still match their "
+                        "input (server default 2; network retries are --max-attempts)")
     v.add_argument("--retry-mode", choices=("seed", "guidance", "both"),
                    help="new seed, stronger guidance, or both (server default both)")
     v.add_argument("--guidance-step", type=_finite_float, metavar="G",
                    help="guidance change per retry (server default 2.0)")
     v.add_argument("--fallback", choices=("blur", "pixelate", "reject"),
-                   help="after the last failed attempt: blur or pixelate the face, or reject the image (no "
-                        "output written, counted as failed) (server default blur)")
+                   help="after the last failed attempt: blur or pixelate the face, or reject the image "
+                        "(server default blur). A rejected image gets its report but no output (one left "
+                        "by an earlier run is removed) and counts as failed (status REJECTED). A blurred "
+                        "or pixelated face that still matches on the final check also gets its image "
+                        "rejected")
     r = a.add_argument_group("timeouts and retries")
     r.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                    help="per-request deadline in seconds (default 600); past it the request fails with "
@@ -673,7 +723,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC endpoint; repeat to check several servers")
     h.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     h.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S", help="per-call timeout (default 10)")
-    h.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
     h.set_defaults(func=run_health)
     return parser
 

@@ -6,11 +6,17 @@ machines that never load a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 
 MODEL = "revpers"
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data``: the digest every report, manifest entry and resume check uses."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def status_code(status: str | None) -> str | None:
@@ -48,8 +54,7 @@ def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple]:
     down; a batch client retrying against a restarting replica would then fail fast for minutes
     after the server is back. Capping the wait keeps retries meaningful.
     """
-    from tritonclient.grpc import KeepAliveOptions
-    from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
     ka = KeepAliveOptions()
     cap = max(100, int(max_reconnect_backoff_s * 1000))
@@ -104,7 +109,11 @@ class RevpersClient:
         return bool(self.client.is_server_ready() and self.client.is_model_ready(MODEL))
 
     def anonymize(self, image: bytes, **params) -> tuple[bytes, dict]:
-        """Send encoded image bytes plus parameters; returns (anonymized image bytes, report)."""
+        """Send encoded image bytes plus parameters; returns (anonymized image bytes, report).
+
+        When the server's identity gate rejects the image (PARAMS ``fallback: "reject"`` and a face
+        still matches), the call succeeds with ``b""`` as the image and ``report["verdict"] ==
+        "rejected"`` (``report["rejected_reason"]`` says why): check before writing the bytes."""
         return infer_once(self._grpc, self.client, image, params, self.timeout)
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 from client import attributes  # noqa: E402
 from client.batch import BatchClient, Job, RetryPolicy  # noqa: E402
-from client.cli import main, percentile, plan, UsageError  # noqa: E402
+from client.cli import latency_stats, main, percentile, plan, UsageError  # noqa: E402
 from client.core import RevpersClient, ServiceError  # noqa: E402
 
 
@@ -111,7 +111,10 @@ def test_attribute_prompt_template_and_bands():
     (["--age", "200", "--sex", "male"], "between 0 and 120"),
     (["--age", "7.5", "--sex", "male"], "whole number"),
     (["--race", "two words", "--sex", "male"], "one word"),
-    (["--sex", "other"], "invalid choice"),
+    (["--sex", "other"], "sex must be one of female, male; got 'other'"),
+    (["--retries", "6"], "retries must be an integer in [0, 5], got '6'"),
+    (["--retries", "-1"], "retries must be an integer in [0, 5]"),
+    (["--retries", "two"], "retries must be an integer in [0, 5], got 'two'"),
     (["--concurrency", "0"], "must be >= 1"),
     (["--timeout", "-1"], "must be a number > 0"),
 ])
@@ -121,6 +124,19 @@ def test_cli_refuses_bad_arguments(argv, message, tmp_path, capsys):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_gate_retries_limit_is_the_servers():
+    from revpers.verify import MAX_RETRIES  # test-side only
+
+    from client.cli import MAX_GATE_RETRIES, build_parser
+
+    assert MAX_GATE_RETRIES == MAX_RETRIES
+    base = ["anonymize", "x.jpg", "-o", "out", "--url", "127.0.0.1:1"]
+    parser = build_parser()
+    assert parser.parse_args(base + ["--retries", "0"]).retries == 0
+    assert parser.parse_args(base + ["--retries", str(MAX_RETRIES)]).retries == MAX_RETRIES
+    assert parser.parse_args(base + ["--sex", " Female "]).sex == "female"
 
 
 def test_cli_refuses_bad_url(tmp_path, capsys):
@@ -171,26 +187,146 @@ def test_plan_mirrors_folders_files_and_globs(tmp_path):
     assert [i.rel for i in plan([str(src / ".cache")], out)] == ["w.jpg"]  # a hidden folder named explicitly
 
 
-def test_percentile_and_backoff():
-    assert percentile([], 50) is None
-    assert percentile([5.0], 95) == 5.0
-    values = list(range(1, 101))
-    assert percentile(values, 50) == 50 and percentile(values, 95) == 95 and percentile(values, 100) == 100
-    pol = RetryPolicy(max_attempts=5, backoff_s=1.0, max_backoff_s=5.0)
+def test_percentile_and_latency_stats():
     import random
+    import statistics
+
+    import numpy as np
+
+    assert percentile([], 50) is None
+    assert percentile([5.0], 95) == 5.0 and percentile([5.0], 0) == 5.0
+    assert percentile([10.0, 20.0], 50) == 15.0 and percentile([10.0, 20.0], 95) == pytest.approx(19.5)
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50.5 and percentile(values, 95) == pytest.approx(95.05)
+    assert percentile(values, 0) == 1 and percentile(values, 100) == 100
+    rng = random.Random(1)
+    for n in (2, 3, 7, 50):
+        xs = [rng.uniform(0, 1000) for _ in range(n)]
+        cuts = statistics.quantiles(xs, n=100, method="inclusive")  # the documented definition
+        for q in (1, 5, 50, 95, 99):
+            assert percentile(xs, q) == pytest.approx(cuts[q - 1])
+        for q in (0, 12.5, 99.9, 100):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    for bad in (-1, 100.5):
+        with pytest.raises(ValueError):
+            percentile(values, bad)
+    assert latency_stats([30.0, 10.0, 20.0, 40.0]) == {"n": 4, "mean": 25.0, "p50": 25.0, "p95": 38.5,
+                                                       "min": 10.0, "max": 40.0}
+    assert latency_stats([1.23456], ndigits=3)["p95"] == 1.235
+    assert latency_stats([]) == {"n": 0, "mean": None, "p50": None, "p95": None, "min": None, "max": None}
+
+
+def test_backoff_and_retryable():
+    import random
+
+    pol = RetryPolicy(max_attempts=5, backoff_s=1.0, max_backoff_s=5.0)
 
     rng = random.Random(0)
     for attempt, cap in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0)):
         waits = [pol.delay(attempt, rng) for _ in range(200)]
         assert min(waits) >= cap / 2 and max(waits) <= cap
         assert max(waits) - min(waits) > cap / 4  # jittered, not a constant
+    # exactly these statuses are retried: INVALID_ARGUMENT (and anything else) never is; that a
+    # real INVALID_ARGUMENT answer is sent once: test_deadline_exceeded_is_retried_invalid_argument_is_not
+    assert pol.retry_on == {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert RetryPolicy(retry_internal=True).retry_on == {"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"}
     assert pol.retryable(ServiceError("x", "StatusCode.UNAVAILABLE"))
     assert pol.retryable(ServiceError("x", "StatusCode.DEADLINE_EXCEEDED"))
-    assert not pol.retryable(ServiceError("x", "StatusCode.INVALID_ARGUMENT"))
     assert not pol.retryable(ServiceError("x", "StatusCode.INTERNAL"))
+    assert not pol.retryable(ServiceError("x", "CLIENT"))
     assert RetryPolicy(retry_internal=True).retryable(ServiceError("x", "StatusCode.INTERNAL"))
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+
+
+def test_server_choice_least_outstanding_rotation_and_cool_down():
+    from client.batch import choose_server
+
+    free = [0.0, 0.0, 0.0]
+    # least-outstanding: the fewest in flight, wherever the rotation stands
+    for turn in range(3):
+        assert choose_server([3, 1, 2], free, now=10.0, turn=turn) == 1
+    # ties rotate from ``turn``; round-robin ignores the counts
+    assert [choose_server([1, 0, 0], free, 10.0, turn) for turn in range(3)] == [1, 1, 2]
+    assert [choose_server([3, 1, 2], free, 10.0, turn, "round-robin") for turn in range(3)] == [0, 1, 2]
+    # a server cooling down after UNAVAILABLE is skipped even when it has the fewest in flight ...
+    assert choose_server([0, 5, 7], [15.0, 0.0, 0.0], now=10.0, turn=0) == 1
+    assert choose_server([0, 5, 7], [15.0, 0.0, 0.0], now=10.0, turn=0, balance="round-robin") == 1
+    # ... and taken again once its cool-down is over
+    assert choose_server([0, 5, 7], [15.0, 0.0, 0.0], now=15.0, turn=0) == 0
+    # all cooling down: the one that comes back first
+    assert choose_server([0, 0, 0], [30.0, 12.0, 20.0], now=10.0, turn=0) == 1
+    # a retry avoids the server it just failed on while another is up, not when it is the only one
+    assert choose_server([0, 4], [0.0, 0.0], 10.0, 0, avoid=0) == 1
+    assert choose_server([0, 4], [0.0, 15.0], 10.0, 0, avoid=0) == 0
+    assert choose_server([0], [0.0], 10.0, 0, avoid=0) == 0
+
+
+def test_batch_client_keeps_outstanding_counts_and_cools_down_unavailable_servers():
+    """BatchClient's own bookkeeping around choose_server, without sending anything (gRPC channels
+    connect only when used)."""
+    urls = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    with BatchClient(urls) as bc:
+        a, b, c = (bc._acquire() for _ in range(3))
+        assert [a.url, b.url, c.url] == urls  # a tie each time: rotation
+        bc._release(b, None)
+        assert bc._acquire() is b  # fewest outstanding (round-robin would take urls[0])
+        bc._release(a, ServiceError("down", "StatusCode.UNAVAILABLE"))
+        bc._release(c, None)
+        assert a.outstanding == c.outstanding == 0 and b.outstanding == 1
+        assert bc._acquire() is c  # a has none in flight but is cooling down
+        bc._release(c, None)
+        assert bc._acquire() is c
+        bc._release(b, None)
+        bc._release(c, None)
+        assert bc._acquire(avoid=b) is c  # a retry leaves the server it failed on
+        bc._release(c, None)
+        a.down_until = 0.0  # cool-down over
+        assert bc._acquire() is a
+        assert bc.sent_per_url() == {urls[0]: 2, urls[1]: 2, urls[2]: 4}
+    with BatchClient(urls[:2], balance="round-robin") as bc:
+        first = bc._acquire()
+        bc._release(first, None)
+        assert [bc._acquire().url for _ in range(3)] == [urls[1], urls[0], urls[1]]
+
+
+def test_resume_check_reads_the_input_only_when_needed_and_hands_its_bytes_on(tmp_path):
+    from client.cli import Item, resume_check
+    from client.core import sha256_hex
+
+    src, out = tmp_path / "in.png", tmp_path / "out"
+    src.write_bytes(b"input bytes")
+    out.mkdir()
+    (out / "in.png").write_bytes(b"output bytes")
+    request = {"mode": "photo", "format": "png", "steps": 3}
+    report = {"verdict": "passed", "client": {"request": request, "input_sha256": sha256_hex(b"input bytes"),
+                                              "output_sha256": sha256_hex(b"output bytes")}}
+    (out / "in.png.json").write_text(json.dumps(report))
+    item = Item(src, "in.png", "in.png", "png")
+    assert resume_check(out, item, request).report == report  # complete: skipped
+    # another request or a changed output: redo, and the input is not read for the check
+    check = resume_check(out, item, request | {"steps": 2})
+    assert check.report is None and check.data is None and check.input_sha256 is None
+    (out / "in.png").write_bytes(b"tampered")
+    assert resume_check(out, item, request).data is None
+    (out / "in.png").write_bytes(b"output bytes")
+    # a changed input: redo with the bytes and digest the check read
+    src.write_bytes(b"new input")
+    check = resume_check(out, item, request)
+    assert check.report is None and check.data == b"new input" and check.input_sha256 == sha256_hex(b"new input")
+    for broken in ("", "{", "[]", '{"client": {}}'):
+        (out / "in.png.json").write_text(broken)
+        assert resume_check(out, item, request).report is None
+
+
+def test_batch_result_rejected_means_answered_without_an_image():
+    from client.batch import BatchResult
+
+    assert BatchResult("k", image=b"", report={"verdict": "rejected", "rejected_reason": "x"}).rejected
+    assert BatchResult("k", image=b"", report={"verdict": "passed"}).rejected  # no image is never usable
+    assert not BatchResult("k", image=b"png", report={"verdict": "passed"}).rejected
+    failed = BatchResult("k", error=ServiceError("bad", "StatusCode.INVALID_ARGUMENT"))
+    assert not failed.ok and not failed.rejected
 
 
 def test_client_library_does_not_need_torch():
@@ -236,8 +372,8 @@ def make_tree(root: Path) -> dict[str, bytes]:
     files = {
         "family/t1.jpg": T1.read_bytes(),                  # 6 faces
         "family/kids/tom.png": TOM.read_bytes(),            # 1 face
-        "space/astronaut.jpg": astronaut_jpeg(),            # 1 face
-        "masks/mask_white.jpg": MASK.read_bytes(),
+        "space/astronaut.jpg": astronaut_jpeg(),            # 1 face, and a low-score 2nd detection
+        "masks/mask_white.jpg": MASK.read_bytes(),          # no face found
         "space/broken.jpg": T1.read_bytes()[:20000],        # truncated JPEG
     }
     for rel, data in files.items():
@@ -280,6 +416,8 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
     good = sorted(k for k in files if k != "space/broken.jpg")
     assert produced == sorted(["audit-manifest.json", "run-summary.json"] + good + [g + ".json" for g in good])
     faces = 0
+    faces_in = {"family/t1.jpg": 6, "family/kids/tom.png": 1, "space/astronaut.jpg": 2, "masks/mask_white.jpg": 0}
+    assert sorted(faces_in) == good
     for rel in good:
         fmt = image_format(out / rel)
         assert fmt == ("PNG" if rel.endswith(".png") else "JPEG"), (rel, fmt)
@@ -287,11 +425,17 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
         assert report["params"]["steps"] == 2 and report["params"]["seed"] == 5
         assert report["client"]["input_sha256"] == hashlib.sha256(files[rel]).hexdigest()
         assert report["client"]["output_sha256"] == sha(out / rel)
-        assert (out / rel).read_bytes() != files[rel]
+        # what the server did to each face (a re-encoded image differs from its input in any case)
+        assert report["faces_found"] == len(report["faces"]) == faces_in[rel], rel
+        if faces_in[rel]:
+            assert report["verdict"] == "unverified"
+            assert all(f["action"] == "anonymized" and f["verdict"] == "unverified" for f in report["faces"]), rel
+        else:
+            assert report["verdict"] == "no_faces" and "no face found" in report["note"]
         faces += len(report["faces"])
-    assert json.loads((out / "family/t1.jpg.json").read_text())["faces_found"] == 6
     assert summary["faces"] == faces >= 8
     assert summary["faces_by_verdict"] == {"unverified": faces}
+    assert summary["faces_by_action"] == {"anonymized": faces}
     assert summary["images_by_verdict"] == {"unverified": 3, "no_faces": 1}  # mask_white.jpg: no face found
     lat = summary["latency_ms"]
     assert lat["n"] == 4 and 0 < lat["p50"] <= lat["p95"] <= lat["max"]
@@ -321,7 +465,6 @@ def test_attribute_flags_reach_the_server_as_the_documented_prompt(url, tmp_path
         assert code == 0
         report = json.loads((out / "Tom_Hanks_54745.png.json").read_text())
         assert report["params"]["prompt"] == want  # as the server parsed and used it
-        assert report["client"]["request"]["prompt"] == want
 
 
 @server_tests
@@ -392,6 +535,15 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
     again = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0
     assert json.loads((out / "run-summary.json").read_text())["counts"]["skipped"] == n
+    # a changed input is redone, and its report records the new bytes' digest
+    changed_src = sorted(src.rglob("*.png"))[0]
+    changed_src.write_bytes(TOM.read_bytes() + b"\0")  # trailing byte after IEND: same image, new SHA-256
+    redo = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert redo.returncode == 0, redo.stdout + redo.stderr
+    assert json.loads((out / "run-summary.json").read_text())["counts"] == {
+        "inputs": n, "ok": 1, "failed": 0, "skipped": n - 1, "not_done": 0}
+    redone = json.loads(Path(str(out / changed_src.relative_to(src)) + ".json").read_text())
+    assert redone["client"]["input_sha256"] == sha(changed_src) == redone["audit"]["input_sha256"]
     # a changed parameter is not "complete" for --resume: everything is redone
     changed = subprocess.run(cmd[:-4] + ["--steps", "2", "--resume", "--concurrency", "2", "--progress", "none"],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -524,11 +676,13 @@ def test_health(url, capsys):
 
 
 @server_tests
-def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_artifacts, smoke_bundle_dir, tmp_path):
+def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_artifacts, smoke_bundle_dir, tmp_path,
+                                                                         capsys):
     """A server whose bundle says every face still matches (dlib threshold 1.99: any distance the
     descriptor gives is below it) must reject the image after the retries: the client writes no
-    image, keeps the report (why, per-face attempts, audit), counts a failure and exits 1. Gate
-    flags travel as PARAMS."""
+    image (and removes one an earlier --no-verify run wrote there), keeps the report (why, per-face
+    attempts, audit), counts a failure and exits 1. Gate flags travel as PARAMS: the server's own
+    records show the policy and per-attempt guidance it used. The library says ``rejected``."""
     from revpers.repository import build_repository
 
     bundle = tmp_path / "strict-bundle"
@@ -537,21 +691,59 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
     (bundle / "manifest.json").write_text(json.dumps(manifest | {"verify": {"dlib_threshold": 1.99}}))
     repo = build_repository(onnx_artifacts[0], tmp_path / "repo", "onnxruntime", bundle=bundle)
     srv = start_triton(repo)
+    out = tmp_path / "out"
+    image, report_path = out / "Tom_Hanks_54745.png", out / "Tom_Hanks_54745.png.json"
     try:
-        out = tmp_path / "out"
+        # gate off: an image is written
+        assert run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--no-verify",
+                       "--progress", "none") == 0
+        assert image.exists() and json.loads(report_path.read_text())["verdict"] == "unverified"
+        # gate on, same OUTDIR: rejected, and that earlier image must not stay beside the new report
         code = run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--retries", 1,
-                       "--fallback", "reject", "--progress", "none")
+                       "--retry-mode", "guidance", "--guidance-step", 3, "--fallback", "reject",
+                       "--progress", "none")
+        # a report that cannot be written (a folder in its way) is logged and listed, not swallowed
+        blocked = tmp_path / "blocked"
+        (blocked / "Tom_Hanks_54745.png.json").mkdir(parents=True)
+        blocked_code = run_cli("anonymize", TOM, "-o", blocked, "--url", srv.urls.grpc, "--steps", 2,
+                               "--retries", 0, "--fallback", "reject", "--progress", "lines")
+        with BatchClient([srv.urls.grpc]) as bc:
+            res = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "retries": 0, "fallback": "reject"}))
+            kept = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "verify": False}))
     finally:
         srv.stop()
     assert code == 1
-    assert not (out / "Tom_Hanks_54745.png").exists()
-    report = json.loads((out / "Tom_Hanks_54745.png.json").read_text())
+    assert not image.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["Tom_Hanks_54745.png.json", "audit-manifest.json",
+                                                     "run-summary.json"]
+    report = json.loads(report_path.read_text())
     assert report["verdict"] == "rejected" and report["rejected_reason"]
+    assert report["client"]["output"] is None and report["client"]["output_sha256"] is None
+    policy = report["audit"]["verify_policy"]  # what the server used, not the client's echo
+    assert policy["fallback"] == "reject" and policy["retries"] == 1
+    assert policy["retry_mode"] == "guidance" and policy["guidance_step"] == 3
     [face] = report["faces"]
+    assert face["action"] == "rejected" and face["verdict"] == "rejected"
     assert len(face["attempts"]) == 2 and all(a["dlib_match"] for a in face["attempts"])  # first try + 1 retry
-    assert report["client"]["request"]["fallback"] == "reject" and report["client"]["request"]["retries"] == 1
+    # guidance mode: the server's default guidance -10, then one --guidance-step stronger; same seed
+    assert [a["guidance"] for a in face["attempts"]] == [-10.0, -13.0]
+    assert len({a["seed"] for a in face["attempts"]}) == 1
     summary = json.loads((out / "run-summary.json").read_text())
     assert summary["counts"]["failed"] == 1 and summary["failures"][0]["status"] == "REJECTED"
+    assert summary["failures"][0]["message"] == report["rejected_reason"]
+    assert summary["write_errors"] == []
+    assert summary["images_by_verdict"] == {"rejected": 1} and summary["faces_by_verdict"] == {"rejected": 1}
     [entry] = json.loads((out / "audit-manifest.json").read_text())["files"]
     assert entry["status"] == "rejected" and entry["output_sha256"] is None
+    assert entry["error"] == {"status": "REJECTED", "message": report["rejected_reason"]}
     assert entry["audit"]["verdict"] == "rejected"
+    assert blocked_code == 1
+    blocked_summary = json.loads((blocked / "run-summary.json").read_text())
+    [write_error] = blocked_summary["write_errors"]
+    assert write_error.startswith("Tom_Hanks_54745.png: cannot write its report: ")
+    assert "cannot write its report" in blocked_summary["failures"][0]["message"]
+    assert blocked_summary["failures"][0]["status"] == "REJECTED"
+    assert "ERROR Tom_Hanks_54745.png: cannot write its report" in capsys.readouterr().err
+    # the library: a rejection is an answer (ok) without an image, and says so
+    assert res.ok and res.rejected and res.image == b"" and res.report["verdict"] == "rejected"
+    assert kept.ok and not kept.rejected and kept.image
