@@ -209,7 +209,7 @@ class Anonymizer:
             if i in outcome.final:
                 face["verification"] = outcome.final[i].as_dict()
             image_v = image_verdict([verdict], verify.verify)
-            final = None if image_v == "rejected" else outcome.image[i]
+            final = None if image_v == "rejected" else outcome.image[i]  # withheld per image
             report = self._base_report(params, "aligned")
             report.update({"input_size": [int(img.shape[1]), int(img.shape[0])], "generator_size": n,
                            "resized": tuple(img.shape[:2]) != (n, n), "faces_in_batch": len(images),

@@ -339,7 +339,7 @@ class GateSession:
 # ---------------------------------------------------------------------------------------- the gate loop
 @dataclass
 class GateOutcome:
-    image: object  # whatever render() returned last (None when rejected)
+    image: object  # what render() returned last; the caller withholds every image that holds a rejected id
     attempts: dict  # id -> list of attempt records
     final: dict  # id -> FaceCheck of the released pixels (empty when verification is off)
     fallback: dict  # id -> "blur" | "pixelate" for faces that fell back
@@ -355,6 +355,8 @@ def run_gate(ids: list, generate: Callable, render: Callable, session: GateSessi
     generate(ids, attempt) -> {id: {"seed": s, "guidance": g}} (and stores the new crops);
     render(override) -> output (override: id -> "blur" | "pixelate");
     outputs(output, id) -> the image holding face ``id`` in that output (default: output itself).
+    ``outcome.image`` is always the last render: with several images per output (aligned batches)
+    only the images holding a rejected or failed id are withheld, by the caller.
     """
     outputs = outputs or (lambda out, i: out)
     attempts = {i: [] for i in ids}
@@ -385,13 +387,10 @@ def run_gate(ids: list, generate: Callable, render: Callable, session: GateSessi
             fallback = {i: policy.fallback for i in pending}
             image = render(fallback)
     final, failed = {}, []
-    if verify and ids:
-        if rejected:  # nothing is released; the last attempt's checks stand
-            final = {i: session.check(lambda i: outputs(image, i), [i])[i] for i in ids if i not in rejected}
-        else:
-            final = session.check(lambda i: outputs(image, i), ids)
+    if verify and ids:  # the pixels to release; a rejected face's last attempt stands in its attempts
+        final = session.check(lambda i: outputs(image, i), [i for i in ids if i not in rejected])
         failed = [i for i in ids if i in final and not final[i].passed]
-    return GateOutcome(None if rejected else image, attempts, final, fallback, rejected, failed, batches)
+    return GateOutcome(image, attempts, final, fallback, rejected, failed, batches)
 
 
 def face_verdict(i, outcome: GateOutcome, policy: VerifyPolicy) -> str:

@@ -29,7 +29,9 @@ from revpers.audit import canonical_json, pixels_sha256
 from revpers.faces import alignment_matrix, obscure_face
 from revpers.images import decode_image, encode_image
 from revpers.pipeline import ParameterError, Params
-from revpers.verify import (DLIB_THRESHOLD, SEED_STRIDE, Verifier, VerifyPolicy, pop_verify_policy, verify_pair)
+from revpers.verify import (ARCFACE_THRESHOLD, DLIB_THRESHOLD, FACE_VERDICTS, IMAGE_VERDICTS, LOCATE_TOLERANCE,
+                            SEED_STRIDE, VERIFY_SIZE, FaceCheck, Verifier, VerifyPolicy, pop_verify_policy,
+                            verify_pair)
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -66,6 +68,15 @@ def _at(faces, centre, width):
 
 def _dist(a, b):
     return float(np.linalg.norm(a.dlib - b.dlib))
+
+
+def _known_verdicts(report):
+    """Every verdict a report carries is one of the documented ones (the client counts them)."""
+    assert report["verdict"] in IMAGE_VERDICTS, report["verdict"]
+    assert report["audit"]["verdict"] == report["verdict"]
+    for face in report["faces"]:
+        assert face["verdict"] in FACE_VERDICTS, face["verdict"]
+    return report
 
 
 def test_dlib_same_person_is_closer_than_different_people(verifier):
@@ -254,6 +265,62 @@ def test_aligned_mode_is_gated(unchanged, verifier):
     assert [a["seed"] for a in f["attempts"]] == [1, 1 + SEED_STRIDE, 1 + 2 * SEED_STRIDE]
     assert res.report["generator_batches"] == [1, 1, 1]
     assert f["verification"]["passed"] and res.image.shape == crop.shape and not np.array_equal(res.image, crop)
+
+
+class BlurringComponents(UnchangedComponents):
+    """Like UnchangedComponents, but the "VAE" decoder blurs each crop (Gaussian sigma = side / 12, the
+    blur fallback's strength; a whole-face crop blurred so passes dlib) except the crops in ``spare``
+    (native-size uint8), which come back unchanged (so they still match)."""
+
+    def __init__(self, torch_models, spare=()):
+        from revpers.pipeline import to_model_images
+
+        super().__init__(torch_models)
+        self.spare = [to_model_images([c])[0] for c in spare]
+        self.spared = []
+
+    def encode(self, images):
+        self.spared = [any(torch.equal(img, s) for s in self.spare) for img in images]
+        return super().encode(images)
+
+    def decode(self, latents):
+        import cv2
+
+        side = latents.shape[-1]
+        arr = latents.permute(0, 2, 3, 1).numpy()
+        out = [a if spared else cv2.GaussianBlur(a, (0, 0), side / 12.0, borderType=cv2.BORDER_REPLICATE)
+               for a, spared in zip(arr, self.spared)]
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_aligned_batch_withholds_only_the_rejected_image(smoke_bundle, torch_models, verifier):
+    """Two aligned faces in one batch, fallback "reject": the blurred face passes, the unchanged one
+    still matches after its retry; only its image is withheld, the other is returned with its report."""
+    from revpers.anonymizer import Anonymizer
+    from revpers.bundle import Bundle
+    from revpers.faces import align_face
+
+    from revpers.anonymizer import resize_rgb
+
+    astronaut = skimage_data.astronaut()
+    crop, _ = align_face(astronaut, verifier.analyzer.detect(astronaut)[0].kps, 256)
+    chip = real_photo()
+    anon = Anonymizer(Bundle(smoke_bundle.root, {**smoke_bundle.manifest, "native_size": 256}),
+                      models=BlurringComponents(torch_models, spare=[resize_rgb(chip, (256, 256))]))
+    results = anon.anonymize_aligned_batch([crop, chip], Params(steps=2, seed=3),
+                                           verify=VerifyPolicy(retries=1, fallback="reject"))
+    ok, bad = (_known_verdicts(r.report) for r in results)
+    print(f"\nblurred face {[a['dlib_distance'] for a in ok['faces'][0]['attempts']]}, "
+          f"unchanged face {[a['dlib_distance'] for a in bad['faces'][0]['attempts']]}")
+    assert ok["generator_batches"] == bad["generator_batches"] == [2, 1]  # the failing face is retried alone
+    assert ok["verdict"] == "passed" and ok["faces"][0]["verdict"] == "passed" and ok["faces"][0]["seed_used"] == 3
+    assert ok["faces"][0]["verification"]["passed"] and "rejected_reason" not in ok
+    assert bad["verdict"] == "rejected" and bad["faces"][0]["verdict"] == "rejected"
+    assert "face 0 still matched its input after 2 attempt(s)" in bad["rejected_reason"]
+    assert results[1].image is None and bad["audit"]["output_pixels_sha256"] is None
+    out = results[0].image
+    assert out is not None and out.shape == crop.shape and not np.array_equal(out, crop)
+    assert ok["audit"]["output_pixels_sha256"] == pixels_sha256(out)
 
 
 def test_a_fallback_that_still_matches_rejects_the_image(unchanged):
