@@ -164,12 +164,19 @@ class DlibRecognizer:
     def __init__(self):
         self.net, self.predictor, self.model_name, self.model_sha256 = _dlib_models()
 
-    def __call__(self, rgb: np.ndarray, box) -> np.ndarray:
+    def __call__(self, rgb: np.ndarray, box, landmarks68: np.ndarray | None = None) -> np.ndarray:
+        """``landmarks68``: the 68 points already predicted on these pixels in this box (the dlib
+        analyzer's ``detect_in_crop`` keeps them), so the predictor does not run twice."""
         import dlib
 
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        rect = dlib.rectangle(x1, y1, x2 - 1, y2 - 1)
         with self._lock:
-            shape = self.predictor(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
+            if landmarks68 is None:
+                shape = self.predictor(rgb, rect)
+            else:
+                pts = np.rint(np.asarray(landmarks68, dtype=np.float64).reshape(68, 2)).astype(int)
+                shape = dlib.full_object_detection(rect, [dlib.point(int(x), int(y)) for x, y in pts])
             desc = self.net.compute_face_descriptor(np.ascontiguousarray(rgb), shape)
         return np.asarray(desc, dtype=np.float64)
 
