@@ -110,14 +110,9 @@ class Anonymizer:
 
     def identity_of_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
         """ArcFace embedding of each aligned crop (the paper takes it from the aligned crop)."""
-        from .faces import identity_from_crop
+        from .faces import identities_of_crops
 
-        embs, sources = [], []
-        for crop in crops:
-            emb, source = identity_from_crop(self.analyzer, crop)
-            embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
-            sources.append(source)
-        return np.stack(embs), sources
+        return identities_of_crops(self.analyzer, crops)
 
     # ------------------------------------------------------------------ reports
     def _base_report(self, params: Params, mode: str) -> dict:

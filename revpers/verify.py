@@ -269,31 +269,22 @@ class Verifier:
 
         return alignment_matrix(kps, self.size)
 
-    def _locate(self, crop: np.ndarray, expected_kps: np.ndarray):
-        detect = getattr(self.analyzer, "detect_in_crop", None) or self.analyzer.detect
-        best, best_d = None, LOCATE_TOLERANCE * self.size
-        for f in detect(crop):
-            d = float(np.mean(np.linalg.norm(f.kps - expected_kps, axis=1)))
-            if d <= best_d:
-                best, best_d = f, d
-        return best
-
     def embed(self, crop: np.ndarray, fallback_face=None) -> Embedded:
-        """Embed the face in a verification crop. ``fallback_face`` (crop coordinates) is where to embed
-        when nothing is re-detected; default: the template face the alignment put there."""
-        from .faces.align import template_face
+        """Embed the face in a verification crop: the detection whose 5 points are nearest (within
+        LOCATE_TOLERANCE of the side) to ``fallback_face``'s (crop coordinates; default: the template
+        face the alignment put there), or, when there is none, that face itself (redetected False)."""
+        from .faces.align import locate_in_crop, template_face
 
-        template = template_face(self.size)
-        expected = fallback_face.kps if fallback_face is not None else template.kps
-        face = self._locate(crop, expected)
-        redetected = face is not None
-        if face is None:
-            face = fallback_face if fallback_face is not None else template
+        expected = fallback_face if fallback_face is not None else template_face(self.size)
+        face, redetected = locate_in_crop(self.analyzer, crop, near=expected.kps,
+                                          tolerance=LOCATE_TOLERANCE * self.size, fallback=expected)
         arc = None
         if self.use_arcface:
             arc = np.asarray(self.analyzer.embed(crop, [face]), dtype=np.float64).reshape(-1)
             arc = arc / max(np.linalg.norm(arc), 1e-12)
-        return Embedded(face, redetected, self.dlib(crop, face.box), arc)
+        # 68 points are reusable only when they were predicted on this crop (not the fallback's)
+        points = face.extra.get("landmarks68") if redetected else None
+        return Embedded(face, redetected, self.dlib(crop, face.box, points), arc)
 
     def compare(self, ref: Embedded, out: Embedded) -> FaceCheck:
         cos = float(np.dot(ref.arcface, out.arcface)) if self.use_arcface else None
