@@ -214,7 +214,7 @@ class Anonymizer:
                            "timings_ms": timings.as_ms(),
                            "batch_total_ms": round(sum(timings.stages.values()) * 1e3, 3)})
             if image_v == "rejected":
-                report["rejected_reason"] = rejection_reason([face], verify)
+                report["rejected_reason"] = rejection_reason([face])
             report["audit"] = build_audit(mode="aligned", bundle=self.bundle, params=params.as_dict(), face_policy=None,
                                           verify_policy=verify.as_dict(), verification=self._audit_recognizers(verify),
                                           faces=[face], verdict=image_v, input_rgb=img, output_rgb=final,
@@ -295,7 +295,7 @@ class Anonymizer:
         if not faces:
             report["note"] = "no face found; the image is returned unchanged"
         if verdict == "rejected":
-            report["rejected_reason"] = rejection_reason(faces, verify)
+            report["rejected_reason"] = rejection_reason(faces)
         report["audit"] = build_audit(mode="photo", bundle=self.bundle, params=params.as_dict(),
                                       face_policy=policy.as_dict(), verify_policy=verify.as_dict(),
                                       verification=self._audit_recognizers(verify), faces=faces, verdict=verdict,

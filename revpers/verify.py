@@ -57,8 +57,9 @@ NOT_GENERATED = "not_generated"  # blurred/pixelated by the face-size policy; no
 LEFT = "left"  # left unchanged by the face-size policy ("leave"); not gated
 UNVERIFIED = "unverified"  # verification switched off
 FACE_VERDICTS = (PASSED, "fallback_blurred", "fallback_pixelated", REJECTED, FAILED, NOT_GENERATED, LEFT, UNVERIFIED)
-# per-image verdicts (report["verdict"])
-IMAGE_VERDICTS = ("passed", "fallback", "partial", "rejected", "no_faces", "unverified")
+# per-image verdicts (report["verdict"]); "not_gated": faces were found, but the face-size policy
+# obscured every one of them, so none went through the gate
+IMAGE_VERDICTS = ("passed", "fallback", "partial", "not_gated", "rejected", "no_faces", "unverified")
 
 
 # ---------------------------------------------------------------------------------------- policy
@@ -404,7 +405,7 @@ def face_verdict(i, outcome: GateOutcome, policy: VerifyPolicy) -> str:
 
 
 def image_verdict(verdicts: list[str], verify: bool) -> str:
-    """passed | fallback | partial | rejected | no_faces | unverified (docs/verification.md)."""
+    """One of IMAGE_VERDICTS (docs/verification.md)."""
     if not verdicts:
         return "no_faces"
     if not verify:
@@ -413,12 +414,14 @@ def image_verdict(verdicts: list[str], verify: bool) -> str:
         return "rejected"
     if any(v == LEFT for v in verdicts):
         return "partial"
+    if all(v == NOT_GENERATED for v in verdicts):
+        return "not_gated"
     if any(v.startswith("fallback_") for v in verdicts):
         return "fallback"
     return "passed"
 
 
-def rejection_reason(faces: list[dict], policy: VerifyPolicy) -> str:
+def rejection_reason(faces: list[dict]) -> str:
     bad = [f for f in faces if f.get("verdict") in (REJECTED, FAILED)]
     parts = []
     for f in bad:
@@ -485,16 +488,6 @@ def aligned_matrix(shape, size: int) -> np.ndarray:
     """2x3 matrix from an aligned face image (template framing at any size) to a ``size`` crop."""
     h, w = shape[:2]
     return np.array([[size / w, 0.0, 0.5 * size / w - 0.5], [0.0, size / h, 0.5 * size / h - 0.5]])
-
-
-def round_floats(obj, digits: int = ROUND):
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [round_floats(v, digits) for v in obj]
-    return obj
 
 
 __all__ = ["VerifyPolicy", "pop_verify_policy", "Verifier", "GateSession", "FaceCheck", "run_gate", "verify_pair",
