@@ -477,6 +477,29 @@ def test_audit_is_byte_identical_across_runs(unchanged, smoke_bundle):
     assert canonical_json(r3.report["audit"]) != canonical_json(audit)
 
 
+def test_audit_names_the_manifest_that_was_loaded(smoke_bundle_dir, tmp_path):
+    """The manifest hash is of the bytes load_bundle parsed, not of the file as it is later."""
+    from revpers.audit import build_audit
+    from revpers.bundle import Bundle, load_bundle, manifest_bytes
+
+    root = _bundle_copy(smoke_bundle_dir, tmp_path / "b", name="as loaded")
+    raw = (root / "manifest.json").read_bytes()
+    bundle = load_bundle(root)
+    (root / "manifest.json").write_text(json.dumps({**bundle.manifest, "name": "edited after loading"}))
+    want = hashlib.sha256(raw).hexdigest()
+    assert bundle.digest() == want and bundle.describe()["manifest_sha256"] == want
+    audit = build_audit(mode="photo", bundle=bundle, params={}, face_policy=None, verify_policy={}, verification=None,
+                        faces=[], verdict="no_faces", input_rgb=np.zeros((16, 16, 3), np.uint8), output_rgb=None,
+                        runtime={})
+    assert audit["bundle"] == {"name": "as loaded", "manifest_sha256": want, "smoke": True}
+    assert load_bundle(root).digest() != want  # a later load sees the edit
+    # a bundle built in memory: the hash of its manifest as write_manifest writes it (for a bundle
+    # written by write_manifest, the file's hash)
+    smoke = load_bundle(smoke_bundle_dir)
+    assert Bundle(smoke.root, dict(smoke.manifest)).digest() == smoke.digest()
+    assert Bundle(root, {"x": 1}).digest() == hashlib.sha256(manifest_bytes({"x": 1})).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------ command line
 def _revpers(*args):
     return subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
