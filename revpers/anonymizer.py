@@ -110,14 +110,9 @@ class Anonymizer:
 
     def identity_of_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
         """ArcFace embedding of each aligned crop (the paper takes it from the aligned crop)."""
-        from .faces import identity_from_crop
+        from .faces import identities_of_crops
 
-        embs, sources = [], []
-        for crop in crops:
-            emb, source = identity_from_crop(self.analyzer, crop)
-            embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
-            sources.append(source)
-        return np.stack(embs), sources
+        return identities_of_crops(self.analyzer, crops)
 
     # ------------------------------------------------------------------ reports
     def _base_report(self, params: Params, mode: str) -> dict:
@@ -209,7 +204,7 @@ class Anonymizer:
             if i in outcome.final:
                 face["verification"] = outcome.final[i].as_dict()
             image_v = image_verdict([verdict], verify.verify)
-            final = None if image_v == "rejected" else outcome.image[i]
+            final = None if image_v == "rejected" else outcome.image[i]  # withheld per image
             report = self._base_report(params, "aligned")
             report.update({"input_size": [int(img.shape[1]), int(img.shape[0])], "generator_size": n,
                            "resized": tuple(img.shape[:2]) != (n, n), "faces_in_batch": len(images),
@@ -219,7 +214,7 @@ class Anonymizer:
                            "timings_ms": timings.as_ms(),
                            "batch_total_ms": round(sum(timings.stages.values()) * 1e3, 3)})
             if image_v == "rejected":
-                report["rejected_reason"] = rejection_reason([face], verify)
+                report["rejected_reason"] = rejection_reason([face])
             report["audit"] = build_audit(mode="aligned", bundle=self.bundle, params=params.as_dict(), face_policy=None,
                                           verify_policy=verify.as_dict(), verification=self._audit_recognizers(verify),
                                           faces=[face], verdict=image_v, input_rgb=img, output_rgb=final,
@@ -300,7 +295,7 @@ class Anonymizer:
         if not faces:
             report["note"] = "no face found; the image is returned unchanged"
         if verdict == "rejected":
-            report["rejected_reason"] = rejection_reason(faces, verify)
+            report["rejected_reason"] = rejection_reason(faces)
         report["audit"] = build_audit(mode="photo", bundle=self.bundle, params=params.as_dict(),
                                       face_policy=policy.as_dict(), verify_policy=verify.as_dict(),
                                       verification=self._audit_recognizers(verify), faces=faces, verdict=verdict,

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import __version__
-from .verify import ROUND, round_floats
+from .verify import ROUND
 
 FORMAT = "revpers-audit"
 VERSION = 1
@@ -63,6 +63,16 @@ def versions() -> dict:
     except ImportError:  # pragma: no cover - dlib is a dependency
         pass
     return dict(sorted(out.items()))
+
+
+def round_floats(obj, digits: int = ROUND):
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
 
 
 def build_audit(*, mode: str, bundle, params: dict, face_policy: dict | None, verify_policy: dict,

@@ -29,10 +29,23 @@ class BundleError(ValueError):
     """The bundle folder is missing something or is inconsistent (message says what)."""
 
 
+def manifest_bytes(manifest: dict) -> bytes:
+    """manifest.json as ``write_manifest`` writes it."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
 @dataclass(frozen=True)
 class Bundle:
+    """``manifest_sha256``: SHA-256 of the manifest bytes this bundle was parsed from (``load_bundle``
+    sets it); for a Bundle built in memory, of ``manifest_bytes(manifest)``."""
+
     root: Path
     manifest: dict = field(repr=False)
+    manifest_sha256: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.manifest_sha256 is None:
+            object.__setattr__(self, "manifest_sha256", hashlib.sha256(manifest_bytes(self.manifest)).hexdigest())
 
     @property
     def smoke(self) -> bool:
@@ -62,8 +75,9 @@ class Bundle:
         return self.root / rel
 
     def digest(self) -> str:
-        """SHA-256 of manifest.json: identifies the bundle in reports and audit records."""
-        return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()
+        """SHA-256 of the manifest in use (the bytes parsed at load time, not the file as it is now):
+        identifies the bundle in reports and audit records."""
+        return self.manifest_sha256
 
     def describe(self) -> dict:
         return {"path": str(self.root), "name": self.manifest.get("name", self.root.name), "smoke": self.smoke,
@@ -82,7 +96,7 @@ def write_manifest(root: Path, *, native_size: int, embedding_dim: int, smoke: b
                 "ip_adapter": ip_adapter, "faces": faces}
     manifest.update(extra or {})
     path = Path(root) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    path.write_bytes(manifest_bytes(manifest))
     return path
 
 
@@ -95,16 +109,19 @@ def load_bundle(root: str | Path) -> Bundle:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{root} is not a model bundle: {MANIFEST} is missing")
+    raw = mpath.read_bytes()  # parsed and hashed once: the audit names exactly this manifest
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{mpath}: invalid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     missing_keys = [k for k in ("native_size", "embedding_dim", "sdxl", "ip_adapter", "faces") if k not in manifest]
     if missing_keys:
         raise BundleError(f"{mpath}: missing keys {missing_keys}")
-    bundle = Bundle(root, manifest)
+    bundle = Bundle(root, manifest, hashlib.sha256(raw).hexdigest())
     problems = [f"sdxl/{rel}" for rel in REQUIRED_SDXL if not (bundle.sdxl_dir / rel).is_file()]
     if not bundle.ip_adapter_file.is_file():
         problems.append(manifest["ip_adapter"])

@@ -50,7 +50,9 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     d = VerifyPolicy()
     g = p.add_argument_group("identity verification gate (docs/verification.md)")
     g.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the gate (faces are not checked; reports say verdict 'unverified')")
+                   help="skip the gate: generated faces are not checked and get verdict 'unverified' (so does "
+                        "the image); faces the size policy obscured or left keep 'not_generated'/'left', and a "
+                        "photo with no face is 'no_faces'")
     g.add_argument("--retries", type=int, default=d.retries,
                    help=f"extra attempts for faces that still match their input (0-{MAX_RETRIES}; default {d.retries})")
     g.add_argument("--retry-mode", choices=RETRY_MODES, default=d.retry_mode,
@@ -193,7 +195,7 @@ def cmd_anonymize(args) -> int:
 
     from .anonymizer import Anonymizer
     from .audit import add_byte_hashes
-    from .images import ImageError, decode_image, encode_image, format_for
+    from .images import ImageError, encode_image, format_for, read_image_bytes
 
     params = params_from_args(args)
     verify = verify_policy_from_args(args)
@@ -206,11 +208,7 @@ def cmd_anonymize(args) -> int:
     for src in args.inputs:
         try:
             t0 = time.perf_counter()
-            try:
-                raw = src.read_bytes()
-            except OSError as exc:
-                raise ImageError(f"{src}: cannot read file: {exc.strerror or exc}") from None
-            rgb = decode_image(raw, name=str(src))
+            raw, rgb = read_image_bytes(src)
             decode_s = time.perf_counter() - t0
             if args.aligned:
                 result = anon.anonymize_aligned(rgb, params, verify=verify)
@@ -338,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     from .bundle import BundleError
+    from .faces.analysis import FaceModelError
     from .pipeline import ParameterError
 
     handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
@@ -351,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except (BundleError, ParameterError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FaceModelError as exc:  # a broken bundle, not a verdict: exit 1 means "a face still matches"
+        print(f"error: face models: {exc}", file=sys.stderr)
         return 2
 
 

@@ -63,13 +63,18 @@ def decode_image(data: bytes | bytearray | memoryview, name: str = "input") -> n
         raise ImageError(f"{name}: corrupt or truncated image: {exc}") from None
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image_bytes(path: str | Path) -> tuple[bytes, np.ndarray]:
+    """The file's bytes (e.g. to hash them for the audit) and the decoded (H, W, 3) uint8 RGB."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"{path}: cannot read file: {exc.strerror or exc}") from None
-    return decode_image(data, name=str(path))
+    return data, decode_image(data, name=str(path))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    return read_image_bytes(path)[1]
 
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

@@ -57,8 +57,9 @@ NOT_GENERATED = "not_generated"  # blurred/pixelated by the face-size policy; no
 LEFT = "left"  # left unchanged by the face-size policy ("leave"); not gated
 UNVERIFIED = "unverified"  # verification switched off
 FACE_VERDICTS = (PASSED, "fallback_blurred", "fallback_pixelated", REJECTED, FAILED, NOT_GENERATED, LEFT, UNVERIFIED)
-# per-image verdicts (report["verdict"])
-IMAGE_VERDICTS = ("passed", "fallback", "partial", "rejected", "no_faces", "unverified")
+# per-image verdicts (report["verdict"]); "not_gated": faces were found, but the face-size policy
+# obscured every one of them, so none went through the gate
+IMAGE_VERDICTS = ("passed", "fallback", "partial", "not_gated", "rejected", "no_faces", "unverified")
 
 
 # ---------------------------------------------------------------------------------------- policy
@@ -164,12 +165,19 @@ class DlibRecognizer:
     def __init__(self):
         self.net, self.predictor, self.model_name, self.model_sha256 = _dlib_models()
 
-    def __call__(self, rgb: np.ndarray, box) -> np.ndarray:
+    def __call__(self, rgb: np.ndarray, box, landmarks68: np.ndarray | None = None) -> np.ndarray:
+        """``landmarks68``: the 68 points already predicted on these pixels in this box (the dlib
+        analyzer's ``detect_in_crop`` keeps them), so the predictor does not run twice."""
         import dlib
 
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        rect = dlib.rectangle(x1, y1, x2 - 1, y2 - 1)
         with self._lock:
-            shape = self.predictor(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
+            if landmarks68 is None:
+                shape = self.predictor(rgb, rect)
+            else:
+                pts = np.rint(np.asarray(landmarks68, dtype=np.float64).reshape(68, 2)).astype(int)
+                shape = dlib.full_object_detection(rect, [dlib.point(int(x), int(y)) for x, y in pts])
             desc = self.net.compute_face_descriptor(np.ascontiguousarray(rgb), shape)
         return np.asarray(desc, dtype=np.float64)
 
@@ -262,31 +270,22 @@ class Verifier:
 
         return alignment_matrix(kps, self.size)
 
-    def _locate(self, crop: np.ndarray, expected_kps: np.ndarray):
-        detect = getattr(self.analyzer, "detect_in_crop", None) or self.analyzer.detect
-        best, best_d = None, LOCATE_TOLERANCE * self.size
-        for f in detect(crop):
-            d = float(np.mean(np.linalg.norm(f.kps - expected_kps, axis=1)))
-            if d <= best_d:
-                best, best_d = f, d
-        return best
-
     def embed(self, crop: np.ndarray, fallback_face=None) -> Embedded:
-        """Embed the face in a verification crop. ``fallback_face`` (crop coordinates) is where to embed
-        when nothing is re-detected; default: the template face the alignment put there."""
-        from .faces.align import template_face
+        """Embed the face in a verification crop: the detection whose 5 points are nearest (within
+        LOCATE_TOLERANCE of the side) to ``fallback_face``'s (crop coordinates; default: the template
+        face the alignment put there), or, when there is none, that face itself (redetected False)."""
+        from .faces.align import locate_in_crop, template_face
 
-        template = template_face(self.size)
-        expected = fallback_face.kps if fallback_face is not None else template.kps
-        face = self._locate(crop, expected)
-        redetected = face is not None
-        if face is None:
-            face = fallback_face if fallback_face is not None else template
+        expected = fallback_face if fallback_face is not None else template_face(self.size)
+        face, redetected = locate_in_crop(self.analyzer, crop, near=expected.kps,
+                                          tolerance=LOCATE_TOLERANCE * self.size, fallback=expected)
         arc = None
         if self.use_arcface:
             arc = np.asarray(self.analyzer.embed(crop, [face]), dtype=np.float64).reshape(-1)
             arc = arc / max(np.linalg.norm(arc), 1e-12)
-        return Embedded(face, redetected, self.dlib(crop, face.box), arc)
+        # 68 points are reusable only when they were predicted on this crop (not the fallback's)
+        points = face.extra.get("landmarks68") if redetected else None
+        return Embedded(face, redetected, self.dlib(crop, face.box, points), arc)
 
     def compare(self, ref: Embedded, out: Embedded) -> FaceCheck:
         cos = float(np.dot(ref.arcface, out.arcface)) if self.use_arcface else None
@@ -339,7 +338,7 @@ class GateSession:
 # ---------------------------------------------------------------------------------------- the gate loop
 @dataclass
 class GateOutcome:
-    image: object  # whatever render() returned last (None when rejected)
+    image: object  # what render() returned last; the caller withholds every image that holds a rejected id
     attempts: dict  # id -> list of attempt records
     final: dict  # id -> FaceCheck of the released pixels (empty when verification is off)
     fallback: dict  # id -> "blur" | "pixelate" for faces that fell back
@@ -355,6 +354,8 @@ def run_gate(ids: list, generate: Callable, render: Callable, session: GateSessi
     generate(ids, attempt) -> {id: {"seed": s, "guidance": g}} (and stores the new crops);
     render(override) -> output (override: id -> "blur" | "pixelate");
     outputs(output, id) -> the image holding face ``id`` in that output (default: output itself).
+    ``outcome.image`` is always the last render: with several images per output (aligned batches)
+    only the images holding a rejected or failed id are withheld, by the caller.
     """
     outputs = outputs or (lambda out, i: out)
     attempts = {i: [] for i in ids}
@@ -385,13 +386,10 @@ def run_gate(ids: list, generate: Callable, render: Callable, session: GateSessi
             fallback = {i: policy.fallback for i in pending}
             image = render(fallback)
     final, failed = {}, []
-    if verify and ids:
-        if rejected:  # nothing is released; the last attempt's checks stand
-            final = {i: session.check(lambda i: outputs(image, i), [i])[i] for i in ids if i not in rejected}
-        else:
-            final = session.check(lambda i: outputs(image, i), ids)
+    if verify and ids:  # the pixels to release; a rejected face's last attempt stands in its attempts
+        final = session.check(lambda i: outputs(image, i), [i for i in ids if i not in rejected])
         failed = [i for i in ids if i in final and not final[i].passed]
-    return GateOutcome(None if rejected else image, attempts, final, fallback, rejected, failed, batches)
+    return GateOutcome(image, attempts, final, fallback, rejected, failed, batches)
 
 
 def face_verdict(i, outcome: GateOutcome, policy: VerifyPolicy) -> str:
@@ -407,7 +405,7 @@ def face_verdict(i, outcome: GateOutcome, policy: VerifyPolicy) -> str:
 
 
 def image_verdict(verdicts: list[str], verify: bool) -> str:
-    """passed | fallback | partial | rejected | no_faces | unverified (docs/verification.md)."""
+    """One of IMAGE_VERDICTS (docs/verification.md)."""
     if not verdicts:
         return "no_faces"
     if not verify:
@@ -416,12 +414,14 @@ def image_verdict(verdicts: list[str], verify: bool) -> str:
         return "rejected"
     if any(v == LEFT for v in verdicts):
         return "partial"
+    if all(v == NOT_GENERATED for v in verdicts):
+        return "not_gated"
     if any(v.startswith("fallback_") for v in verdicts):
         return "fallback"
     return "passed"
 
 
-def rejection_reason(faces: list[dict], policy: VerifyPolicy) -> str:
+def rejection_reason(faces: list[dict]) -> str:
     bad = [f for f in faces if f.get("verdict") in (REJECTED, FAILED)]
     parts = []
     for f in bad:
@@ -488,16 +488,6 @@ def aligned_matrix(shape, size: int) -> np.ndarray:
     """2x3 matrix from an aligned face image (template framing at any size) to a ``size`` crop."""
     h, w = shape[:2]
     return np.array([[size / w, 0.0, 0.5 * size / w - 0.5], [0.0, size / h, 0.5 * size / h - 0.5]])
-
-
-def round_floats(obj, digits: int = ROUND):
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [round_floats(v, digits) for v in obj]
-    return obj
 
 
 __all__ = ["VerifyPolicy", "pop_verify_policy", "Verifier", "GateSession", "FaceCheck", "run_gate", "verify_pair",

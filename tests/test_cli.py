@@ -107,3 +107,20 @@ def test_missing_bundle_and_bad_parameters(tmp_path, smoke_bundle_dir):
     (broken / "ip_adapter" / "ip-adapter-faceid_sdxl.bin").unlink()
     proc = revpers("anonymize", img, "-o", tmp_path / "o", "--models", broken)
     assert proc.returncode == 2 and "ip-adapter-faceid_sdxl.bin" in proc.stderr
+
+
+def test_verify_with_unloadable_face_models_exits_2(tmp_path, smoke_bundle_dir):
+    """A bundle whose face models cannot be loaded is a bad bundle: exit 2 with the reason, no traceback
+    (exit 1 would say "a face still matches")."""
+    img = tmp_path / "x.png"
+    Image.fromarray(real_photo()).save(img)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for rel in ("sdxl", "ip_adapter", "face_models"):
+        (broken / rel).symlink_to(smoke_bundle_dir / rel)
+    manifest = json.loads((smoke_bundle_dir / "manifest.json").read_text())
+    manifest["faces"]["detector"] = "haar"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    proc = revpers("verify", img, img, "--models", broken)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "unknown face detector 'haar'" in proc.stderr and "Traceback" not in proc.stderr

@@ -147,30 +147,64 @@ class CropIdentity(NamedTuple):
 
 
 def template_face(size: int) -> Face:
-    """The face an aligned crop holds by construction: template landmarks, box around them."""
+    """The face an aligned crop holds by construction: template landmarks, and a box around them
+    (brows to chin, cheek to cheek). Used where nothing is detected in a crop: ArcFace aligns on its
+    5 points, dlib's recognizer places its landmarks inside the box (``verify.py``)."""
     pts = template_points(size)
-    # whole-face box implied by the template (brows to chin, cheek to cheek), for reports only
     box = np.array([0.22, 0.24, 0.78, 0.86], dtype=np.float32) * float(size)
     return Face(box=box, score=0.0, kps=pts)
+
+
+def locate_in_crop(analyzer, crop: np.ndarray, near: np.ndarray | None = None, tolerance: float | None = None,
+                   fallback: Face | None = None) -> tuple[Face, bool]:
+    """The face in an aligned crop, and whether the detector found it there.
+
+    Detects on the crop (``analyzer.detect_in_crop`` when the backend has a faster path for
+    aligned crops, else ``detect``). Without ``near``: the largest detection by box area. With
+    ``near`` (5 expected points, crop pixels): the detection whose points are on average nearest,
+    if that mean distance is at most ``tolerance`` px. When nothing is chosen: ``fallback``, else
+    the template face (where the alignment put the face, exactly), and False.
+    """
+    detect = getattr(analyzer, "detect_in_crop", None) or analyzer.detect
+    faces = detect(crop)
+    best = None
+    if near is None:
+        best = max(faces, key=lambda f: f.area) if faces else None
+    else:
+        near = np.asarray(near, dtype=np.float64).reshape(5, 2)
+        best_d = float("inf") if tolerance is None else float(tolerance)
+        for f in faces:
+            d = float(np.mean(np.linalg.norm(f.kps - near, axis=1)))
+            if d <= best_d:
+                best, best_d = f, d
+    if best is not None:
+        return best, True
+    return (fallback if fallback is not None else template_face(crop.shape[0])), False
 
 
 def identity_from_crop(analyzer, crop: np.ndarray) -> CropIdentity:
     """ArcFace embedding of the face in an aligned crop, as the paper computes it.
 
-    Detects on the crop (``analyzer.detect_in_crop`` when the backend has a faster path for
-    aligned crops, else ``detect``) and embeds the largest face by box area. When the detector finds nothing
-    (e.g. a 64 px smoke crop, or a face the detector cannot see), the template landmarks are used:
-    they are where the alignment put the face, exactly, so the embedding is still well defined,
-    and the result is flagged TEMPLATE_FALLBACK.
+    The largest face the detector finds in the crop (``locate_in_crop``) is embedded. When the
+    detector finds nothing (e.g. a 64 px smoke crop, or a face the detector cannot see), the
+    template landmarks are used: they are where the alignment put the face, exactly, so the
+    embedding is still well defined, and the result is flagged TEMPLATE_FALLBACK.
     """
     crop = np.ascontiguousarray(crop)
     if crop.ndim != 3 or crop.shape[2] != 3 or crop.shape[0] != crop.shape[1] or crop.dtype != np.uint8:
         raise ValueError(f"expected a square (S, S, 3) uint8 crop, got shape {crop.shape} dtype {crop.dtype}")
-    detect = getattr(analyzer, "detect_in_crop", None) or analyzer.detect
-    faces = detect(crop)
-    if faces:
-        face, source = max(faces, key=lambda f: f.area), DETECTED_IN_CROP
-    else:
-        face, source = template_face(crop.shape[0]), TEMPLATE_FALLBACK
+    face, found = locate_in_crop(analyzer, crop)
     emb = np.asarray(analyzer.embed(crop, [face]), dtype=np.float32).reshape(-1)
-    return CropIdentity(emb, source)
+    return CropIdentity(emb, DETECTED_IN_CROP if found else TEMPLATE_FALLBACK)
+
+
+def identities_of_crops(analyzer, crops: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """``identity_from_crop`` of each aligned crop: ((F, E) float32 embeddings, F sources)."""
+    if not len(crops):
+        raise ValueError("no crops to embed")
+    embs, sources = [], []
+    for crop in crops:
+        emb, source = identity_from_crop(analyzer, crop)
+        embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
+        sources.append(source)
+    return np.stack(embs), sources

@@ -340,7 +340,10 @@ class DlibAnalyzer:
     def detect_in_crop(self, crop: np.ndarray) -> list[Face]:
         """Detection on an aligned whole-face crop, where the face is upright and about half the
         side wide by construction: the crop is resized to CROP_DETECT_SIDE px and searched once,
-        upright, without upsampling (about 20 ms instead of ~0.5 s for all passes on 1024 px)."""
+        upright, without upsampling (about 20 ms instead of ~0.5 s for all passes on 1024 px).
+        When the crop is already CROP_DETECT_SIDE px (the verification gate's crops), the 68 points
+        were predicted on the crop's own pixels and are kept in ``Face.extra["landmarks68"]`` so dlib's
+        recognizer need not predict them again."""
         crop = _check_rgb(crop)
         k = CROP_DETECT_SIDE / float(crop.shape[0])
         interp = cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
@@ -349,7 +352,8 @@ class DlibAnalyzer:
         for r, s in self._pass(img, 0, False):
             pts = (self._landmarks(img, r) + 0.5) / k - 0.5
             box = np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], dtype=np.float64) / k
-            faces.append(Face(box=box, score=s, kps=five_from_68(pts), extra={"pass": "crop"}))
+            extra = {"pass": "crop", **({"landmarks68": pts} if k == 1.0 else {})}
+            faces.append(Face(box=box, score=s, kps=five_from_68(pts), extra=extra))
         return faces
 
     def embed(self, rgb: np.ndarray, faces: list[Face]) -> np.ndarray:

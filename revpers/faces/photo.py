@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .align import align_face, alignment_matrix, crop_scale, identity_from_crop
+from .align import align_face, alignment_matrix, crop_scale, identities_of_crops
 from .analysis import Face
 from .blend import MIN_FEATHER_PX, full_alpha, mask_geometry, obscure_face, paste_face
 
@@ -139,12 +139,9 @@ def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy |
             to_generate.append(i)
     identities = None
     if to_generate:
-        embs = []
-        for i, crop in zip(to_generate, crops):
-            emb, source = identity_from_crop(analyzer, crop)
-            embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
+        identities, sources = identities_of_crops(analyzer, crops)
+        for i, source in zip(to_generate, sources):
             reports[i]["identity_source"] = source
-        identities = np.stack(embs)
     return PhotoPlan(rgb, native_size, policy, faces, reports, to_generate, crops, identities)
 
 
