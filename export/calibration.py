@@ -58,18 +58,13 @@ def capture_unet_inputs(models, crops: list[np.ndarray], identities: np.ndarray,
 
 def calibration_faces(bundle, images: list[np.ndarray], analyzer=None) -> tuple[list[np.ndarray], np.ndarray]:
     """Aligned native-size crops and ArcFace identities of every face found in ``images``."""
-    from revpers.faces import align_face, identity_from_crop, load_face_analyzer
+    from revpers.faces import align_face, identities_of_crops, load_face_analyzer
 
     analyzer = analyzer or load_face_analyzer(bundle.faces, bundle.root)
-    crops, ids = [], []
-    for rgb in images:
-        for face in analyzer.detect(rgb):
-            crop, _ = align_face(rgb, face.kps, bundle.native_size)
-            crops.append(crop)
-            ids.append(np.asarray(identity_from_crop(analyzer, crop).embedding, dtype=np.float32).reshape(-1))
+    crops = [align_face(rgb, face.kps, bundle.native_size)[0] for rgb in images for face in analyzer.detect(rgb)]
     if not crops:
         raise ValueError("no face found in the calibration images")
-    return crops, np.stack(ids)
+    return crops, identities_of_crops(analyzer, crops)[0]
 
 
 def quantize_unet_fp8(onnx_path: Path, calibration: dict[str, np.ndarray], out_path: Path) -> Path:
