@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -162,7 +161,7 @@ def main(argv=None) -> dict:
             measured["note"] = f"GPU {name!r} has no peak figure in this table: fractions are null"
         else:
             lim = limits[key]
-            step = (gpu.get("unet_step_ms") or {}).get("batch2", {}).get("p50_ms")
+            step = (gpu.get("unet_step_ms") or {}).get("batch2", {}).get("p50")
             faces = gpu.get("whole_face", {})
             ours = (faces.get("defaults") or {}).get("ours_s")
             measured = {"source": str(args.gpu_results), "available": True, "gpu": name, "peak_row": key,
@@ -199,13 +198,13 @@ def main(argv=None) -> dict:
                                            f"{measured['unet_step_fraction_of_peak']} per UNet step on {measured['gpu']}"
                                            if measured["available"] else f"null — {measured['note']}."),
           "", f"Not counted: {result['not_counted']}."]
-    write_results(args.name, result, "\n".join(md), lambda path: _plot(result, path), args.out)
+    write_results(args.name, result, "\n".join(md), _plot, args.out)
     print(f"UNet batch 2: {fl['unet_batch2_flops'] / 1e12:.3f} TFLOP; face: {face_total / 1e12:.1f} TFLOP; "
           + ", ".join(f"{k} {v['face_total_s']:.2f} s" for k, v in limits.items()))
     return result
 
 
-def _plot(r: dict, path: Path) -> None:
+def _plot(r: dict):
     import matplotlib.pyplot as plt
 
     lim = r["time_at_peak"]
@@ -221,11 +220,8 @@ def _plot(r: dict, path: Path) -> None:
     ax.set_title(f"Whole face: {r['face_flops']['total'] / 1e12:.0f} TFLOP "
                  f"({r['counts']['unet_sample_evaluations']} UNet sample evaluations)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

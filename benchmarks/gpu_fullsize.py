@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import RESULTS, md_table, quiet, stamp, summary, target, write_results
+from .common import RESULTS, md_table, quiet, stamp, target, write_results
 
 
 class NoCudaError(SystemExit):
@@ -84,8 +83,7 @@ def text_encoders(tiny: bool, device: str):
     if tiny:
         from revpers.smoke import _text_config
 
-        c1 = c2 = _text_config(514, False)
-        c2 = _text_config(514, True)
+        c1, c2 = _text_config(514, False), _text_config(514, True)
     else:
         c1 = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -175,6 +173,8 @@ def main(argv=None) -> dict:
     from revpers.pipeline import Params
     from revpers.schedule import NoiseSchedule
 
+    from client.cli import latency_stats
+
     from .fullsize import faceid_unet, tiny_configs, unet_inputs, vae
 
     name = args.name or ("gpu_fullsize_tiny" if args.tiny else "gpu_fullsize")
@@ -216,12 +216,12 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = time_unet(unet, unet_inputs(unet_cfg, batch, latent, dev, unet_dtype), dev, args.warmup, args.iters)
-        s = summary(times)
+        s = latency_stats(times)  # n, p50, p95, max, mean (ms), as the client reports latencies
         s["batch"] = batch
-        s["per_sample_ms"] = round(s["p50_ms"] / batch, 3)
+        s["per_sample_ms"] = round(s["p50"] / batch, 3)
         s["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
         steps[label] = s
-        print(f"  UNet {label}: p50 {s['p50_ms']:.2f} ms ({s['per_sample_ms']:.2f} ms/sample)", flush=True)
+        print(f"  UNet {label}: p50 {s['p50']:.2f} ms ({s['per_sample_ms']:.2f} ms/sample)", flush=True)
     result["unet_step_ms"] = steps
 
     # ---- whole face
@@ -271,11 +271,11 @@ def main(argv=None) -> dict:
                     (fl["vae_encode_flops"] + fl["vae_decode_flops"]) / (peak["tf32"] * 1e12)
             result["fraction_of_peak"] = {"gpu_row": key, "face_defaults": round(limit / d["ours_s"], 4),
                                           "unet_step_batch2": round(fl["unet_batch2_flops"] / (peak["fp16"] * 1e12) * 1e3
-                                                                    / steps["batch2"]["p50_ms"], 4)}
+                                                                    / steps["batch2"]["p50"], 4)}
         else:
             result["fraction_of_peak"] = None
     result["targets"] = targets
-    write_results(name, result, _markdown(result), lambda path: _plot(result, path), args.out)
+    write_results(name, result, _markdown(result), _plot, args.out)
     print(f"wrote {args.out}/{name}.json, .md, .png")
     return result
 
@@ -287,7 +287,7 @@ def _markdown(r: dict) -> str:
              f"UNet parameters {r['unet_params'] / 1e9:.3f} B; built in {r['build_s']:.1f} s"
              + (f"; weights on the GPU {r['weights_memory_gib']} GiB" if r.get("weights_memory_gib") else "") + ".", "",
              md_table(["UNet call", "p50 ms", "p95 ms", "ms per sample", "peak GiB"],
-                      [[k, v["p50_ms"], v["p95_ms"], v["per_sample_ms"], v["peak_memory_gib"]] for k, v in st.items()]),
+                      [[k, v["p50"], v["p95"], v["per_sample_ms"], v["peak_memory_gib"]] for k, v in st.items()]),
              "", md_table(["preset", "steps", "ours s", "paper way s", "paper/ours", "peak GiB (ours)"],
                           [[k, v["steps"], v["ours_s"], v.get("paper_s"), v.get("paper_over_ours"),
                             v.get("ours_peak_memory_gib")] for k, v in r["whole_face"].items()]), ""]
@@ -302,7 +302,7 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(r: dict, path: Path) -> None:
+def _plot(r: dict):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -320,11 +320,8 @@ def _plot(r: dict, path: Path) -> None:
     axes[1].set_ylabel("seconds per face")
     axes[1].set_title("Whole face" + (" — tiny dry run" if r["tiny"] else ""))
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -2,15 +2,17 @@
 speed targets themselves are checked by the benchmarks, never here)."""
 
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 
 def test_flop_counter_matches_analytic_counts_for_a_conv_and_a_linear():
     from benchmarks.flops import count_flops
-    from benchmarks.fullsize import faceid_unet, tiny_configs, unet_inputs
+    from benchmarks.fullsize import faceid_unet, tiny_configs
 
     unet_cfg, _, size = tiny_configs()
     unet = faceid_unet(unet_cfg, "meta", torch.float32).unet
@@ -36,33 +38,75 @@ def test_whole_face_counts_follow_the_pipeline():
     assert fl["vae_decode_flops"] > 0 and fl["vae_encode_flops"] > 0
 
 
+def _two_face_photo(path, one_face):
+    """Two faces side by side (the one-face photo and its mirror image): a cheap multi-face input."""
+    from PIL import Image
+
+    face = np.asarray(Image.open(one_face).convert("RGB"))
+    gap = np.full((face.shape[0], 24, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([face, gap, face[:, ::-1]], axis=1)).save(path)
+
+
 def test_compare_in_process_writes_consistent_results(tmp_path, smoke_bundle_dir):
     from benchmarks import compare
     from benchmarks.common import photo_folder
 
     photos = tmp_path / "photos"
     photos.mkdir()
-    tom, astronaut = photo_folder()[1:3]
+    tom = photo_folder()[1]
     shutil.copy(tom, photos)
-    shutil.copy(astronaut, photos)
-    r = compare.main(["--steps", "1", "--photos", str(photos), "--no-server", "--warmup-passes", "0",
-                      "--bundle", str(smoke_bundle_dir), "--out", str(tmp_path / "res"), "--work", str(tmp_path / "w")])
+    _two_face_photo(photos / "two_faces.png", tom)
+    steps, inv = 3, 10
+    r = compare.main(["--steps", str(steps), "--photos", str(photos), "--no-server", "--warmup-passes", "0",
+                      "--inversion-batch", str(inv), "--bundle", str(smoke_bundle_dir),
+                      "--out", str(tmp_path / "res"), "--work", str(tmp_path / "w")])
     saved = json.loads((tmp_path / "res" / "compare.json").read_text())
     assert (tmp_path / "res" / "compare.md").is_file() and (tmp_path / "res" / "compare.png").stat().st_size > 0
     assert saved["per_image_ms"] == r["per_image_ms"]
     rows = saved["per_photo"]
-    assert [x["photo"] for x in rows] == ["Tom_Hanks_54745.png", "astronaut.png"]
-    assert all(x["faces"] == 1 for x in rows)
-    assert saved["per_image_ms"]["a"] == pytest.approx(sum(x["a_ms"] for x in rows) / 2, abs=1e-3)
+    assert [(x["photo"], x["faces"]) for x in rows] == [("Tom_Hanks_54745.png", 1), ("two_faces.png", 2)]
+    assert saved["params"]["verification_gate"] is False
+    for x in rows:
+        f = x["faces"]
+        # (a): each face alone, one UNet call per inversion step and per generation step, CFG pair each
+        assert x["a_unet"] == {"calls": 2 * f * steps, "samples": 4 * f * steps, "by_batch": {"2": 2 * f * steps}}
+        # (b): all faces together, the inversion batched (steps <= inversion batch: one call)
+        assert x["b_unet"] == {"calls": math.ceil(steps / inv) + steps, "samples": 4 * f * steps,
+                               "by_batch": {str(2 * f * steps): 1, str(2 * f): steps}}
+        assert x["a_prompt_encodes"] == f  # no prompt cache: the empty prompt encoded for every face
+        assert x["a_face_models_read_from_disk"] == 2  # landmark model and HOG detector, read again
+        assert "verify" not in x["b_stages_ms"]  # the gate is off, as in (a)
+        assert {"load_pipeline", "load_face_models", "inversion", "detect"} <= set(x["a_stages_ms"])
+        assert {"detect", "identity_embed", "align_paste", "inversion", "decode", "encode"} <= set(x["b_stages_ms"])
+    a = sum(x["a_ms"] for x in rows) / 2
+    b = sum(x["b_ms"] for x in rows) / 2
+    reload = sum(x["a_stages_ms"]["load_face_models"] for x in rows) / 2
+    assert saved["per_image_ms"]["a"] == pytest.approx(a, abs=1e-3)
+    assert saved["ratios"]["a_over_b"] == pytest.approx(a / b, rel=1e-3)
+    assert saved["ratios"]["a_over_b_without_face_model_reload"] == pytest.approx((a - reload) / b, rel=1e-3)
     assert saved["max_pixel_diff_a_vs_b"] <= 3  # same models, same math, same seeds
     t = saved["targets"]["b_vs_a"]
     assert t["pass"] == (t["measured"] >= 3.0)
-    assert t["measured"] == pytest.approx(saved["per_image_ms"]["a"] / saved["per_image_ms"]["b"], rel=1e-3)
-    assert {"load_pipeline", "load_face_models", "inversion", "detect"} <= set(rows[0]["a_stages_ms"])
-    assert {"detect", "identity_embed", "align_paste", "inversion", "decode", "encode"} <= set(rows[0]["b_stages_ms"])
+    assert t["measured"] == pytest.approx(a / b, rel=1e-3)
     for key in ("machine", "versions", "params", "date"):
         assert saved[key]
     assert saved["versions"]["revpers_commit"]
+
+    again = compare.main(["--render-only", "--out", str(tmp_path / "res")])
+    rerendered = json.loads((tmp_path / "res" / "compare.json").read_text())
+    assert again["rendered"]["revpers_commit"] and rerendered["ratios"] == saved["ratios"]
+    assert rerendered["per_photo"] == saved["per_photo"] and rerendered["date"] == saved["date"]
+    assert "Re-rendered" in (tmp_path / "res" / "compare.md").read_text()
+
+
+def test_stages_gate_flag_and_prompt_encode_mean_skips_photos_without_faces():
+    from benchmarks import stages
+
+    assert stages.parse([]).verify is True and stages.parse(["--no-verify"]).verify is False
+    rows = [{"faces": 1, "prompt_encode_uncached_ms": 10.0, "prompt_encode_cached_ms": 0.04},
+            {"faces": 6, "prompt_encode_uncached_ms": 6.0, "prompt_encode_cached_ms": 0.02},
+            {"faces": 0, "prompt_encode_uncached_ms": 0.0, "prompt_encode_cached_ms": 0.0}]
+    assert stages._prompt_encode_means(rows) == pytest.approx([8.0, 0.03])
 
 
 def test_gpu_fullsize_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path):
