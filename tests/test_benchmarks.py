@@ -1,6 +1,7 @@
 """The benchmark scripts run, count FLOPs right and write consistent results (tiny settings; the
 speed targets themselves are checked by the benchmarks, never here)."""
 
+import argparse
 import json
 import math
 import shutil
@@ -36,6 +37,39 @@ def test_whole_face_counts_follow_the_pipeline():
     fl = model_flops(tiny=True, size=64)
     assert fl["unet_batch2_flops"] == 2 * fl["unet_batch1_flops"] > 0
     assert fl["vae_decode_flops"] > 0 and fl["vae_encode_flops"] > 0
+
+
+def test_flops_main_face_total_and_time_at_peak(tmp_path):
+    from benchmarks import flops
+
+    r = flops.main(["--tiny", "--steps", "3", "--size", "64", "--out", str(tmp_path),
+                    "--gpu-results", str(tmp_path / "absent.json")])
+    saved = json.loads((tmp_path / "flops.json").read_text())
+    c, fl = saved["counts"], saved["flops"]
+    assert c["unet_calls"] == 1 + 3 and c["unet_sample_evaluations"] == 2 * (3 + 3)
+    # per sample = half a CFG-pair evaluation: without the /2 the UNet part would be twice this
+    assert saved["face_flops"]["unet"] == c["unet_sample_evaluations"] * fl["unet_batch1_flops"]
+    assert saved["face_flops"]["total"] == (c["unet_sample_evaluations"] * fl["unet_batch1_flops"]
+                                            + fl["vae_encode_flops"] + fl["vae_decode_flops"])
+    h100 = saved["time_at_peak"]["H100 SXM"]
+    expect = (saved["face_flops"]["unet"] / (989.4e12) + saved["face_flops"]["vae"] / (494.7e12))
+    assert h100["face_total_s"] == pytest.approx(expect, abs=1e-4)
+    assert r["measured"]["available"] is False and r["measured"]["fraction_of_peak"] is None
+
+
+def test_flops_takes_the_gpu_fraction_only_at_the_same_settings(tmp_path):
+    from benchmarks.flops import measured_fraction
+
+    frac = {"gpu_row": "H100 SXM", "steps": 100, "skip": 0.7, "size": 1024, "face_defaults": 0.41,
+            "measured_face_defaults_s": 6.9, "unet_step_batch2": 0.55, "measured_unet_step_batch2_ms": 25.0}
+    path = tmp_path / "gpu_fullsize.json"
+    path.write_text(json.dumps({"machine": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, "tiny": False,
+                                "fraction_of_peak": frac}))
+    same = argparse.Namespace(steps=100, skip=0.7, size=1024, tiny=False)
+    m = measured_fraction(path, same)
+    assert m["available"] and m["fraction_of_peak"] == 0.41 and m["unet_step_fraction_of_peak"] == 0.55
+    other = measured_fraction(path, argparse.Namespace(steps=50, skip=0.7, size=1024, tiny=False))
+    assert other["available"] is False and other["fraction_of_peak"] is None and "steps" in other["note"]
 
 
 def _two_face_photo(path, one_face):
@@ -115,7 +149,8 @@ def test_gpu_fullsize_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             gpu_fullsize.main(["--out", str(tmp_path)])
-    r = gpu_fullsize.main(["--device", "cpu", "--tiny", "--steps", "2", "--fast-steps", "1", "--iters", "1",
+    # steps 3 with inversion batch 10: the timed inversion call is a partial batch (3 steps = 6 samples)
+    r = gpu_fullsize.main(["--device", "cpu", "--tiny", "--steps", "3", "--fast-steps", "2", "--iters", "1",
                            "--warmup", "0", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_fullsize_tiny.json").read_text())
     assert saved["tiny"] is True and saved["unet_step_ms"]["batch2"]["batch"] == 2
@@ -124,4 +159,15 @@ def test_gpu_fullsize_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path):
     assert face["ours_s"] > 0 and face["paper_s"] > 0
     assert face["paper_over_ours"] == pytest.approx(face["paper_s"] / face["ours_s"], rel=1e-2)
     assert {"inversion", "generation", "vae_encode", "vae_decode"} <= set(face["ours_stages_ms"])
+    for preset, row in saved["whole_face"].items():
+        s = row["steps"]
+        paper, ours = row["paper_settings"], row["ours_settings"]
+        # the paper's way: one UNet call per inversion step, every prompt encoded on use
+        assert paper["inversion_batch"] == 1 and paper["prompt_cache"] is False
+        assert paper["unet"] == {"calls": 2 * s, "samples": 4 * s, "by_batch": {"2": 2 * s}}
+        assert paper["prompt_encodes"] == 1
+        assert ours["inversion_batch"] == 10 and ours["prompt_cache"] is True and ours["prompt_encodes"] == 0
+        assert ours["unet"] == {"calls": 1 + s, "samples": 4 * s, "by_batch": {str(2 * s): 1, "2": s}}
+        # the warm-up ran every batch shape the timed runs use (incl. the partial inversion batch)
+        assert set(ours["unet"]["by_batch"]) <= set(saved["warmup_unet_batches"]), preset
     assert r["targets"]["face_defaults_vs_paper"]["threshold"] == 2.0
