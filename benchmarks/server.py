@@ -29,7 +29,7 @@ def timed_request(client, raw: bytes, params: dict) -> tuple[bytes, dict, float]
     return image, report, (time.perf_counter() - t0) * 1e3
 
 
-def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict, stagger_s: float = 0.25) -> dict:
+def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict, stagger_s: float = 0.05) -> dict:
     """Uncounted warm-up meant to reach every server instance: ``clients`` threads (one gRPC client
     each) each send *all* ``jobs`` in order, their starts ``stagger_s`` apart.
 
@@ -37,8 +37,10 @@ def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict,
     the same instant into one execute on one instance, and requests sent one after another may all
     land on the same idle instance. Staggered, each client's request usually arrives while the others
     keep their instances busy, so with ``clients`` = the instance count each BLS instance gets the
-    whole folder, and the overlapping component calls spread over the component instances. Triton
-    cannot route to a named instance, so this makes full coverage likely, not certain."""
+    whole folder, and the overlapping component calls spread over the component instances. The
+    stagger must exceed that queue delay and stay below one request's time (50 ms: a one-step
+    smoke request takes about 100 ms on the CPU). Triton cannot route to a named instance, so this
+    makes full coverage likely, not certain."""
     from client import RevpersClient
 
     errors: list[str] = []

@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
                               "component_instances": comp, "verification_gate": args.verify,
                               "warmup_passes": args.warmup_passes, "server": not args.no_server})
     result["title"] = "Stage breakdown of a photo request"
-    result["stage_definitions"] = " ".join(__doc__.split("Stages:", 1)[1].split("Results:", 1)[0].split())
+    result["stage_definitions"] = " ".join(__doc__.split("Stages:", 1)[1].split("Each figure", 1)[0].split())
     print(f"stages: {len(raws)} photos, steps={args.steps}, verification gate {'on' if args.verify else 'off'}",
           flush=True)
 
