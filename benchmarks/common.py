@@ -9,10 +9,8 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +60,9 @@ def photo_folder() -> list[Path]:
 
 def load_photos(folder: str | Path | None, limit: int | None = None) -> list[Path]:
     if folder:
-        exts = {".jpg", ".jpeg", ".png", ".webp"}
-        photos = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in exts)
+        from revpers.images import FORMATS  # the extensions the service reads and writes
+
+        photos = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in FORMATS)
     else:
         photos = photo_folder()
     return photos[:limit] if limit else photos
@@ -173,11 +172,16 @@ def versions() -> dict:
         out["tritonserver"] = f"not found ({type(exc).__name__})"
     from revpers import __version__
 
+    out["revpers"] = __version__
+    out["revpers_commit"] = revpers_commit()
+    return out
+
+
+def revpers_commit() -> str | None:
+    """HEAD of this checkout, ``+dirty`` when tracked files have changes; None outside git."""
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    out["revpers"] = __version__
-    out["revpers_commit"] = (commit + ("+dirty" if dirty else "")) if commit else None
-    return out
+    return (commit + ("+dirty" if dirty else "")) if commit else None
 
 
 def stamp(name: str, params: dict) -> dict:
@@ -189,34 +193,39 @@ def stamp(name: str, params: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------- numbers
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
-    xs = sorted(values)
-    if not xs:
-        raise ValueError("no values")
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def anonymized_faces(report: dict) -> int:
+    """Faces a photo-mode report says were anonymized (the count every benchmark records)."""
+    from client.cli import faces_of
+
+    return sum(f.get("action") == "anonymized" for f in faces_of(report))
 
 
-def summary(values_ms: list[float]) -> dict:
-    return {"n": len(values_ms), "mean_ms": round(statistics.fmean(values_ms), 3),
-            "p50_ms": round(percentile(values_ms, 50), 3), "p95_ms": round(percentile(values_ms, 95), 3),
-            "min_ms": round(min(values_ms), 3), "max_ms": round(max(values_ms), 3)}
+class count_unet_calls:
+    """Counts the UNet calls a ``pipeline.Components`` object gets while the block runs (its
+    ``denoise`` is wrapped for the block, then restored): ``batches`` holds the batch of each call,
+    ``as_dict()`` the totals. The wrapper costs one Python call and a list append per UNet call."""
 
+    def __init__(self, models):
+        self.models, self.batches = models, []
 
-class Stopwatch:
     def __enter__(self):
-        self.t0 = time.perf_counter()
+        inner = self.models.denoise
+
+        def denoise(x, t, cond):
+            self.batches.append(int(x.shape[0]))
+            return inner(x, t, cond)
+
+        self.models.denoise = denoise  # an instance attribute shadows the method until __exit__
         return self
 
     def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
+        del self.models.denoise
 
-    @property
-    def ms(self) -> float:
-        return self.seconds * 1e3
+    def as_dict(self) -> dict:
+        by_batch: dict[str, int] = {}
+        for b in self.batches:
+            by_batch[str(b)] = by_batch.get(str(b), 0) + 1
+        return {"calls": len(self.batches), "samples": sum(self.batches), "by_batch": by_batch}
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -244,8 +253,8 @@ def stamp_md(result: dict) -> str:
 
 
 def write_results(name: str, result: dict, markdown: str, plot=None, out_dir: Path | None = None) -> dict[str, Path]:
-    """Write ``<name>.json``, ``<name>.md`` (stamp + ``markdown``) and, when ``plot(path)`` is given,
-    ``<name>.png``; returns the paths."""
+    """Write ``<name>.json``, ``<name>.md`` (stamp + ``markdown``) and, when ``plot(result)`` is given
+    (it returns a matplotlib figure), ``<name>.png``; returns the paths."""
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
@@ -253,8 +262,15 @@ def write_results(name: str, result: dict, markdown: str, plot=None, out_dir: Pa
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         paths["png"] = out_dir / f"{name}.png"
-        plot(paths["png"])
+        fig = plot(result)
+        try:
+            fig.tight_layout()
+            fig.savefig(paths["png"], dpi=110)
+        finally:
+            plt.close(fig)
         result.setdefault("files", {})["png"] = paths["png"].name
     paths["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
     title = result.get("title", name)

@@ -8,15 +8,15 @@ weights, no memory) and run under ``torch.utils.flop_counter.FlopCounterMode`` (
 multiply-add; matmuls, convolutions and attention are counted, elementwise ops are not). The number
 of UNet sample evaluations per face is not assumed: ``revpers.pipeline.run_faces`` is run with
 counting stand-in components at the given steps/skip. Peak figures: NVIDIA datasheets (dense
-tensor-core throughput, no sparsity). The measured fraction uses benchmarks/results/gpu_fullsize.json
-when a GPU run exists, else it is null.
+tensor-core throughput, no sparsity). Time at peak is ``face_time_at_peak``, the one definition
+``gpu_fullsize`` uses too; the measured fraction is the one benchmarks/results/gpu_fullsize.json
+recorded, taken only when that GPU run used the same steps, skip and size (else null, with the reason).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -122,6 +122,23 @@ def model_flops(tiny: bool, size: int) -> dict:
             "vae_encode_flops": enc, "vae_decode_flops": dec, "latent": latent, "size": size}
 
 
+def face_flops(fl: dict, counts: dict) -> dict:
+    """FLOPs of one face: every UNet sample evaluation (``unet_batch2_flops`` covers a CFG pair, so
+    half of it per sample) plus the VAE encodes and decodes ``run_faces`` made."""
+    unet = fl["unet_batch2_flops"] / 2 * counts["unet_sample_evaluations"]
+    vae = fl["vae_encode_flops"] * counts["vae_encodes"] + fl["vae_decode_flops"] * counts["vae_decodes"]
+    return {"unet": unet, "vae": vae, "total": unet + vae}
+
+
+def face_time_at_peak(fl: dict, counts: dict, peak: dict) -> dict:
+    """Seconds one face takes at a GPU's datasheet peak: the UNet at the fp16 tensor peak, the VAE
+    (fp32, as SDXL needs) at the TF32 peak. The one definition ``flops`` and ``gpu_fullsize`` use."""
+    f = face_flops(fl, counts)
+    unet_s = f["unet"] / (peak["fp16"] * 1e12)
+    vae_s = f["vae"] / (peak["tf32"] * 1e12)
+    return {"unet_s": unet_s, "vae_s": vae_s, "total_s": unet_s + vae_s}
+
+
 def gpu_peak(name: str | None) -> tuple[str, dict] | tuple[None, None]:
     if not name:
         return None, None
@@ -131,46 +148,50 @@ def gpu_peak(name: str | None) -> tuple[str, dict] | tuple[None, None]:
     return None, None
 
 
+def measured_fraction(path: Path, args) -> dict:
+    """Our fraction of peak as ``gpu_fullsize`` computed it (with ``face_time_at_peak``), taken only
+    when that run used this run's steps, skip and size; null otherwise, with the reason."""
+    out = {"source": str(path), "available": False, "fraction_of_peak": None,
+           "note": "no GPU measurement in results (benchmarks/gpu_fullsize.py has not run on a GPU): fractions are null"}
+    if args.tiny or not path.is_file():
+        return out
+    gpu = json.loads(path.read_text())
+    name = ((gpu.get("machine") or {}).get("gpu") or {}).get("name")
+    frac = gpu.get("fraction_of_peak")
+    if gpu.get("tiny") or not name:
+        out["note"] = f"{path.name} is a dry (--tiny / CPU) run, not a GPU measurement: fractions are null"
+        return out
+    if not frac:
+        out["note"] = f"GPU {name!r} has no peak figure in the table gpu_fullsize used: fractions are null"
+        return out
+    mine = {"steps": args.steps, "skip": args.skip, "size": args.size}
+    theirs = {k: frac.get(k) for k in mine}
+    if theirs != mine:
+        out["note"] = (f"{path.name} was measured at {theirs}, this run counts {mine}: fractions are null "
+                       "(run both at the same settings)")
+        return out
+    return {"source": str(path), "available": True, "gpu": name, "peak_row": frac["gpu_row"],
+            "measured_unet_step_batch2_ms": frac["measured_unet_step_batch2_ms"],
+            "unet_step_fraction_of_peak": frac["unet_step_batch2"],
+            "measured_face_defaults_s": frac["measured_face_defaults_s"], "fraction_of_peak": frac["face_defaults"],
+            "note": "fraction = time at peak / measured time, as computed by gpu_fullsize (same steps, skip, size)"}
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     quiet()
     counts = pipeline_counts(args.steps, args.skip)
     fl = model_flops(args.tiny, args.size)
-    per_sample = fl["unet_batch2_flops"] / 2
-    face_unet = per_sample * counts["unet_sample_evaluations"]
-    face_vae = fl["vae_encode_flops"] * counts["vae_encodes"] + fl["vae_decode_flops"] * counts["vae_decodes"]
-    face_total = face_unet + face_vae
+    ff = face_flops(fl, counts)
+    face_unet, face_vae, face_total = ff["unet"], ff["vae"], ff["total"]
     limits = {}
     for key, peak in PEAKS.items():
-        unet_s = face_unet / (peak["fp16"] * 1e12)
-        vae_s = face_vae / (peak["tf32"] * 1e12)
+        t = face_time_at_peak(fl, counts, peak)
         limits[key] = {"fp16_tflops": peak["fp16"], "tf32_tflops": peak["tf32"],
                        "unet_step_batch2_ms": round(fl["unet_batch2_flops"] / (peak["fp16"] * 1e12) * 1e3, 4),
-                       "face_unet_s": round(unet_s, 4), "face_vae_s": round(vae_s, 4),
-                       "face_total_s": round(unet_s + vae_s, 4)}
-
-    measured = {"source": str(args.gpu_results), "available": False, "fraction_of_peak": None,
-                "note": "no GPU measurement in results (benchmarks/gpu_fullsize.py has not run on a GPU): "
-                        "fractions are null"}
-    if args.gpu_results.is_file() and not args.tiny:
-        gpu = json.loads(args.gpu_results.read_text())
-        name = ((gpu.get("machine") or {}).get("gpu") or {}).get("name")
-        key, peak = gpu_peak(name)
-        if gpu.get("tiny") or not name:
-            measured["note"] = f"{args.gpu_results.name} is a dry (--tiny / CPU) run, not a GPU measurement: fractions are null"
-        elif key is None:
-            measured["note"] = f"GPU {name!r} has no peak figure in this table: fractions are null"
-        else:
-            lim = limits[key]
-            step = (gpu.get("unet_step_ms") or {}).get("batch2", {}).get("p50_ms")
-            faces = gpu.get("whole_face", {})
-            ours = (faces.get("defaults") or {}).get("ours_s")
-            measured = {"source": str(args.gpu_results), "available": True, "gpu": name, "peak_row": key,
-                        "measured_unet_step_batch2_ms": step,
-                        "unet_step_fraction_of_peak": round(lim["unet_step_batch2_ms"] / step, 4) if step else None,
-                        "measured_face_defaults_s": ours,
-                        "fraction_of_peak": round(lim["face_total_s"] / ours, 4) if ours else None,
-                        "note": "fraction = time at peak / measured time"}
+                       "face_unet_s": round(t["unet_s"], 4), "face_vae_s": round(t["vae_s"], 4),
+                       "face_total_s": round(t["total_s"], 4)}
+    measured = measured_fraction(args.gpu_results, args)
 
     result = stamp(args.name, {"steps": args.steps, "skip": args.skip, "size": args.size, "tiny": args.tiny,
                                "unet_dtype": "fp16 (counted at the fp16 tensor peak)",
@@ -199,13 +220,13 @@ def main(argv=None) -> dict:
                                            f"{measured['unet_step_fraction_of_peak']} per UNet step on {measured['gpu']}"
                                            if measured["available"] else f"null — {measured['note']}."),
           "", f"Not counted: {result['not_counted']}."]
-    write_results(args.name, result, "\n".join(md), lambda path: _plot(result, path), args.out)
+    write_results(args.name, result, "\n".join(md), _plot, args.out)
     print(f"UNet batch 2: {fl['unet_batch2_flops'] / 1e12:.3f} TFLOP; face: {face_total / 1e12:.1f} TFLOP; "
           + ", ".join(f"{k} {v['face_total_s']:.2f} s" for k, v in limits.items()))
     return result
 
 
-def _plot(r: dict, path: Path) -> None:
+def _plot(r: dict):
     import matplotlib.pyplot as plt
 
     lim = r["time_at_peak"]
@@ -221,11 +242,8 @@ def _plot(r: dict, path: Path) -> None:
     ax.set_title(f"Whole face: {r['face_flops']['total'] / 1e12:.0f} TFLOP "
                  f"({r['counts']['unet_sample_evaluations']} UNet sample evaluations)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import RESULTS, md_table, quiet, stamp, summary, target, write_results
+from .common import RESULTS, count_unet_calls, md_table, quiet, stamp, target, write_results
 
 
 class NoCudaError(SystemExit):
@@ -84,8 +83,7 @@ def text_encoders(tiny: bool, device: str):
     if tiny:
         from revpers.smoke import _text_config
 
-        c1 = c2 = _text_config(514, False)
-        c2 = _text_config(514, True)
+        c1, c2 = _text_config(514, False), _text_config(514, True)
     else:
         c1 = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -144,6 +142,8 @@ def time_unet(unet, inputs, device: str, warmup: int, iters: int) -> list[float]
 
 
 def whole_face(models, size: int, params, inversion_batch: int, device: str, repeats: int) -> dict:
+    """Median of ``repeats`` timed one-face ``run_faces`` runs; also what the last run asked of the
+    networks (UNet calls by batch, prompt encodes actually run), so the settings are checkable."""
     from revpers.pipeline import Timings, run_faces
 
     rng = np.random.default_rng(0)
@@ -155,15 +155,20 @@ def whole_face(models, size: int, params, inversion_batch: int, device: str, rep
         timings = Timings()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        encodes_before = models.text.calls
         sync(device)
-        t0 = time.perf_counter()
-        run_faces(models, [crop], identity, params, size, inversion_batch=inversion_batch, timings=timings)
-        sync(device)
-        runs.append({"s": time.perf_counter() - t0, "stages_ms": timings.as_ms(),
+        with count_unet_calls(models) as unet:
+            t0 = time.perf_counter()
+            run_faces(models, [crop], identity, params, size, inversion_batch=inversion_batch, timings=timings)
+            sync(device)
+            seconds = time.perf_counter() - t0
+        runs.append({"s": seconds, "stages_ms": timings.as_ms(), "unet": unet.as_dict(),
+                     "prompt_encodes": models.text.calls - encodes_before,
                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None})
     best = sorted(runs, key=lambda r: r["s"])[len(runs) // 2]
     return {"s": round(statistics.median(r["s"] for r in runs), 4), "stages_ms": best["stages_ms"],
-            "peak_memory_gib": best["peak_gib"], "repeats": repeats}
+            "peak_memory_gib": best["peak_gib"], "repeats": repeats, "inversion_batch": inversion_batch,
+            "prompt_cache": models.text.cache, "unet": runs[-1]["unet"], "prompt_encodes": runs[-1]["prompt_encodes"]}
 
 
 def main(argv=None) -> dict:
@@ -174,6 +179,8 @@ def main(argv=None) -> dict:
     from revpers.models import TorchModels, VaeDecoder, VaeEncoder
     from revpers.pipeline import Params
     from revpers.schedule import NoiseSchedule
+
+    from client.cli import latency_stats
 
     from .fullsize import faceid_unet, tiny_configs, unet_inputs, vae
 
@@ -216,12 +223,12 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = time_unet(unet, unet_inputs(unet_cfg, batch, latent, dev, unet_dtype), dev, args.warmup, args.iters)
-        s = summary(times)
+        s = latency_stats(times)  # n, p50, p95, max, mean (ms), as the client reports latencies
         s["batch"] = batch
-        s["per_sample_ms"] = round(s["p50_ms"] / batch, 3)
+        s["per_sample_ms"] = round(s["p50"] / batch, 3)
         s["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
         steps[label] = s
-        print(f"  UNet {label}: p50 {s['p50_ms']:.2f} ms ({s['per_sample_ms']:.2f} ms/sample)", flush=True)
+        print(f"  UNet {label}: p50 {s['p50']:.2f} ms ({s['per_sample_ms']:.2f} ms/sample)", flush=True)
     result["unet_step_ms"] = steps
 
     # ---- whole face
@@ -233,16 +240,23 @@ def main(argv=None) -> dict:
                         PromptEncoder(encoders, dev, cache=False), schedule, dev, unet_dtype)
     presets = {"defaults": Params(steps=args.steps, skip=args.skip),
                "fast": Params(steps=args.fast_steps, skip=args.fast_skip)}
-    # warm-up: first call allocations (and compilation with --compile), prompt cache filled
-    whole_face(ours, size, Params(steps=2, skip=args.skip), args.inversion_batch, dev, 1)
+    # warm-up, uncounted: one run of each preset, so every UNet batch shape of the timed runs (the
+    # full inversion batches, the last partial one, the generation pair) has been seen before (with
+    # --compile: compiled); first call allocations; the prompt cache filled
+    warm_batches = set()
+    for params in presets.values():
+        warm_batches |= set(whole_face(ours, size, params, args.inversion_batch, dev, 1)["unet"]["by_batch"])
+    result["warmup_unet_batches"] = sorted(warm_batches, key=int)
     faces = {}
     for preset, params in presets.items():
         row = {"steps": params.steps, "skip": params.skip}
         r = whole_face(ours, size, params, args.inversion_batch, dev, args.face_repeats)
-        row.update({"ours_s": r["s"], "ours_stages_ms": r["stages_ms"], "ours_peak_memory_gib": r["peak_memory_gib"]})
+        row.update({"ours_s": r["s"], "ours_stages_ms": r["stages_ms"], "ours_peak_memory_gib": r["peak_memory_gib"],
+                    "ours_settings": {k: r[k] for k in ("inversion_batch", "prompt_cache", "unet", "prompt_encodes")}})
         if not args.no_paper:
             p = whole_face(paper, size, params, 1, dev, args.face_repeats)
             row.update({"paper_s": p["s"], "paper_stages_ms": p["stages_ms"], "paper_peak_memory_gib": p["peak_memory_gib"],
+                        "paper_settings": {k: p[k] for k in ("inversion_batch", "prompt_cache", "unet", "prompt_encodes")},
                         "paper_over_ours": round(p["s"] / r["s"], 4)})
         faces[preset] = row
         print(f"  face {preset} ({params.steps} steps): ours {row['ours_s']:.2f} s"
@@ -261,21 +275,24 @@ def main(argv=None) -> dict:
         targets["face_defaults_vs_paper"] = target("per face at the defaults at least 2x faster than the paper's way "
                                                    "on the same device", d["paper_over_ours"], 2.0)
     if cuda and not args.tiny:
-        from .flops import gpu_peak, model_flops, pipeline_counts
+        from .flops import face_time_at_peak, gpu_peak, model_flops, pipeline_counts
 
         key, peak = gpu_peak(torch.cuda.get_device_name(0))
         if key:
             fl = model_flops(False, size)
-            counts = pipeline_counts(args.steps, args.skip, args.inversion_batch)
-            limit = (fl["unet_batch2_flops"] / 2 * counts["unet_sample_evaluations"]) / (peak["fp16"] * 1e12) + \
-                    (fl["vae_encode_flops"] + fl["vae_decode_flops"]) / (peak["tf32"] * 1e12)
-            result["fraction_of_peak"] = {"gpu_row": key, "face_defaults": round(limit / d["ours_s"], 4),
-                                          "unet_step_batch2": round(fl["unet_batch2_flops"] / (peak["fp16"] * 1e12) * 1e3
-                                                                    / steps["batch2"]["p50_ms"], 4)}
+            at_peak = face_time_at_peak(fl, pipeline_counts(args.steps, args.skip, args.inversion_batch), peak)
+            step_at_peak_ms = fl["unet_batch2_flops"] / (peak["fp16"] * 1e12) * 1e3
+            result["fraction_of_peak"] = {
+                "gpu_row": key, "steps": args.steps, "skip": args.skip, "size": size,
+                "face_time_at_peak_s": at_peak["total_s"], "measured_face_defaults_s": d["ours_s"],
+                "face_defaults": round(at_peak["total_s"] / d["ours_s"], 4),
+                "unet_step_batch2_at_peak_ms": round(step_at_peak_ms, 4),
+                "measured_unet_step_batch2_ms": steps["batch2"]["p50"],
+                "unet_step_batch2": round(step_at_peak_ms / steps["batch2"]["p50"], 4)}
         else:
             result["fraction_of_peak"] = None
     result["targets"] = targets
-    write_results(name, result, _markdown(result), lambda path: _plot(result, path), args.out)
+    write_results(name, result, _markdown(result), _plot, args.out)
     print(f"wrote {args.out}/{name}.json, .md, .png")
     return result
 
@@ -287,11 +304,16 @@ def _markdown(r: dict) -> str:
              f"UNet parameters {r['unet_params'] / 1e9:.3f} B; built in {r['build_s']:.1f} s"
              + (f"; weights on the GPU {r['weights_memory_gib']} GiB" if r.get("weights_memory_gib") else "") + ".", "",
              md_table(["UNet call", "p50 ms", "p95 ms", "ms per sample", "peak GiB"],
-                      [[k, v["p50_ms"], v["p95_ms"], v["per_sample_ms"], v["peak_memory_gib"]] for k, v in st.items()]),
+                      [[k, v["p50"], v["p95"], v["per_sample_ms"], v["peak_memory_gib"]] for k, v in st.items()]),
              "", md_table(["preset", "steps", "ours s", "paper way s", "paper/ours", "peak GiB (ours)"],
                           [[k, v["steps"], v["ours_s"], v.get("paper_s"), v.get("paper_over_ours"),
                             v.get("ours_peak_memory_gib")] for k, v in r["whole_face"].items()]), ""]
     lines += [f"- {k}: {v}" for k, v in r["descriptions"].items()]
+    counted = [[k, way, v[f"{way}_settings"]["unet"]["calls"], v[f"{way}_settings"]["unet"]["samples"],
+                v[f"{way}_settings"]["prompt_encodes"]]
+               for k, v in r["whole_face"].items() for way in ("ours", "paper") if f"{way}_settings" in v]
+    lines += ["", "Counted in the last timed run of each (UNet calls, sample evaluations, prompt encodes run):", "",
+              md_table(["preset", "way", "UNet calls", "UNet samples", "prompt encodes"], counted)]
     if r.get("fraction_of_peak"):
         f = r["fraction_of_peak"]
         lines += ["", f"Fraction of peak ({f['gpu_row']} datasheet): whole face at the defaults {f['face_defaults']:.1%}, "
@@ -302,7 +324,7 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(r: dict, path: Path) -> None:
+def _plot(r: dict):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -320,11 +342,8 @@ def _plot(r: dict, path: Path) -> None:
     axes[1].set_ylabel("seconds per face")
     axes[1].set_title("Whole face" + (" — tiny dry run" if r["tiny"] else ""))
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -2,26 +2,34 @@
 
 * ``paper_way_request``: (a), the reference — the same models and the same math, run the way the
   paper's public code runs them: the SDXL + FaceID pipeline is loaded from disk for every image
-  (``from_pretrained`` + ``load_ip_adapter`` + LoRA fuse, i.e. ``load_sdxl_faceid``), the face
-  models (detector, landmarks, ArcFace) are loaded for every image, faces go through the generator
-  one at a time (batch 1 face, the two CFG branches batched at 2 as in the paper's code), the
-  inversion makes one UNet call per step (``batch_steps=1``) and prompts are encoded on every use
-  (no cache).
+  (``TorchModels.load``: ``from_pretrained`` + ``load_ip_adapter`` + LoRA fuse), the face models
+  (dlib detector and landmarks, ArcFace) are loaded for every image — standing in for the
+  insightface ``FaceAnalysis`` (detector + ArcFace) the paper's code loads to embed identities —
+  faces go through the generator one at a time (batch 1 face, the two CFG branches batched at 2 as
+  in the paper's code), the inversion makes one UNet call per step (``batch_steps=1``) and prompts
+  are encoded on every use (prompt cache capacity 0).
 * ``inprocess_request``: (b), our pipeline in process: models loaded once (``Anonymizer``), all faces
   of a photo in one generator batch, inversion batched ``inversion_batch`` steps per UNet call,
   prompt encodings cached.
 * (c)/(d) go through ``client.RevpersClient`` to a running Triton server (see compare.py).
 
-Each returns (encoded PNG bytes, report) with per-stage ``timings_ms``; decode and encode are timed
+Each returns (encoded PNG bytes, report) with per-stage ``timings_ms``, ``request_total_ms`` and
+``unet`` (the UNet calls the request made, ``common.count_unet_calls``); decode and encode are timed
 the same way in all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .common import count_unet_calls
+
+# Timing here uses ``Timings.add`` directly: ``revpers.pipeline._Timer`` does the same as a context
+# manager but is private to revpers (a public ``Timings.timer(stage)`` there would let these use it).
 
 
 def _decode(raw: bytes, timings) -> np.ndarray:
@@ -49,12 +57,14 @@ def inprocess_request(anonymizer, raw: bytes, params, verify=None) -> tuple[byte
 
     timings = Timings()
     t0 = time.perf_counter()
-    rgb = _decode(raw, timings)
-    result = anonymizer.anonymize_photo(rgb, params, verify=verify)
-    out = _encode(result.image, timings)
+    with count_unet_calls(anonymizer.models) as unet:
+        rgb = _decode(raw, timings)
+        result = anonymizer.anonymize_photo(rgb, params, verify=verify)
+        out = _encode(result.image, timings)
     report = dict(result.report)
     report["timings_ms"] = {**report["timings_ms"], **timings.as_ms()}
     report["request_total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+    report["unet"] = unet.as_dict()
     return out, report
 
 
@@ -66,9 +76,8 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
     from revpers.anonymizer import _TimedAnalyzer
     from revpers.bundle import load_bundle
     from revpers.faces import analysis
-    from revpers.models import FaceIDUNet, TextEncoderCache, TorchModels, VaeDecoder, VaeEncoder, load_sdxl_faceid
+    from revpers.models import TextEncoderCache, TorchModels
     from revpers.pipeline import Timings, run_faces
-    from revpers.schedule import NoiseSchedule
 
     timings = Timings()
     t0 = time.perf_counter()
@@ -76,16 +85,20 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
 
     t1 = time.perf_counter()
     bundle = load_bundle(bundle_path)
-    pipe, slot = load_sdxl_faceid(bundle, device, unet_dtype)
-    models = TorchModels(FaceIDUNet(pipe.unet, slot).eval(), VaeEncoder(pipe.vae).eval(), VaeDecoder(pipe.vae).eval(),
-                         TextEncoderCache(pipe, device, capacity=0),  # capacity 0: every prompt is encoded again
-                         NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config)), device, pipe.unet.dtype)
+    models = TorchModels.load(bundle, device, unet_dtype)
+    # capacity 0: TextEncoderCache stores each encoding and at once evicts it (len 1 > 0), so every
+    # prompt is encoded again on every use
+    models = dataclasses.replace(models, text=TextEncoderCache(models.text.pipe, models.device, capacity=0))
     timings.add("load_pipeline", time.perf_counter() - t1)
 
     t2 = time.perf_counter()
-    analysis._shape_predictor.cache_clear()  # the landmark model is read from disk again
+    # stands in for the paper code's per-image insightface FaceAnalysis load (detector + ArcFace):
+    # the dlib detector and landmark model are read from disk again, ArcFace gets a new session
+    analysis._shape_predictor.cache_clear()
     analysis._hog_detector.cache_clear()
+    before = analysis._shape_predictor.cache_info().misses + analysis._hog_detector.cache_info().misses
     analyzer = face_lib.load_face_analyzer(bundle.faces, bundle.root)
+    face_models_read = analysis._shape_predictor.cache_info().misses + analysis._hog_detector.cache_info().misses - before
     timings.add("load_face_models", time.perf_counter() - t2)
 
     n = bundle.native_size
@@ -98,14 +111,16 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
         return out
 
     t3 = time.perf_counter()
-    image, faces = face_lib.anonymize_photo(rgb, _TimedAnalyzer(analyzer, timings), generate, n)
+    with count_unet_calls(models) as unet:
+        image, faces = face_lib.anonymize_photo(rgb, _TimedAnalyzer(analyzer, timings), generate, n)
     timings.add("align_paste", time.perf_counter() - t3 - sum(
         timings.stages.get(k, 0.0) for k in ("detect", "identity_embed", "prompt_encode", "vae_encode", "inversion",
                                               "generation", "vae_decode")))
     out = _encode(image, timings)
     report = {"mode": "photo", "way": "paper", "faces": faces, "timings_ms": timings.as_ms(),
-              "request_total_ms": round((time.perf_counter() - t0) * 1e3, 3), "unet_calls_note":
-              "inversion one UNet call per step, faces one at a time"}
+              "request_total_ms": round((time.perf_counter() - t0) * 1e3, 3), "unet": unet.as_dict(),
+              "prompt_encodes": models.text.misses, "prompt_cache_hits": models.text.hits,
+              "face_models_read_from_disk": face_models_read}
     return out, report
 
 

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
 from pathlib import Path
 
-from .common import summary
+from .common import anonymized_faces
 
 BACKENDS = ("onnxruntime", "pytorch", "tensorrt")
 
 
-@contextlib.contextmanager
-def running_server(repository: Path):
-    """A tritonserver on free loopback ports for the duration of the block; yields (server, seconds to ready)."""
+def triton_server(repository: Path):
+    """A ``revpers.triton_server.TritonServer`` for ``repository`` on free loopback ports; use it as
+    a context manager (started and ready inside the block, stopped after; ``startup_seconds`` is the
+    time to ready)."""
     from revpers.triton_server import TritonServer, free_ports
 
     grpc, http, metrics = free_ports(3)
-    server = TritonServer(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)
-    t0 = time.perf_counter()
-    server.start()
-    try:
-        yield server, time.perf_counter() - t0
-    finally:
-        server.stop()
+    return TritonServer(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)
 
 
 def timed_request(client, raw: bytes, params: dict) -> tuple[bytes, dict, float]:
@@ -35,10 +29,52 @@ def timed_request(client, raw: bytes, params: dict) -> tuple[bytes, dict, float]
     return image, report, (time.perf_counter() - t0) * 1e3
 
 
+def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict, stagger_s: float = 0.05) -> dict:
+    """Uncounted warm-up meant to reach every server instance: ``clients`` threads (one gRPC client
+    each) each send *all* ``jobs`` in order, their starts ``stagger_s`` apart.
+
+    Why this shape: the BLS model's dynamic batcher (queue delay 0.5 ms) would merge requests sent at
+    the same instant into one execute on one instance, and requests sent one after another may all
+    land on the same idle instance. Staggered, each client's request usually arrives while the others
+    keep their instances busy, so with ``clients`` = the instance count each BLS instance gets the
+    whole folder, and the overlapping component calls spread over the component instances. The
+    stagger must exceed that queue delay and stay below one request's time (50 ms: a one-step
+    smoke request takes about 100 ms on the CPU). Triton cannot route to a named instance, so this
+    makes full coverage likely, not certain."""
+    from client import RevpersClient
+
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(delay: float):
+        time.sleep(delay)
+        conn = RevpersClient(url)
+        try:
+            for _name, raw in jobs:
+                try:
+                    timed_request(conn, raw, params)
+                except Exception as exc:  # recorded, not hidden
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            conn.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i * stagger_s,), daemon=True) for i in range(max(1, clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": max(1, clients), "requests": max(1, clients) * len(jobs), "stagger_s": stagger_s,
+            "wall_s": round(time.perf_counter() - t0, 3), "errors": errors}
+
+
 def concurrency_level(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict) -> dict:
     """``clients`` threads, each with its own gRPC client, drain the same job queue; throughput is
-    completed requests over the wall time from the first send to the last reply."""
+    completed requests over the wall time from the first send to the last reply. Latency figures are
+    ``client.cli.latency_stats`` (n, p50, p95, max, mean), as ``revpers-client`` reports them."""
     from client import RevpersClient
+    from client.cli import latency_stats
 
     work: queue.Queue = queue.Queue()
     for job in jobs:
@@ -66,7 +102,7 @@ def concurrency_level(url: str, jobs: list[tuple[str, bytes]], clients: int, par
                 continue
             with lock:
                 latencies.append(ms)
-                faces += sum(f["action"] == "anonymized" for f in report.get("faces", []))
+                faces += anonymized_faces(report)
 
     threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in conns]
     for t in threads:
@@ -81,5 +117,5 @@ def concurrency_level(url: str, jobs: list[tuple[str, bytes]], clients: int, par
     out = {"clients": clients, "requests": len(latencies), "errors": errors, "wall_s": round(wall, 3),
            "throughput_rps": round(len(latencies) / wall, 4), "faces_per_s": round(faces / wall, 4)}
     if latencies:
-        out["latency"] = summary(latencies)
+        out["latency"] = latency_stats(latencies)
     return out

@@ -9,20 +9,22 @@ ArcFace), prompt_encode (cached and not), vae_encode, inversion, generation, vae
 time minus the server's own total (gRPC, serialization, queueing). Prompt encode "not cached" is
 measured on a request with an attribute prompt never seen before (the empty prompt is still a cache
 hit there, so it is one fresh encode); "cached" on requests without a prompt after the first.
-Each figure is the median over ``--repeats`` requests per photo. Results:
-benchmarks/results/stages.{json,md,png}.
+Each figure is the median over ``--repeats`` requests per photo; the prompt-encode averages are over
+the photos with faces (a photo without one encodes nothing). The identity verification gate is on by
+default (``--no-verify`` turns it off), so its cost shows as the verify stage. The server runs
+``--bls-instances`` BLS processes (default 2) and ``--component-instances`` copies of each component
+model (default 2 on the CPU, 1 on a GPU). Results: benchmarks/results/stages.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import uuid
 from pathlib import Path
 
-from .common import (RESULTS, WORK, component_instances, load_photos, md_table, quiet, smoke_bundle, stamp,
-                     write_results)
+from .common import (RESULTS, WORK, anonymized_faces, component_instances, load_photos, md_table, quiet,
+                     smoke_bundle, stamp, write_results)
 from .server import BACKENDS
 
 STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "inversion", "generation",
@@ -46,15 +48,19 @@ def parse(argv=None):
     p.add_argument("--component-instances", type=int, default=None,
                    help="instances of each component model (default: 2 on the CPU, where sessions run "
                         "single-threaded so that two batches run at once; 1 on a GPU)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="the identity verification gate (default on: its cost is the verify stage)")
+    p.add_argument("--warmup-passes", type=int, default=1,
+                   help="uncounted warm-up passes over the folder (in process; through the server from "
+                        "staggered concurrent clients, one per instance)")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=WORK)
     return p.parse_args(argv)
 
 
-def _median_stages(reports: list[dict], extra: list[float] | None = None) -> dict:
-    out = {s: round(statistics.median(r["timings_ms"].get(s, 0.0) for r in reports), 3) for s in STAGES}
-    return out
+def _median_stages(reports: list[dict]) -> dict:
+    return {s: round(statistics.median(r["timings_ms"].get(s, 0.0) for r in reports), 3) for s in STAGES}
 
 
 def _measure(run, raws, repeats: int, prompt_key: str) -> dict:
@@ -70,7 +76,7 @@ def _measure(run, raws, repeats: int, prompt_key: str) -> dict:
             if "server_total_ms" in rep:
                 server_totals.append(rep["server_total_ms"])
         _img, fresh, _ = run(raw, prompt=f"benchmark prompt {uuid.uuid4().hex[:12]}")
-        row = {"photo": name, "faces": sum(f["action"] == "anonymized" for f in reps[0].get("faces", [])),
+        row = {"photo": name, "faces": anonymized_faces(reps[0]),
                "stages_ms": _median_stages(reps), "total_ms": round(statistics.median(totals), 3),
                "prompt_encode_uncached_ms": fresh["timings_ms"].get("prompt_encode", 0.0),
                "prompt_encode_cached_ms": round(statistics.median(r["timings_ms"].get("prompt_encode", 0.0)
@@ -88,60 +94,70 @@ def _measure(run, raws, repeats: int, prompt_key: str) -> dict:
 def main(argv=None) -> dict:
     args = parse(argv)
     quiet()
-    import time
-
     from revpers.anonymizer import Anonymizer
     from revpers.pipeline import Params
+    from revpers.verify import VerifyPolicy
 
     from .pipelines import inprocess_request
 
     bundle = args.bundle or smoke_bundle(args.work / "smoke-bundle")
     raws = [(p.name, p.read_bytes()) for p in load_photos(args.photos, args.limit)]
+    comp = component_instances(args)
     result = stamp("stages", {"steps": args.steps, "seed": args.seed, "repeats": args.repeats, "bundle": str(bundle),
                               "photos": [n for n, _ in raws], "backend": args.backend, "device": args.device,
                               "inversion_batch": args.inversion_batch, "bls_instances": args.bls_instances,
-                              "component_instances": component_instances(args)})
+                              "component_instances": comp, "verification_gate": args.verify,
+                              "warmup_passes": args.warmup_passes, "server": not args.no_server})
     result["title"] = "Stage breakdown of a photo request"
-    result["stage_definitions"] = " ".join(__doc__.split("Stages:", 1)[1].split("Results:", 1)[0].split())
-    print(f"stages: {len(raws)} photos, steps={args.steps}", flush=True)
+    result["stage_definitions"] = " ".join(__doc__.split("Stages:", 1)[1].split("Each figure", 1)[0].split())
+    print(f"stages: {len(raws)} photos, steps={args.steps}, verification gate {'on' if args.verify else 'off'}",
+          flush=True)
 
     anonymizer = Anonymizer(bundle, device=args.device, inversion_batch=args.inversion_batch)
+    verify = VerifyPolicy(verify=args.verify)
 
     def inproc(raw, prompt=None):
-        t0 = time.perf_counter()
-        out, rep = inprocess_request(anonymizer, raw, Params(steps=args.steps, seed=args.seed, prompt=prompt))
-        return out, rep, (time.perf_counter() - t0) * 1e3
+        out, rep = inprocess_request(anonymizer, raw, Params(steps=args.steps, seed=args.seed, prompt=prompt), verify)
+        return out, rep, rep["request_total_ms"]
 
-    for _name, raw in raws:  # uncounted: first calls at each batch size, the empty prompt's first encode
-        inproc(raw)
+    for _ in range(args.warmup_passes):  # uncounted: first calls at each batch size, the empty prompt's first encode
+        for _name, raw in raws:
+            inproc(raw)
     result["inprocess"] = _measure(inproc, raws, args.repeats, "in process")
 
     if not args.no_server:
         from client import RevpersClient
 
         from .common import served_repository
-        from .server import running_server, timed_request
+        from .server import timed_request, triton_server, warm_up
 
         repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
-                                 gpu=str(args.device).startswith("cuda"),
-                                 component_instances=component_instances(args))
-        with running_server(repo) as (server, ready_s):
-            result["server_ready_s"] = round(ready_s, 3)
+                                 gpu=str(args.device).startswith("cuda"), component_instances=comp)
+        with triton_server(repo) as server:
+            result["server_ready_s"] = round(server.startup_seconds, 3)
+            wire = {"steps": args.steps, "seed": args.seed, "verify": args.verify}
+            result["server_warmup"] = [warm_up(server.urls.grpc, raws, max(1, args.bls_instances, comp), wire)
+                                       for _ in range(args.warmup_passes)]
             client = RevpersClient(server.urls.grpc)
-            wire = {"steps": args.steps, "seed": args.seed}
 
             def served(raw, prompt=None):
                 return timed_request(client, raw, {**wire, "prompt": prompt})
 
-            for _ in range(max(1, args.bls_instances)):  # the same warm-up on each BLS instance
-                for _name, raw in raws:
-                    served(raw)
             result["server"] = _measure(served, raws, args.repeats, "server")
             client.close()
 
-    write_results("stages", result, _markdown(result), lambda path: _plot(result, path), args.out)
+    write_results("stages", result, _markdown(result), _plot, args.out)
     print(f"wrote {args.out}/stages.json, .md, .png")
     return result
+
+
+def _prompt_encode_means(per_photo: list[dict]) -> list[float | None]:
+    """Mean (not cached, cached) prompt-encode ms over the photos with faces."""
+    rows = [x for x in per_photo if x["faces"]]
+    if not rows:
+        return [None, None]
+    return [sum(x["prompt_encode_uncached_ms"] for x in rows) / len(rows),
+            sum(x["prompt_encode_cached_ms"] for x in rows) / len(rows)]
 
 
 def _markdown(r: dict) -> str:
@@ -154,24 +170,24 @@ def _markdown(r: dict) -> str:
         server_side = sum(x.get("server_total_ms", 0.0) for x in st["per_photo"])
         rows.append(["transport (client wall - server total)", "", round(st["request_total_ms"] - server_side, 3)])
     rows.append(["**request total**", ip_total] + ([r["server"]["request_total_ms"]] if server else []))
-    enc = [["in process", sum(x["prompt_encode_uncached_ms"] for x in r["inprocess"]["per_photo"]) / len(r["inprocess"]["per_photo"]),
-            sum(x["prompt_encode_cached_ms"] for x in r["inprocess"]["per_photo"]) / len(r["inprocess"]["per_photo"])]]
+    enc = [["in process", *_prompt_encode_means(r["inprocess"]["per_photo"])]]
     if server:
-        sp = r["server"]["per_photo"]
-        enc.append(["server", sum(x["prompt_encode_uncached_ms"] for x in sp) / len(sp),
-                    sum(x["prompt_encode_cached_ms"] for x in sp) / len(sp)])
+        enc.append(["server", *_prompt_encode_means(r["server"]["per_photo"])])
     per = [[x["photo"], x["faces"], x["total_ms"]] + ([y["total_ms"], y.get("transport_ms")] if server else [])
            for x, y in zip(r["inprocess"]["per_photo"], (r["server"]["per_photo"] if server else r["inprocess"]["per_photo"]))]
     return "\n".join([
         f"Sum over the {len(r['inprocess']['per_photo'])} photos of the per-photo median of {r['params']['repeats']} "
-        f"requests (steps={r['params']['steps']}).", "", md_table(head, rows), "",
-        "Prompt encode per request, ms (not cached = a fresh attribute prompt; cached = no prompt, after the first request):",
+        f"requests (steps={r['params']['steps']}; identity verification gate "
+        f"{'on: its cost is the verify stage' if r['params'].get('verification_gate') else 'off'}).", "",
+        md_table(head, rows), "",
+        "Prompt encode per request, ms, mean over the photos with faces (not cached = a fresh attribute prompt; "
+        "cached = no prompt, after the first request):",
         "", md_table(["where", "not cached", "cached"], enc), "",
         md_table(["photo", "faces", "in process ms"] + (["server ms (client wall)", "transport ms"] if server else []), per),
         "", f"Stage definitions: {r['stage_definitions']}"])
 
 
-def _plot(r: dict, path: Path) -> None:
+def _plot(r: dict):
     import matplotlib.pyplot as plt
 
     cols = [("in process", r["inprocess"])] + ([("server", r["server"])] if "server" in r else [])
@@ -190,11 +206,8 @@ def _plot(r: dict, path: Path) -> None:
     ax.set_ylabel("seconds (sum over the photos)")
     ax.set_title(f"Where the time goes: {len(r['inprocess']['per_photo'])} photos, steps={r['params']['steps']}")
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
