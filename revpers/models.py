@@ -191,13 +191,17 @@ class TextEncoderCache:
         self.capacity = capacity
         self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
         self._lock = threading.Lock()
+        self.hits = 0    # prompt encodings served from the cache
+        self.misses = 0  # prompt encodings computed (what the benchmarks count)
 
     @torch.inference_mode()
     def __call__(self, prompt: str) -> TextEmbedding:
         with self._lock:  # the BLS model serves several requests from threads
             if prompt in self._cache:
                 self._cache.move_to_end(prompt)
+                self.hits += 1
                 return self._cache[prompt]
+            self.misses += 1
             text, _, pooled, _ = self.pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1,
                                                          do_classifier_free_guidance=False)
             emb = TextEmbedding(text.float(), pooled.float())

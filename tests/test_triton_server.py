@@ -394,7 +394,10 @@ def test_serve_stops_cleanly_on_sigterm(install, cache_dir, good_repo, probe_dir
         text = log.read_text()
         assert "models READY: echo (v1), echo_bls (v1)" in text
         assert f"gRPC     127.0.0.1:{ports[0]}" in text and f"http://127.0.0.1:{ports[2]}/metrics" in text
-        assert "successfully loaded 'echo'" in text  # the server log is streamed to stderr
+        deadline = time.monotonic() + 10  # the server log is streamed to stderr (a follower thread)
+        while "successfully loaded 'echo'" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "successfully loaded 'echo'" in log.read_text()
         assert _get(f"http://127.0.0.1:{ports[1]}/v2/health/ready")[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, log.read_text()[-3000:]
