@@ -14,10 +14,54 @@ from .components import ComponentSpec, arcface_spec, specs_for
 
 OPSET = 18
 ARTIFACTS_MANIFEST = "components.json"
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data beside it
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The external-data files an ONNX file references (paths beside it), in first-use order."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    seen: dict[str, None] = {}
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            seen.setdefault(ExternalDataInfo(tensor).location, None)
+    return [Path(path).parent / loc for loc in seen]
+
+
+def store_weights_externally(path: Path) -> Path:
+    """Move every weight of the ONNX file at ``path`` into one file ``<name>.data`` beside it.
+
+    An SDXL UNet is 10 GB in fp32, past protobuf's 2 GB limit: the exporter then writes one file per
+    tensor (hundreds, named after the tensors), which Triton's model folders and copies handle badly.
+    Every exported component is written the same way whatever its size (graph in ``model.onnx``,
+    weights in ``model.onnx.data``), so the small models of the tests take the path large ones need.
+    Returns the data file.
+    """
+    import onnx
+
+    path = Path(path)
+    scattered = external_data_files(path)
+    model = onnx.load(str(path))  # with its weights, wherever they are
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=0)
+    for f in scattered:
+        if f != data:
+            f.unlink(missing_ok=True)
+    return data
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """An ONNX file and the external-data files it needs: what must travel together."""
+    return [Path(path), *external_data_files(path)]
 
 
 def export_module(module: torch.nn.Module, spec: ComponentSpec, path: Path, batch: int = 2) -> Path:
-    """Trace ``module`` with example inputs of ``spec`` and write ONNX with a dynamic batch axis."""
+    """Trace ``module`` with example inputs of ``spec`` and write ONNX with a dynamic batch axis: the
+    graph in ``path``, the weights in ``path`` + ``.data`` (``store_weights_externally``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     example = tuple(t.example(batch) for t in spec.inputs)
     import warnings
@@ -29,7 +73,8 @@ def export_module(module: torch.nn.Module, spec: ComponentSpec, path: Path, batc
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     import onnx
 
-    onnx.checker.check_model(str(path))
+    store_weights_externally(path)
+    onnx.checker.check_model(str(path))  # by path: checks models of any size, external data included
     return path
 
 
@@ -76,7 +121,8 @@ def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool =
         path = export_module(modules[spec.name], spec, out / spec.name / "model.onnx")
         record["components"][spec.name] = {"spec": spec.to_dict(), "onnx": str(path.relative_to(out)),
                                            "export_seconds": round(time.perf_counter() - t0, 2)}
-        log(f"exported {spec.name} -> {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+        size = sum(f.stat().st_size for f in onnx_files(path))
+        log(f"exported {spec.name} -> {path} (+ weights, {size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
     dst = out / "arcface" / "model.onnx"
     spec = copy_recognizer(bundle, dst)
     record["components"]["arcface"] = {"spec": spec.to_dict(), "onnx": str(dst.relative_to(out)), "export_seconds": 0}

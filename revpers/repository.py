@@ -81,7 +81,7 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
         else:  # onnxruntime components, and ArcFace (an ONNX file in every bundle) for the pytorch target
             params = {"runtime": "onnxruntime"}
             if record is not None:
-                _link_or_copy(artifacts / record["components"][name]["onnx"], version / "model.onnx")
+                _link_onnx(artifacts / record["components"][name]["onnx"], version / "model.onnx")
             else:
                 copy_recognizer(loaded_bundle, version / "model.onnx")
             shutil.copyfile(SOURCE / "_python_component" / "model.py", version / "model.py")
@@ -95,6 +95,18 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
                                                               threads=bls_threads,
                                                               max_batch={n: s.max_batch for n, s in specs.items()}))
     return out
+
+
+def _link_onnx(src: Path, dst: Path) -> None:
+    """An exported ONNX file into a model version folder as ``dst``, with the external-weight files
+    it refers to (by their paths relative to it, so those keep their names)."""
+    from export.onnx_export import external_data_files
+
+    _link_or_copy(src, dst)
+    for f in external_data_files(src):
+        target = dst.parent / f.relative_to(src.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(f, target)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

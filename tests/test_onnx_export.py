@@ -130,6 +130,49 @@ def test_arcface_renamed_and_equivalent_to_recognizer(exported, smoke_bundle):
     assert np.abs(got[0] - got[1]).max() > 1e-3  # not a constant
 
 
+def test_weights_sit_in_one_data_file_beside_the_graph(exported):
+    """The layout a 10 GB SDXL UNet needs (protobuf stops at 2 GB), on every component."""
+    from export.onnx_export import external_data_files, onnx_files
+
+    out, record = exported
+    for name in ("unet", "vae_encoder", "vae_decoder"):
+        path = _path(exported, name)
+        assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"], name
+        assert external_data_files(path) == [path.parent / "model.onnx.data"]
+        assert onnx_files(path) == [path, path.parent / "model.onnx.data"]
+        graph, data = (f.stat().st_size for f in onnx_files(path))
+        assert data > 10 * graph, (name, graph, data)  # the weights really moved out of the graph
+
+
+def test_scattered_external_weights_are_gathered_into_one_file(tmp_path):
+    """What torch's exporter writes past 2 GB (one file per tensor) becomes model.onnx + model.onnx.data,
+    the stray files go, the outputs stay the same; a second pass does not grow the data file."""
+    import onnx
+
+    from export.onnx_export import external_data_files, onnx_session, store_weights_externally
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(model, (torch.zeros(2, 16),), str(plain), input_names=["x"], output_names=["y"], dynamo=False)
+    path = tmp_path / "scattered" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(onnx.load(str(plain)), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    scattered = external_data_files(path)
+    assert len(scattered) == 4 and all(f.is_file() for f in scattered)
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    want = onnx_session(plain).run(None, {"x": x})[0]
+
+    data = store_weights_externally(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert external_data_files(path) == [data]
+    np.testing.assert_array_equal(onnx_session(path).run(None, {"x": x})[0], want)
+    size = data.stat().st_size
+    store_weights_externally(path)  # onnx appends to an existing data file unless it is removed first
+    assert data.stat().st_size == size
+    np.testing.assert_array_equal(onnx_session(path).run(None, {"x": x})[0], want)
+
+
 @pytest.mark.tensorrt
 def test_tensorrt_engines_match_onnx(exported):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (no NVIDIA GPU/TensorRT wheel); "

@@ -46,6 +46,9 @@ def test_repository_targets_and_their_configs(smoke_bundle_dir, smoke_bundle, on
     assert not (repo / "unet" / "1" / "model.onnx").exists()
     assert _param(_config(repo, "arcface"), "runtime") == "onnxruntime"
     assert (repo / "arcface" / "1" / "model.onnx").is_file()
+    ort = build_repository(onnx_artifacts[0], tmp_path / "ort-layout", "onnxruntime")
+    for model in ("unet", "vae_encoder", "vae_decoder"):  # the graph with its weights file
+        assert sorted(p.name for p in (ort / model / "1").iterdir()) == ["model.onnx", "model.onnx.data", "model.py"]
     bls = _config(repo, "revpers")
     assert "max_batch_size: 8" in bls and "dynamic_batching" in bls and "count: 2 kind: KIND_CPU" in bls
     specs = {s.name: s for s in specs_from_bundle(smoke_bundle, 10)}
