@@ -37,9 +37,10 @@ class Shapes:
 
 def tiny_configs() -> tuple[dict, dict, int]:
     """The smoke bundle's UNet/VAE configs and native size (the ``--tiny`` dry mode)."""
-    from revpers.smoke import SMOKE_NATIVE_SIZE, SMOKE_UNET, SMOKE_VAE
+    from revpers.smoke import architecture
 
-    return dict(SMOKE_UNET), dict(SMOKE_VAE), SMOKE_NATIVE_SIZE
+    arch = architecture(full_size=False)
+    return arch["unet"], arch["vae"], arch["native_size"]
 
 
 def faceid_unet(config: dict | None = None, device: str | torch.device = "meta", dtype: torch.dtype = torch.float16,

@@ -76,22 +76,16 @@ def sync(device: str) -> None:
 
 
 def text_encoders(tiny: bool, device: str):
-    """SDXL's two CLIP text encoders with random weights (full size: CLIP ViT-L text 768-d, 12 layers;
-    OpenCLIP bigG text 1280-d, 32 layers, projection 1280) or the smoke ones."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """SDXL's two CLIP text encoders with random weights, as a smoke bundle of that size has them
+    (full size: CLIP ViT-L text 768-d, 12 layers; OpenCLIP bigG text 1280-d, 32 layers, projection 1280)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if tiny:
-        from revpers.smoke import _text_config
+    from revpers.smoke import _byte_level_vocab, _text_config
 
-        c1, c2 = _text_config(514, False), _text_config(514, True)
-    else:
-        c1 = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                            projection_dim=768)
-        c2 = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+    vocab = len(_byte_level_vocab()[0])
     with torch.device(device):
-        return CLIPTextModel(c1).eval(), CLIPTextModelWithProjection(c2).eval()
+        return (CLIPTextModel(_text_config(vocab, False, not tiny)).eval(),
+                CLIPTextModelWithProjection(_text_config(vocab, True, not tiny)).eval())
 
 
 class PromptEncoder:

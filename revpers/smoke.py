@@ -1,16 +1,23 @@
-"""Smoke bundles: tiny, randomly initialised models of the real architectures.
+"""Smoke bundles: randomly initialised models of the real architectures.
 
 They have the same folder layout as a real bundle and load through the same code
-(``StableDiffusionXLPipeline.from_pretrained``, ``load_ip_adapter``, insightface's ArcFace runner),
-so tests and the demo exercise every real code path on a 2-core CPU. Their outputs are noise, not
-faces: every report made with one says ``"smoke": true``.
+(``StableDiffusionXLPipeline.from_pretrained``, ``load_ip_adapter``, insightface's ArcFace runner).
+Two sizes:
+
+- tiny (default): small configs, so tests and the demo exercise every real code path on a 2-core CPU;
+- full (``full_size=True``, ``revpers smoke-model DIR --full-size``): SDXL base's UNet, VAE and both
+  CLIP text encoders at their real sizes (only the vocabulary is the small byte-level one) and a
+  rank-128 FaceID LoRA, at 1024 px. Speed and memory do not depend on weight values, so every
+  benchmark and deployment path (export, TensorRT engines, Triton) can be measured at full size
+  with no weights to download. About 7.5 GB on disk (UNet and text encoders stored in fp16).
+
+Their outputs are noise, not faces: every report made with one says ``"smoke": true``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +48,8 @@ SMOKE_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
     sample_size=SMOKE_NATIVE_SIZE, scaling_factor=0.13025, force_upcast=True,
 )
+FULL_NATIVE_SIZE = 1024        # SDXL's native resolution -> 128x128 latents
+FULL_LORA_RANK = 128          # as in ip-adapter-faceid_sdxl.bin
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
                  use_karras_sigmas=False)
@@ -74,13 +83,34 @@ def _write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def _text_config(vocab_size: int, projection: bool):
+# SDXL base's text encoders: CLIP ViT-L/14 text (768-d, 12 layers) and OpenCLIP ViT-bigG/14 text
+# (1280-d, 32 layers, projection 1280)
+_FULL_TEXT = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768, hidden_act="quick_gelu"),
+              dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280, hidden_act="gelu"))
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                  projection_dim=32, hidden_act="gelu")
+
+
+def _text_config(vocab_size: int, projection: bool, full_size: bool = False):
+    """Config of SDXL's first (``projection=False``) or second text encoder, tiny or full size."""
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-                          hidden_act="gelu")
+    shape = _FULL_TEXT[int(projection)] if full_size else _TINY_TEXT
+    return CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                          eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **shape)
+
+
+def architecture(full_size: bool = False) -> dict:
+    """UNet/VAE configs, face size and LoRA rank of a tiny or a full-size smoke bundle."""
+    from .architecture import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+
+    if full_size:
+        return {"unet": dict(SDXL_UNET_CONFIG), "vae": dict(SDXL_VAE_CONFIG), "native_size": FULL_NATIVE_SIZE,
+                "lora_rank": FULL_LORA_RANK}
+    return {"unet": dict(SMOKE_UNET), "vae": dict(SMOKE_VAE), "native_size": SMOKE_NATIVE_SIZE,
+            "lora_rank": SMOKE_LORA_RANK}
 
 
 class _SmokeArcFace(torch.nn.Module):
@@ -106,8 +136,13 @@ def _write_arcface(path: Path, dim: int) -> None:
                       opset_version=17, dynamo=False)
 
 
-def write_smoke_bundle(root: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a complete smoke bundle to ``root`` (deterministic for a given seed)."""
+def write_smoke_bundle(root: str | Path, seed: int = 0, overwrite: bool = False, full_size: bool = False,
+                       device: str = "cpu") -> Path:
+    """Write a complete smoke bundle to ``root`` (deterministic for a given seed and device).
+
+    ``full_size``: SDXL-size models (see the module docstring); ``device`` is where the random
+    weights are drawn (``cuda`` makes a full-size bundle in seconds instead of minutes).
+    """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -117,36 +152,41 @@ def write_smoke_bundle(root: str | Path, seed: int = 0, overwrite: bool = False)
             raise FileExistsError(f"{root} exists and is not empty (use --force to replace it)")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    arch = architecture(full_size)
+    stored = torch.float16 if full_size else torch.float32  # UNet and text encoders on disk (SDXL's VAE: fp32)
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SMOKE_UNET)
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(SMOKE_EPS_GAIN)
-        unet.conv_out.bias.mul_(SMOKE_EPS_GAIN)
-    vae = AutoencoderKL(**SMOKE_VAE)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**arch["unet"])
+        with torch.no_grad():
+            unet.conv_out.weight.mul_(SMOKE_EPS_GAIN)
+            unet.conv_out.bias.mul_(SMOKE_EPS_GAIN)
+        vae = AutoencoderKL(**arch["vae"])
     tok_dir = root / "_tokenizer"
     vocab_size = _write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder = CLIPTextModel(_text_config(vocab_size, False))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, True))
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+    with torch.device(device):
+        text_encoder = CLIPTextModel(_text_config(vocab_size, False, full_size))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, True, full_size))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder.to(stored),
+                                     text_encoder_2=text_encoder_2.to(stored), tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet.to(stored),
                                      scheduler=EulerDiscreteScheduler(**SCHEDULER))
     pipe.save_pretrained(root / "sdxl", safe_serialization=True)  # before any adapter is attached
     shutil.rmtree(tok_dir)
 
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator(device).manual_seed(seed + 1)
     state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, shape in faceid_layout(unet, embed_dim=SMOKE_EMBED_DIM, lora_rank=SMOKE_LORA_RANK).items():
+    for key, shape in faceid_layout(unet, embed_dim=SMOKE_EMBED_DIM, lora_rank=arch["lora_rank"]).items():
         group, name = key.split(".", 1)
         if name.endswith("norm.weight"):
             value = torch.ones(shape)
         elif name.endswith("bias"):
             value = torch.zeros(shape)
         else:
-            value = torch.randn(shape, generator=gen) * (shape[-1] ** -0.5)
-        state[group][name] = value.contiguous()
+            value = torch.randn(shape, generator=gen, device=device) * (shape[-1] ** -0.5)
+        state[group][name] = value.to("cpu", stored).contiguous()
+    del pipe, unet, vae, text_encoder, text_encoder_2
     ip_path = root / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"
     ip_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, ip_path)
@@ -154,14 +194,12 @@ def write_smoke_bundle(root: str | Path, seed: int = 0, overwrite: bool = False)
     torch.manual_seed(seed + 2)
     _write_arcface(root / "face_models" / "smoke_arcface.onnx", SMOKE_EMBED_DIM)
 
-    write_manifest(root, native_size=SMOKE_NATIVE_SIZE, embedding_dim=SMOKE_EMBED_DIM, smoke=True,
-                   name=f"smoke-seed{seed}",
+    if full_size:
+        name, note = (f"smoke-fullsize-seed{seed}", "FULL-SIZE SMOKE BUNDLE: SDXL-size randomly initialised models; "
+                      "outputs are noise, not faces; for speed and memory measurements")
+    else:
+        name, note = f"smoke-seed{seed}", "SMOKE BUNDLE: tiny randomly initialised models; outputs are noise, not faces"
+    write_manifest(root, native_size=arch["native_size"], embedding_dim=SMOKE_EMBED_DIM, smoke=True, name=name,
                    faces={"detector": "dlib", "recognizer": "face_models/smoke_arcface.onnx"},
-                   extra={"seed": seed, "built_seconds": None,
-                          "note": "SMOKE BUNDLE: tiny randomly initialised models; outputs are noise, not faces"})
-    manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest.pop("built_seconds")  # keep the manifest deterministic for a given seed
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    _ = time.perf_counter() - started
+                   extra={"seed": seed, "full_size": full_size, "note": note})
     return root
