@@ -335,6 +335,29 @@ def test_client_library_does_not_need_torch():
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
 
+def test_client_distribution_installs_alone(tmp_path):
+    """`pip install ./client` (README "Client"): the revpers-client distribution, whose requirements
+    name no torch/diffusers/onnxruntime/revpers; installed on its own it imports and its command runs."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO_ROOT / "client", src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(src)], check=True, capture_output=True, timeout=300)
+    meta = (next(site.glob("revpers_client-*.dist-info")) / "METADATA").read_text()
+    requires = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))
+    assert requires == ["numpy", "tqdm>=4.60", "tritonclient[grpc]>=2.40"]
+    assert sorted(p.name for p in (site / "client").glob("*.py")) == sorted(
+        p.name for p in (REPO_ROOT / "client").glob("*.py"))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = ("import sys, client, client.cli, client.batch, client.core; from client import RevpersClient; "
+            f"assert client.__file__.startswith({str(site)!r}), client.__file__; "
+            "assert not {'torch', 'revpers', 'diffusers', 'onnxruntime'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)
+    out = subprocess.run([str(site / "bin" / "revpers-client"), "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "anonymize" in out.stdout, out.stderr
+
+
 # --------------------------------------------------------------------------- real server
 
 server_tests = pytest.mark.server
