@@ -184,11 +184,12 @@ def revpers_commit() -> str | None:
     return (commit + ("+dirty" if dirty else "")) if commit else None
 
 
-def stamp(name: str, params: dict) -> dict:
+def stamp(name: str, params: dict, module: str | None = None) -> dict:
+    """The header of every result; ``module``: what ``python -m`` ran (default ``benchmarks.<name>``)."""
     env = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
     return {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([*(f"{k}={v}" for k, v in env.items()), Path(sys.executable).name, "-m",
-                                 f"benchmarks.{name}", *sys.argv[1:]]),
+                                 module or f"benchmarks.{name}", *sys.argv[1:]]),
             "machine": machine(), "versions": versions(), "thread_env": env, "params": params}
 
 

@@ -191,11 +191,11 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 VAE on tensor cores, as diffusers users run it
         torch.backends.cudnn.allow_tf32 = True
 
-    result = stamp(name, {"device": dev, "tiny": args.tiny, "size": size, "unet_dtype": str(unet_dtype),
-                          "vae_dtype": "torch.float32", "steps": args.steps, "skip": args.skip,
-                          "fast_steps": args.fast_steps, "fast_skip": args.fast_skip,
-                          "inversion_batch": args.inversion_batch, "warmup": args.warmup, "iters": args.iters,
-                          "face_repeats": args.face_repeats, "compile": args.compile})
+    result = stamp(name, module="benchmarks.gpu_fullsize", params={
+        "device": dev, "tiny": args.tiny, "size": size, "unet_dtype": str(unet_dtype), "vae_dtype": "torch.float32",
+        "steps": args.steps, "skip": args.skip, "fast_steps": args.fast_steps, "fast_skip": args.fast_skip,
+        "inversion_batch": args.inversion_batch, "warmup": args.warmup, "iters": args.iters,
+        "face_repeats": args.face_repeats, "compile": args.compile})
     result["title"] = "Full-size SDXL + FaceID with random weights" + (" (tiny dry run)" if args.tiny else "")
     result["tiny"] = args.tiny
     print(f"gpu_fullsize: building {'tiny' if args.tiny else 'SDXL'} UNet ({unet_dtype}) and VAE (fp32) on {dev}",

@@ -68,9 +68,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             image, report = client.anonymize(photo.read_bytes(), steps=args.steps)
             out = args.out / (photo.stem + ".png")
-            out.write_bytes(image)
+            out.unlink(missing_ok=True)  # never leave an earlier run's image beside this run's report
             out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
             faces = report["faces"]
+            if report.get("verdict") == "rejected":  # the gate released no image (image == b"")
+                print(f"[5/5] {photo.name}: REJECTED by the identity gate ({report.get('rejected_reason')}); "
+                      f"no image written, report -> {out.name}.json")
+                continue
+            out.write_bytes(image)
             done = sum(f["action"] == "anonymized" for f in faces)
             print(f"[5/5] {photo.name}: {len(faces)} face(s), {done} anonymized in one batch, "
                   f"{time.perf_counter() - t0:.1f} s over gRPC -> {out} (+ .json report)")

@@ -154,6 +154,7 @@ def test_gpu_fullsize_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path):
                            "--warmup", "0", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_fullsize_tiny.json").read_text())
     assert saved["tiny"] is True and saved["unet_step_ms"]["batch2"]["batch"] == 2
+    assert " -m benchmarks.gpu_fullsize " in saved["command"]  # the module that ran, not the result name
     assert saved["unet_step_ms"]["batch20"]["batch"] == 20
     face = saved["whole_face"]["defaults"]
     assert face["ours_s"] > 0 and face["paper_s"] > 0
