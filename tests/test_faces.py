@@ -262,8 +262,8 @@ def test_face_at_the_image_border_is_pasted_inside_the_photo_only(analyzer, astr
 def test_face_free_image_is_returned_unchanged(analyzer):
     gen = InvertingGenerator()
     coffee = np.ascontiguousarray(skimage_data.coffee())
-    gradient = np.dstack(np.meshgrid(np.arange(300) % 256, np.arange(200) % 256)
-                         + [np.full((200, 300), 128)]).astype(np.uint8)
+    gradient = np.dstack([*np.meshgrid(np.arange(300) % 256, np.arange(200) % 256),
+                          np.full((200, 300), 128)]).astype(np.uint8)
     for img in (coffee, gradient):
         before = img.copy()
         out, reports = anonymize_photo(img, analyzer, gen, 256, FacePolicy())
