@@ -188,6 +188,7 @@ def main(argv=None) -> dict:
         unet_cfg, vae_cfg, size = dict(SDXL_UNET_CONFIG), dict(SDXL_VAE_CONFIG), 1024
     latent = size // 8
     if cuda:
+        torch.cuda.set_device(torch.device(dev))  # synchronize, events and memory statistics follow it
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 VAE on tensor cores, as diffusers users run it
         torch.backends.cudnn.allow_tf32 = True
 
@@ -271,7 +272,7 @@ def main(argv=None) -> dict:
     if cuda and not args.tiny:
         from .flops import face_time_at_peak, gpu_peak, model_flops, pipeline_counts
 
-        key, peak = gpu_peak(torch.cuda.get_device_name(0))
+        key, peak = gpu_peak(torch.cuda.get_device_name(torch.cuda.current_device()))
         if key:
             fl = model_flops(False, size)
             at_peak = face_time_at_peak(fl, pipeline_counts(args.steps, args.skip, args.inversion_batch), peak)

@@ -63,6 +63,18 @@ class ComponentSpec:
                    d.get("description", ""))
 
 
+def faces_per_call(native_size: int) -> dict[str, int]:
+    """Most faces per UNet call and per VAE call, by face size (the BLS splits larger calls).
+
+    Small crops batch several faces per call. At SDXL's 1024 px one face's inversion call
+    (2 x inversion_batch samples of 128x128 latents) is already a large, compute-bound batch, and the
+    TensorRT backend reserves activation memory for an engine profile's max batch when it loads
+    the engine; so above 512 px a UNet call carries one face's inversion (generation calls still
+    batch up to 2 x inversion_batch / 2 faces) and a fp32 VAE call two faces.
+    """
+    return {"unet": 4, "vae": 8} if native_size <= 512 else {"unet": 1, "vae": 2}
+
+
 def unet_spec(latent: int, text_len: int, text_dim: int, pooled_dim: int, embed_dim: int,
               inversion_batch: int = 10, max_faces: int = 4) -> ComponentSpec:
     """FaceID UNet: CFG batch 2 per face per step in generation, 2 x inversion_batch in inversion."""
@@ -109,14 +121,16 @@ def specs_from_bundle(bundle, inversion_batch: int = 10) -> list[ComponentSpec]:
     te1, te2 = config("text_encoder/config.json"), config("text_encoder_2/config.json")
     text_len = int(config("tokenizer/tokenizer_config.json").get("model_max_length", te1["max_position_embeddings"]))
     n = bundle.native_size
+    per_call = faces_per_call(n)
     return [unet_spec(n // 8, text_len, te1["hidden_size"] + te2["hidden_size"], te2["projection_dim"],
-                      bundle.embedding_dim, inversion_batch),
-            vae_encoder_spec(n), vae_decoder_spec(n), arcface_spec(bundle.embedding_dim)]
+                      bundle.embedding_dim, inversion_batch, per_call["unet"]),
+            vae_encoder_spec(n, per_call["vae"]), vae_decoder_spec(n, per_call["vae"]), arcface_spec(bundle.embedding_dim)]
 
 
 def specs_for(models, native_size: int, embed_dim: int, inversion_batch: int = 10) -> list[ComponentSpec]:
     """The component descriptions for a loaded bundle (shapes read off the real modules)."""
     emb = models.text("")
+    per_call = faces_per_call(native_size)
     return [unet_spec(native_size // 8, emb.text.shape[1], emb.text.shape[2], emb.pooled.shape[1], embed_dim,
-                      inversion_batch),
-            vae_encoder_spec(native_size), vae_decoder_spec(native_size)]
+                      inversion_batch, per_call["unet"]),
+            vae_encoder_spec(native_size, per_call["vae"]), vae_decoder_spec(native_size, per_call["vae"])]

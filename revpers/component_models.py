@@ -21,34 +21,61 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
+from torch.utils.dlpack import from_dlpack
 
 Run = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-def execute(pb_utils, requests, inputs: Sequence[tuple[str, bool]], outputs: Sequence[str], run: Run) -> list:
-    """inputs: (name, is_per_sample_scalar) in the component's input order."""
+def execute(pb_utils, requests, inputs: Sequence[tuple[str, bool]], outputs: Sequence[str], run: Run,
+            device: str = "cpu") -> list:
+    """inputs: (name, is_per_sample_scalar) in the component's input order; ``device``: this
+    instance's (where merged inputs that arrived on different devices are gathered)."""
     feeds, sizes = [], []
     for name, scalar in inputs:
         parts = [from_dlpack(pb_utils.get_input_tensor_by_name(r, name).to_dlpack()) for r in requests]
         parts = [p.reshape(p.shape[0]) if scalar else p for p in parts]
+        if len({p.device for p in parts}) > 1:  # GPU inputs stay where their sender had them
+            parts = [p.to(device) for p in parts]
         sizes = [p.shape[0] for p in parts]
         feeds.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
     results = run(feeds)
+    synchronize(results)
     responses, start = [], 0
     for n in sizes:
-        tensors = [pb_utils.Tensor.from_dlpack(name, to_dlpack(out[start:start + n].contiguous()))
+        tensors = [pb_utils.Tensor.from_dlpack(name, out[start:start + n].contiguous())
                    for name, out in zip(outputs, results)]
         responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         start += n
     return responses
 
 
+def synchronize(tensors: Sequence[torch.Tensor]) -> None:
+    """Wait for the kernels that write CUDA ``tensors`` before Triton reads their memory (it copies
+    on its own stream, in another process for BLS results)."""
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+
+
 def instance_device(args: dict) -> str:
-    """The torch device of a Triton model instance (``cuda:N`` for KIND_GPU where CUDA works)."""
-    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-        return f"cuda:{args.get('model_instance_device_id', 0)}"
+    """The torch device of a Triton model instance (``cuda:N`` for KIND_GPU where CUDA works), made
+    this thread's current CUDA device. A GPU instance without CUDA in torch runs on the CPU and says so."""
+    if args.get("model_instance_kind") == "GPU":
+        if torch.cuda.is_available():
+            device = f"cuda:{args.get('model_instance_device_id', 0)}"
+            use_device(device)
+            return device
+        import sys
+
+        print(f"revpers: model {args.get('model_name')!r} instance is KIND_GPU but torch {torch.__version__} has no "
+              "CUDA here: running on the CPU", file=sys.stderr, flush=True)
     return "cpu"
+
+
+def use_device(device: str) -> None:
+    """Make ``device`` the calling thread's current CUDA device (kernels, allocations and the copies
+    Triton makes then share its context); no-op for the CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
 
 
 class OnnxRuntimeRunner:

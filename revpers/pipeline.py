@@ -115,13 +115,22 @@ class Timings:
 
 
 class _Timer:
-    def __init__(self, timings: Timings, stage: str):
+    """Wall time of a stage; on CUDA it waits for the device at both ends, so a stage's queued
+    kernels are counted in that stage and not in the next one that reads a result back."""
+
+    def __init__(self, timings: Timings, stage: str, device: torch.device | None = None):
         self.timings, self.stage = timings, stage
+        self.cuda = device is not None and device.type == "cuda"
+        self.device = device
 
     def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         self.timings.add(self.stage, time.perf_counter() - self.t0)
 
 
@@ -166,22 +175,22 @@ def run_faces(models: Components, crops: list[np.ndarray], identities: np.ndarra
     ts = timesteps(params.steps, params.skip, models.schedule.num_train_timesteps)
     seeds = seeds if seeds is not None else [params.seed + f for f in range(faces)]
 
-    with _Timer(timings, "prompt_encode"):
+    with _Timer(timings, "prompt_encode", device):
         empty = models.text("").to(device)
         prompt = models.text(params.prompt).to(device) if params.prompt else None
-    with _Timer(timings, "vae_encode"):
+    with _Timer(timings, "vae_encode", device):
         x0 = models.encode(to_model_images(crops).to(device))
     noise = [n.to(device) for n in sampling.draw_noise(x0.shape, seeds, ts)]
     inv_u, inv_c = inversion_branches(empty, faces, identity.shape[1], (h, w), params.ip_scale, device=device)
-    with _Timer(timings, "inversion"):
+    with _Timer(timings, "inversion", device):
         x_T, zs = sampling.invert(models.denoise, x0, ts, models.schedule, inv_u, inv_c, params.guidance, noise,
                                   batch_steps=inversion_batch)
     if reconstruct:
         gen_u, gen_c = inv_u, inv_c
     else:
         gen_u, gen_c = generation_branches(empty, identity, (native_size, native_size), params.ip_scale, prompt)
-    with _Timer(timings, "generation"):
+    with _Timer(timings, "generation", device):
         x = sampling.generate(models.denoise, x_T, zs, ts, models.schedule, gen_u, gen_c, params.guidance)
-    with _Timer(timings, "vae_decode"):
+    with _Timer(timings, "vae_decode", device):
         images = from_model_images(models.decode(x).cpu())
     return FaceBatchResult(images, x0, x)

@@ -25,9 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
+from torch.utils.dlpack import from_dlpack
 
 from .bundle import load_bundle
+from .component_models import synchronize, use_device
 from .conditioning import TextEmbedding
 from .faces.analysis import ArcFaceRecognizer
 from .schedule import NoiseSchedule
@@ -70,12 +71,13 @@ class TritonComponents:
                                                                                 index)
 
     def _tensor(self, name: str, value: torch.Tensor):
-        return self.pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+        return self.pb.Tensor.from_dlpack(name, value.contiguous())
 
     def infer(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
         """One BLS call per slice of at most the model's max batch; returns the output on the math device."""
         n = next(iter(inputs.values())).shape[0]
         step = self.max_batch.get(model, n) or n
+        synchronize(list(inputs.values()))  # the component reads them from another process
         parts = []
         for start in range(0, n, step):
             tensors = [self._tensor(k, v[start:start + step]) for k, v in inputs.items()]
@@ -85,7 +87,9 @@ class TritonComponents:
                 raise RuntimeError(f"{model}: {resp.error().message()}")
             # the capsule keeps the response's buffer alive; cat copies it into memory we own
             parts.append(from_dlpack(self.pb.get_output_tensor_by_name(resp, output).to_dlpack()))
-        return torch.cat(parts, dim=0).to(self.math_device)
+        out = torch.cat(parts, dim=0).to(self.math_device)
+        synchronize(parts)  # the copy is done before the responses' buffers (held by parts) are released
+        return out
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         feeds = {"sample": x.float(), "timestep": t.to(torch.int64).reshape(-1, 1)}
@@ -150,7 +154,8 @@ class BlsService:
         self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components,
                                      analyzer=SerializedAnalyzer(analyzer))
         self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="revpers-request")
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="revpers-request",
+                                       initializer=use_device, initargs=(device,))
 
     def execute(self, requests) -> list:
         """All requests of one execute call, concurrently; responses in request order."""

@@ -25,6 +25,36 @@ def test_specs_from_bundle_match_the_loaded_modules(smoke_bundle, torch_models):
         assert from_configs[name] == spec, name
 
 
+def test_full_size_specs_carry_one_face_per_unet_call(smoke_bundle_dir, tmp_path):
+    """A full-size bundle's configs (SDXL text encoders, 1024 px; no weights needed to read them):
+    SDXL's conditioning shapes, and batch limits sized for 1024 px (one face's inversion per UNet
+    call, two faces per VAE call) instead of the small crops' 4 and 8."""
+    import shutil
+
+    from export.components import specs_from_bundle
+    from revpers.bundle import load_bundle
+    from revpers.smoke import _byte_level_vocab, _text_config
+
+    root = tmp_path / "fullsize-configs"
+    shutil.copytree(smoke_bundle_dir, root, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+    vocab = len(_byte_level_vocab()[0])
+    for sub, projection in (("text_encoder", False), ("text_encoder_2", True)):
+        _text_config(vocab, projection, full_size=True).to_json_file(root / "sdxl" / sub / "config.json")
+    for weights in ("ip_adapter/ip-adapter-faceid_sdxl.bin", "face_models/smoke_arcface.onnx"):
+        (root / weights).touch()  # load_bundle checks they exist; nothing here reads them
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "native_size": 1024}))
+    specs = {s.name: s for s in specs_from_bundle(load_bundle(root), inversion_batch=10)}
+    unet = specs["unet"]
+    assert {t.name: t.shape for t in unet.inputs} == {
+        "sample": (4, 128, 128), "timestep": (), "text": (77, 2048), "pooled": (1280,), "time_ids": (6,),
+        "identity": (512,), "ip_scale": ()}
+    assert (unet.max_batch, unet.opt_batch) == (20, 20)
+    assert specs["vae_encoder"].max_batch == specs["vae_decoder"].max_batch == 2
+    small = {s.name: s for s in specs_from_bundle(load_bundle(smoke_bundle_dir), inversion_batch=10)}
+    assert small["unet"].max_batch == 80 and small["vae_decoder"].max_batch == 8
+
+
 def _config(repo, model: str) -> str:
     return (repo / model / "config.pbtxt").read_text()
 

@@ -21,7 +21,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.inputs = [(t["name"], "reshape" in t) for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        device = instance_device(args)
+        self.device = device = instance_device(args)
         if params.get("runtime", "onnxruntime") == "pytorch":
             self.run = TorchRunner(params["bundle"], config["name"], device,
                                    compile=params.get("torch_compile", "no") == "yes")
@@ -33,4 +33,4 @@ class TritonPythonModel:
     def execute(self, requests):
         from revpers.component_models import execute
 
-        return execute(pb_utils, requests, self.inputs, self.outputs, self.run)
+        return execute(pb_utils, requests, self.inputs, self.outputs, self.run, self.device)
