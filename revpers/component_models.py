@@ -78,6 +78,22 @@ def use_device(device: str) -> None:
         torch.cuda.set_device(torch.device(device))
 
 
+_CONFIG_DTYPES = {"TYPE_FP32": torch.float32, "TYPE_FP16": torch.float16, "TYPE_INT64": torch.int64}
+
+
+def example_feeds(config: dict, batch: int) -> list[torch.Tensor]:
+    """Inputs of ``batch`` samples shaped as the component's Triton config declares them (scalars,
+    declared [1] with an empty reshape, as (batch,)): random floats, timesteps in [1, 999]."""
+    g = torch.Generator().manual_seed(batch)
+    feeds = []
+    for t in config["input"]:
+        shape = (batch,) if "reshape" in t else (batch, *(int(d) for d in t["dims"]))
+        dtype = _CONFIG_DTYPES[t["data_type"]]
+        feeds.append(torch.randint(1, 1000, shape, generator=g) if dtype == torch.int64
+                     else torch.randn(shape, generator=g).to(dtype))
+    return feeds
+
+
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu",
                  threads: int = 0):
@@ -124,6 +140,17 @@ class TorchRunner:
         self.module = module.to(device=device, dtype=dtype).eval()  # only this component reaches the device
         self.device, self.dtype = device, dtype
         self.forward = torch.compile(self.module) if compile else self.module
+
+    def warm_up(self, config: dict) -> list[int]:
+        """Run the module once at each batch size the config's dynamic batcher prefers (else 1 and
+        the max), so that first-call allocations and, with ``torch.compile``, compilation (a new
+        batch size recompiles once with a dynamic batch axis) happen while the model loads, not in
+        the first requests. Returns the batch sizes run."""
+        batches = config.get("dynamic_batching", {}).get("preferred_batch_size") or [1, config["max_batch_size"]]
+        for batch in batches:
+            self(example_feeds(config, int(batch)))
+        synchronize([torch.empty(0, device=self.device)])
+        return [int(b) for b in batches]
 
     @torch.inference_mode()
     def __call__(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -147,6 +147,32 @@ def test_component_execute_merges_requests_and_splits_results_back():
         assert torch.equal(resp.outputs["y"], torch.full((req["x"].shape[0], 2), 11.0 * i))
 
 
+def test_torch_runner_warms_up_at_the_preferred_batches_from_the_config(smoke_bundle_dir, smoke_bundle):
+    """What the pytorch target's initialize runs before the model is READY: one call per preferred
+    batch size, inputs built from the config as Triton hands it over (int64 dims as JSON strings)."""
+    from export.components import specs_from_bundle
+    from export.components import TRITON_DTYPES
+    from revpers.component_models import TorchRunner, example_feeds
+
+    specs = {s.name: s for s in specs_from_bundle(smoke_bundle, inversion_batch=3)}
+    for name in ("unet", "vae_decoder"):
+        spec = specs[name]
+        config = {"name": name, "max_batch_size": spec.max_batch,
+                  "input": [{"name": t.name, "data_type": TRITON_DTYPES[t.dtype], "dims": [str(d) for d in t.shape or (1,)],
+                             **({"reshape": {"shape": []}} if not t.shape else {})} for t in spec.inputs],
+                  "dynamic_batching": {"preferred_batch_size": list(spec.preferred_batches)}}
+        feeds = example_feeds(config, 5)
+        assert [tuple(f.shape) for f in feeds] == [(5, *t.shape) for t in spec.inputs]
+        runner = TorchRunner(smoke_bundle_dir, name)
+        calls = []
+        runner.forward = lambda *args, _m=runner.module: calls.append(args[0].shape[0]) or _m(*args)
+        want = list(spec.preferred_batches) or [1, spec.max_batch]
+        assert runner.warm_up(config) == want and calls == want, name
+        config.pop("dynamic_batching")
+        calls.clear()
+        assert runner.warm_up(config) == [1, spec.max_batch] == calls
+
+
 def test_bls_execute_serves_the_requests_of_one_call_concurrently():
     """Three requests in one execute call: each handler waits until all three are running, so a
     sequential execute would break the barrier instead of answering."""

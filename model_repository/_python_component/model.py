@@ -25,6 +25,7 @@ class TritonPythonModel:
         if params.get("runtime", "onnxruntime") == "pytorch":
             self.run = TorchRunner(params["bundle"], config["name"], device,
                                    compile=params.get("torch_compile", "no") == "yes")
+            self.run.warm_up(config)  # compile / allocate now: READY means ready
         else:
             path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
             self.run = OnnxRuntimeRunner(path, [n for n, _ in self.inputs], self.outputs, device,
