@@ -79,6 +79,28 @@ def smoke_bundle(path: Path | None = None) -> Path:
     return path
 
 
+def add_run_arguments(p, no_server_help: str = "skip the served parts") -> None:
+    """The options every photo benchmark (stages, compare) takes, one definition for both."""
+    from .server import BACKENDS
+
+    p.add_argument("--steps", type=int, default=20, help="inversion = generation steps (paper default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the smoke bundle, built once)")
+    p.add_argument("--photos", type=Path, default=None, help="folder of photos (default: five shipped photos)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="Triton repository backend")
+    p.add_argument("--device", default="cpu", help="torch device of the in-process pipeline")
+    p.add_argument("--inversion-batch", type=int, default=10)
+    p.add_argument("--bls-instances", type=int, default=2,
+                   help="BLS processes (each also serves up to 8 requests at once from threads)")
+    p.add_argument("--component-instances", type=int, default=None,
+                   help="instances of each component model (default: 2 on the CPU, where sessions run "
+                        "single-threaded so that two batches run at once; 1 on a GPU)")
+    p.add_argument("--no-server", action="store_true", help=no_server_help)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work", type=Path, default=WORK)
+
+
 def component_instances(args) -> int:
     """Instances per component model: --component-instances, else 2 on the CPU and 1 on a GPU."""
     if getattr(args, "component_instances", None):

@@ -20,9 +20,8 @@ import json
 import math
 from pathlib import Path
 
-from .common import (RESULTS, WORK, anonymized_faces, component_instances, load_photos, md_table, quiet,
-                     revpers_commit, smoke_bundle, stamp, target, write_results)
-from .server import BACKENDS
+from .common import (add_run_arguments, anonymized_faces, component_instances, load_photos, md_table,
+                     quiet, revpers_commit, smoke_bundle, stamp, target, write_results)
 
 PAPER_WAY = ("(a) the paper's way: the same models and math, run as the paper's reference code runs them — "
              "for every image the SDXL+FaceID pipeline is loaded from disk (from_pretrained + load_ip_adapter + "
@@ -52,26 +51,13 @@ WARMUP_BEFORE = ("Uncounted warm-up, {passes} pass(es): (b) the whole folder in 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20, help="inversion = generation steps (paper default 100)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the smoke bundle, built once)")
-    p.add_argument("--photos", type=Path, default=None, help="folder of photos (default: five shipped photos)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="Triton repository backend")
-    p.add_argument("--device", default="cpu", help="torch device of (a) and (b)")
-    p.add_argument("--inversion-batch", type=int, default=10)
-    p.add_argument("--bls-instances", type=int, default=2,
-                   help="BLS processes (each also serves up to 8 requests at once from threads)")
-    p.add_argument("--component-instances", type=int, default=None,
-                   help="instances of each component model (default: 2 on the CPU, where sessions run "
-                        "single-threaded so that two batches run at once; 1 on a GPU)")
+    add_run_arguments(p, no_server_help="skip (c) and (d)")
     p.add_argument("--levels", default="1,2,4,8", help="concurrent clients for (d)")
     p.add_argument("--rounds", type=int, default=None,
                    help="(d) queue = the folder this many times (default: enough for 2 requests per client at the top level)")
     p.add_argument("--warmup-passes", type=int, default=1,
                    help="uncounted warm-up passes: the folder for (b), one photo for (a), the folder from "
                         "staggered concurrent clients for (c)/(d) (0: none)")
-    p.add_argument("--no-server", action="store_true", help="skip (c) and (d)")
     p.add_argument("--verify", action="store_true",
                    help="run the identity verification gate in (b), (c) and (d) too (off by default: (a), the "
                         "paper's way, has no gate, so the comparison is of the same work; benchmarks.stages shows "
@@ -79,8 +65,6 @@ def parse(argv=None):
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: read OUT/compare.json, re-derive the ratios and targets from its "
                         "recorded per-photo figures and rewrite compare.json/.md/.png")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--work", type=Path, default=WORK)
     return p.parse_args(argv)
 
 

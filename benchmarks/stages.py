@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import uuid
-from pathlib import Path
 
-from .common import (RESULTS, WORK, anonymized_faces, component_instances, load_photos, md_table, quiet,
+from .common import (add_run_arguments, anonymized_faces, component_instances, load_photos, md_table, quiet,
                      smoke_bundle, stamp, write_results)
-from .server import BACKENDS
 
 STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "inversion", "generation",
           "vae_decode", "verify", "align_paste", "encode")
@@ -34,28 +32,13 @@ STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.stages", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p)
     p.add_argument("--repeats", type=int, default=3, help="requests per photo (median reported)")
-    p.add_argument("--bundle", type=Path, default=None)
-    p.add_argument("--photos", type=Path, default=None)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--inversion-batch", type=int, default=10)
-    p.add_argument("--bls-instances", type=int, default=2,
-                   help="BLS processes (each also serves up to 8 requests at once from threads)")
-    p.add_argument("--component-instances", type=int, default=None,
-                   help="instances of each component model (default: 2 on the CPU, where sessions run "
-                        "single-threaded so that two batches run at once; 1 on a GPU)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="the identity verification gate (default on: its cost is the verify stage)")
     p.add_argument("--warmup-passes", type=int, default=1,
                    help="uncounted warm-up passes over the folder (in process; through the server from "
                         "staggered concurrent clients, one per instance)")
-    p.add_argument("--no-server", action="store_true")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--work", type=Path, default=WORK)
     return p.parse_args(argv)
 
 
