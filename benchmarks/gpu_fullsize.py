@@ -169,23 +169,21 @@ def main(argv=None) -> dict:
     args = parse(argv)
     require_device(args.device)
     quiet()
-    from revpers.architecture import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
     from revpers.models import TorchModels, VaeDecoder, VaeEncoder
     from revpers.pipeline import Params
     from revpers.schedule import NoiseSchedule
+    from revpers.smoke import architecture
 
     from client.cli import latency_stats
 
-    from .fullsize import faceid_unet, tiny_configs, unet_inputs, vae
+    from .fullsize import faceid_unet, unet_inputs, vae
 
     name = args.name or ("gpu_fullsize_tiny" if args.tiny else "gpu_fullsize")
     dev = args.device
     cuda = dev.startswith("cuda")
     unet_dtype = torch.float16 if cuda else torch.float32
-    if args.tiny:
-        unet_cfg, vae_cfg, size = tiny_configs()
-    else:
-        unet_cfg, vae_cfg, size = dict(SDXL_UNET_CONFIG), dict(SDXL_VAE_CONFIG), 1024
+    arch = architecture(full_size=not args.tiny)  # what a smoke bundle of that size holds
+    unet_cfg, vae_cfg, size = arch["unet"], arch["vae"], arch["native_size"]
     latent = size // 8
     if cuda:
         torch.cuda.set_device(torch.device(dev))  # synchronize, events and memory statistics follow it

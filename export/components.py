@@ -69,8 +69,8 @@ def faces_per_call(native_size: int) -> dict[str, int]:
     Small crops batch several faces per call. At SDXL's 1024 px one face's inversion call
     (2 x inversion_batch samples of 128x128 latents) is already a large, compute-bound batch, and the
     TensorRT backend reserves activation memory for an engine profile's max batch when it loads
-    the engine; so above 512 px a UNet call carries one face's inversion (generation calls still
-    batch up to 2 x inversion_batch / 2 faces) and a fp32 VAE call two faces.
+    the engine; so above 512 px a UNet call carries one face's inversion call (a generation call, 2
+    samples per face, still carries up to inversion_batch faces) and a fp32 VAE call two faces.
     """
     return {"unet": 4, "vae": 8} if native_size <= 512 else {"unet": 1, "vae": 2}
 

@@ -149,7 +149,8 @@ class TorchRunner:
         batches = config.get("dynamic_batching", {}).get("preferred_batch_size") or [1, config["max_batch_size"]]
         for batch in batches:
             self(example_feeds(config, int(batch)))
-        synchronize([torch.empty(0, device=self.device)])
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
         return [int(b) for b in batches]
 
     @torch.inference_mode()

@@ -70,17 +70,15 @@ class TritonComponents:
             self._request_kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
                                                                                 index)
 
-    def _tensor(self, name: str, value: torch.Tensor):
-        return self.pb.Tensor.from_dlpack(name, value.contiguous())
-
     def infer(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
         """One BLS call per slice of at most the model's max batch; returns the output on the math device."""
         n = next(iter(inputs.values())).shape[0]
         step = self.max_batch.get(model, n) or n
-        synchronize(list(inputs.values()))  # the component reads them from another process
         parts = []
         for start in range(0, n, step):
-            tensors = [self._tensor(k, v[start:start + step]) for k, v in inputs.items()]
+            values = {k: v[start:start + step].contiguous() for k, v in inputs.items()}
+            synchronize(list(values.values()))  # the component reads them from another process
+            tensors = [self.pb.Tensor.from_dlpack(k, v) for k, v in values.items()]
             resp = self.pb.InferenceRequest(model_name=model, requested_output_names=[output], inputs=tensors,
                                             **self._request_kwargs).exec()
             if resp.has_error():

