@@ -56,7 +56,7 @@ def test_branch_table(torch_models):
         assert torch.allclose(call["pooled"][c], empty.pooled.expand(b, -1))
         assert torch.count_nonzero(call["identity"]) == 0          # null identity in both branches
         assert torch.all(call["ip_scale"] == 0.7)                   # the adapter scale in both branches
-        assert torch.equal(call["time_ids"][0], torch.tensor([64.0, 64, 0, 0, 64, 64]))
+        assert torch.equal(call["time_ids"], torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(2 * b, -1))  # every row
     for call in gen_calls:
         b = call["t"].shape[0] // 2
         assert b == 2
@@ -109,8 +109,10 @@ def test_faces_in_one_batch_match_faces_alone(torch_models):
     crops = [_crop(), np.ascontiguousarray(_crop()[:, ::-1])]
     ident = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
     both = run_faces(torch_models, crops, ident, Params(steps=6, seed=10), 64)
+    first = run_faces(torch_models, crops[:1], ident[:1], Params(steps=6, seed=10), 64)
     second = run_faces(torch_models, crops[1:], ident[1:], Params(steps=6, seed=11), 64)
-    assert (both.x_out[1] - second.x_out[0]).abs().max() <= 1e-4  # batch-size rounding only
+    assert (both.x_out[0] - first.x_out[0]).abs().max() <= 1e-4  # batch-size rounding only
+    assert (both.x_out[1] - second.x_out[0]).abs().max() <= 1e-4
 
 
 def test_faceid_unet_matches_diffusers_native_path(smoke_bundle):

@@ -205,15 +205,19 @@ def test_bad_inputs_are_invalid_argument(client):
     assert client.is_model_ready(MODEL)
 
 
-def test_metrics_endpoint(server, client):
-    infer(client, png_bytes(real_photo()), {"mode": "aligned", "steps": 1})
-    with urllib.request.urlopen(server.urls.metrics, timeout=10) as r:
+def _successes(url: str) -> float:
+    """Prometheus nv_inference_request_success of the BLS model, summed over its lines."""
+    with urllib.request.urlopen(url, timeout=10) as r:
         assert r.status == 200
         text = r.read().decode()
-    assert "nv_inference_request_success" in text
-    ok = [line for line in text.splitlines()
-          if line.startswith("nv_inference_request_success") and f'model="{MODEL}"' in line]
-    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1, ok
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("nv_inference_request_success{") and f'model="{MODEL}"' in line)
+
+
+def test_metrics_endpoint(server, client):
+    before = _successes(server.urls.metrics)
+    infer(client, png_bytes(real_photo()), {"mode": "aligned", "steps": 1})
+    assert _successes(server.urls.metrics) - before == 1  # this request, counted once
 
 
 def _stats(client, model: str) -> dict:
@@ -243,14 +247,26 @@ def test_one_bls_instance_serves_concurrent_requests(server, client):
     sequential = _delta(_stats(client, "unet"), before)
 
     before, bls_before = _stats(client, "unet"), _stats(client, MODEL)
-    threads = [threading.Thread(target=lambda s=s: infer(grpcclient.InferenceServerClient(server.urls.grpc), data,
-                                                         params | {"seed": 10 + s})) for s in range(4)]
+    reports = {}
+
+    def send(s):
+        reports[s] = infer(grpcclient.InferenceServerClient(server.urls.grpc), data, params | {"seed": 10 + s})[1]
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in range(4)]
+    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    wall_ms = (time.perf_counter() - t0) * 1e3
     concurrent, bls = _delta(_stats(client, "unet"), before), _delta(_stats(client, MODEL), bls_before)
-    print(f"unet: sequential {sequential}, concurrent {concurrent}; BLS executions {bls}")
+    served_ms = sum(r["server_total_ms"] for r in reports.values())
+    print(f"unet: sequential {sequential}, concurrent {concurrent}; BLS executions {bls}; "
+          f"server time {served_ms:.0f} ms in {wall_ms:.0f} ms wall")
+    assert len(reports) == 4
+    # one instance, so the requests' server times can only add up to more than the wall time if
+    # they ran at the same time (served one after another they would sum to at most the wall time)
+    assert served_ms > 1.5 * wall_ms
     assert concurrent["inferences"] == sequential["inferences"]  # same work, same UNet samples
     assert bls["inferences"] == 4
     assert bls["executions"] < 4  # the BLS instance got several requests in one execute call
