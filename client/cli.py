@@ -185,32 +185,17 @@ def resume_check(outdir: Path, item: Item, request: dict) -> ResumeCheck:
 # --------------------------------------------------------------------------- statistics
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (``q`` in [0, 100]) of ``values``, ``None`` when there are none.
-
-    Linear interpolation between the two nearest ranks: position ``(n - 1) * q / 100`` in the sorted
-    values. This is ``statistics.quantiles(values, n=100, method="inclusive")`` at integer ``q`` (and
-    numpy's default percentile); it also takes one value (that value) and fractional ``q``.
-    """
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100], got {q!r}")
-    if not values:
-        return None
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def latency_stats(ms: Sequence[float], ndigits: int = 1) -> dict:
     """``{"n", "mean", "p50", "p95", "min", "max"}`` of latencies in milliseconds, rounded to
-    ``ndigits`` decimals (percentiles as :func:`percentile`); all but ``n`` are ``None`` when empty."""
-    def r(x):
-        return None if x is None else round(x, ndigits)
+    ``ndigits`` decimals (percentiles: numpy's default, linear between the nearest ranks); all but
+    ``n`` are ``None`` when empty."""
+    if not ms:
+        return {"n": 0, "mean": None, "p50": None, "p95": None, "min": None, "max": None}
+    import numpy as np
 
-    return {"n": len(ms), "mean": r(sum(ms) / len(ms) if ms else None), "p50": r(percentile(ms, 50)),
-            "p95": r(percentile(ms, 95)), "min": r(min(ms) if ms else None), "max": r(max(ms) if ms else None)}
+    p50, p95 = np.percentile(ms, [50, 95])
+    return {"n": len(ms), **{k: round(float(v), ndigits) for k, v in
+                             {"mean": np.mean(ms), "p50": p50, "p95": p95, "min": min(ms), "max": max(ms)}.items()}}
 
 
 def faces_of(report: dict) -> list[dict]:

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 from client import attributes  # noqa: E402
 from client.batch import BatchClient, Job, RetryPolicy  # noqa: E402
-from client.cli import latency_stats, main, percentile, plan, UsageError  # noqa: E402
+from client.cli import latency_stats, main, plan, UsageError  # noqa: E402
 from client.core import RevpersClient, ServiceError  # noqa: E402
 
 
@@ -187,29 +187,7 @@ def test_plan_mirrors_folders_files_and_globs(tmp_path):
     assert [i.rel for i in plan([str(src / ".cache")], out)] == ["w.jpg"]  # a hidden folder named explicitly
 
 
-def test_percentile_and_latency_stats():
-    import random
-    import statistics
-
-    import numpy as np
-
-    assert percentile([], 50) is None
-    assert percentile([5.0], 95) == 5.0 and percentile([5.0], 0) == 5.0
-    assert percentile([10.0, 20.0], 50) == 15.0 and percentile([10.0, 20.0], 95) == pytest.approx(19.5)
-    values = list(range(1, 101))
-    assert percentile(values, 50) == 50.5 and percentile(values, 95) == pytest.approx(95.05)
-    assert percentile(values, 0) == 1 and percentile(values, 100) == 100
-    rng = random.Random(1)
-    for n in (2, 3, 7, 50):
-        xs = [rng.uniform(0, 1000) for _ in range(n)]
-        cuts = statistics.quantiles(xs, n=100, method="inclusive")  # the documented definition
-        for q in (1, 5, 50, 95, 99):
-            assert percentile(xs, q) == pytest.approx(cuts[q - 1])
-        for q in (0, 12.5, 99.9, 100):
-            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
-    for bad in (-1, 100.5):
-        with pytest.raises(ValueError):
-            percentile(values, bad)
+def test_latency_stats():
     assert latency_stats([30.0, 10.0, 20.0, 40.0]) == {"n": 4, "mean": 25.0, "p50": 25.0, "p95": 38.5,
                                                        "min": 10.0, "max": 40.0}
     assert latency_stats([1.23456], ndigits=3)["p95"] == 1.235
