@@ -29,6 +29,13 @@ class TensorSpec:
             return torch.randint(1, 1000, (batch, *self.shape), dtype=torch.int64)
         return torch.randn((batch, *self.shape), dtype=TORCH_DTYPES[self.dtype])
 
+    @classmethod
+    def from_triton(cls, t: dict) -> "TensorSpec":
+        """From a tensor of a Triton model config as Triton hands it to a Python model (JSON; int64
+        dims may be strings); a per-sample scalar is declared dims [1] with an empty reshape."""
+        dtype = next(k for k, v in TRITON_DTYPES.items() if v == t["data_type"])
+        return cls(t["name"], dtype, () if "reshape" in t else tuple(int(d) for d in t["dims"]))
+
 
 @dataclass(frozen=True)
 class ComponentSpec:

@@ -78,20 +78,11 @@ def use_device(device: str) -> None:
         torch.cuda.set_device(torch.device(device))
 
 
-_CONFIG_DTYPES = {"TYPE_FP32": torch.float32, "TYPE_FP16": torch.float16, "TYPE_INT64": torch.int64}
-
-
 def example_feeds(config: dict, batch: int) -> list[torch.Tensor]:
-    """Inputs of ``batch`` samples shaped as the component's Triton config declares them (scalars,
-    declared [1] with an empty reshape, as (batch,)): random floats, timesteps in [1, 999]."""
-    g = torch.Generator().manual_seed(batch)
-    feeds = []
-    for t in config["input"]:
-        shape = (batch,) if "reshape" in t else (batch, *(int(d) for d in t["dims"]))
-        dtype = _CONFIG_DTYPES[t["data_type"]]
-        feeds.append(torch.randint(1, 1000, shape, generator=g) if dtype == torch.int64
-                     else torch.randn(shape, generator=g).to(dtype))
-    return feeds
+    """Random inputs of ``batch`` samples for the component a Triton config declares."""
+    from export.components import TensorSpec
+
+    return [TensorSpec.from_triton(t).example(batch) for t in config["input"]]
 
 
 class OnnxRuntimeRunner:
