@@ -18,7 +18,6 @@ hands it every request that is waiting).
 from __future__ import annotations
 
 import json
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -116,27 +115,6 @@ class ServedArcFace(ArcFaceRecognizer):
         return out.cpu().numpy()
 
 
-class SerializedAnalyzer:
-    """Face detection and landmarks from several request threads: dlib's detectors are not
-    documented as thread-safe, so calls are serialized (they are a small part of a request)."""
-
-    def __init__(self, analyzer):
-        self.inner = analyzer
-        self._lock = threading.Lock()
-        for name in ("detect", "detect_in_crop", "embed"):
-            if hasattr(analyzer, name):
-                setattr(self, name, self._locked(getattr(analyzer, name)))
-
-    def _locked(self, fn):
-        def call(*args, **kwargs):
-            with self._lock:
-                return fn(*args, **kwargs)
-        return call
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 class BlsService:
     def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int],
                  device: str = "cpu", threads: int = 8):
@@ -150,7 +128,7 @@ class BlsService:
         analyzer = load_face_analyzer(bundle.faces, bundle.root)
         analyzer.recognizer = ServedArcFace(analyzer.recognizer, self.components)
         self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components,
-                                     analyzer=SerializedAnalyzer(analyzer))
+                                     analyzer=analyzer)
         self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="revpers-request",
                                        initializer=use_device, initargs=(device,))

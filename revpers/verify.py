@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -160,8 +159,6 @@ class DlibRecognizer:
     """dlib's 128-d face descriptor at a face box: 68 landmarks (the shape predictor) give dlib's own
     chip alignment (150 px, padding 0.25), then the ResNet. Models load once per process."""
 
-    _lock = threading.Lock()  # one set of dlib models per process, used by the BLS model's request threads
-
     def __init__(self):
         self.net, self.predictor, self.model_name, self.model_sha256 = _dlib_models()
 
@@ -170,9 +167,11 @@ class DlibRecognizer:
         analyzer's ``detect_in_crop`` keeps them), so the predictor does not run twice."""
         import dlib
 
+        from .faces.analysis import DLIB_LOCK
+
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
         rect = dlib.rectangle(x1, y1, x2 - 1, y2 - 1)
-        with self._lock:
+        with DLIB_LOCK:  # the same dlib models as the face analyzer's (faces.analysis)
             if landmarks68 is None:
                 shape = self.predictor(rgb, rect)
             else:

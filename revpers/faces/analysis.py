@@ -65,6 +65,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import threading
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -198,6 +199,13 @@ def face_recognition_models_dir() -> pathlib.Path:
     raise FaceModelError("face-recognition-models is installed but has no models/ folder")
 
 
+# dlib's detector, shape predictor and ResNet are loaded once per process and shared (the BLS
+# model's request threads, the verification gate); dlib does not document them as thread-safe, so
+# every use holds this one lock. Everything else in a request (ArcFace, the diffusion models) runs
+# without it.
+DLIB_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=2)
 def _shape_predictor(path: str):
     import dlib
@@ -312,7 +320,10 @@ class DlibAnalyzer:
         return out
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        rgb = _check_rgb(rgb)
+        with DLIB_LOCK:
+            return self._detect(_check_rgb(rgb))
+
+    def _detect(self, rgb: np.ndarray) -> list[Face]:
         kept: list[Face] = []
 
         def add(cands, img, back: np.ndarray | None, pass_name: str):
@@ -349,8 +360,10 @@ class DlibAnalyzer:
         interp = cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
         img = np.ascontiguousarray(cv2.resize(crop, (CROP_DETECT_SIDE, CROP_DETECT_SIDE), interpolation=interp))
         faces = []
-        for r, s in self._pass(img, 0, False):
-            pts = (self._landmarks(img, r) + 0.5) / k - 0.5
+        with DLIB_LOCK:
+            found = [(r, s, self._landmarks(img, r)) for r, s in self._pass(img, 0, False)]
+        for r, s, pts in found:
+            pts = (pts + 0.5) / k - 0.5
             box = np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], dtype=np.float64) / k
             extra = {"pass": "crop", **({"landmarks68": pts} if k == 1.0 else {})}
             faces.append(Face(box=box, score=s, kps=five_from_68(pts), extra=extra))
@@ -383,10 +396,12 @@ class InsightFaceAnalyzer:
         self.detector.prepare(-1, input_size=(int(det_size), int(det_size)), det_thresh=float(det_thresh))
         self.recognizer = recognizer
         self.det_thresh = float(det_thresh)
+        self._lock = threading.Lock()
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         bgr = cv2.cvtColor(_check_rgb(rgb), cv2.COLOR_RGB2BGR)
-        dets, kpss = self.detector.detect(bgr, max_num=0, metric="default")
+        with self._lock:  # one SCRFD object, shared by the BLS model's request threads
+            dets, kpss = self.detector.detect(bgr, max_num=0, metric="default")
         if kpss is None and len(dets):
             raise FaceModelError("the SCRFD model gives no keypoints; use a pack with a 5-point detector")
         faces = [Face(box=d[:4], score=float(d[4]), kps=k) for d, k in zip(dets, kpss if kpss is not None else [])]
