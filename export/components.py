@@ -117,9 +117,9 @@ def arcface_spec(embed_dim: int, max_faces: int = 16) -> ComponentSpec:
 
 
 def specs_from_bundle(bundle, inversion_batch: int = 10) -> list[ComponentSpec]:
-    """The same descriptions as ``specs_for``, read from the bundle's config files alone (no weights
+    """Every served component's description, read from the bundle's config files alone (no weights
     loaded): SDXL concatenates both text encoders' hidden states and pools the second one's
-    projection."""
+    projection. Export, the repository and the BLS all use these."""
     import json
 
     def config(sub: str) -> dict:
@@ -132,12 +132,3 @@ def specs_from_bundle(bundle, inversion_batch: int = 10) -> list[ComponentSpec]:
     return [unet_spec(n // 8, text_len, te1["hidden_size"] + te2["hidden_size"], te2["projection_dim"],
                       bundle.embedding_dim, inversion_batch, per_call["unet"]),
             vae_encoder_spec(n, per_call["vae"]), vae_decoder_spec(n, per_call["vae"]), arcface_spec(bundle.embedding_dim)]
-
-
-def specs_for(models, native_size: int, embed_dim: int, inversion_batch: int = 10) -> list[ComponentSpec]:
-    """The component descriptions for a loaded bundle (shapes read off the real modules)."""
-    emb = models.text("")
-    per_call = faces_per_call(native_size)
-    return [unet_spec(native_size // 8, emb.text.shape[1], emb.text.shape[2], emb.pooled.shape[1], embed_dim,
-                      inversion_batch, per_call["unet"]),
-            vae_encoder_spec(native_size, per_call["vae"]), vae_decoder_spec(native_size, per_call["vae"])]

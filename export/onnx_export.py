@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .components import ComponentSpec, arcface_spec, specs_for
+from .components import ComponentSpec, arcface_spec, specs_from_bundle
 
 OPSET = 18
 ARTIFACTS_MANIFEST = "components.json"
@@ -113,7 +113,7 @@ def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = TorchModels.load(bundle, device="cpu", unet_dtype=torch.float32)
-    specs = specs_for(models, bundle.native_size, bundle.embedding_dim, inversion_batch)
+    specs = [s for s in specs_from_bundle(bundle, inversion_batch) if s.name != "arcface"]  # ArcFace: copied
     modules = {"unet": models.unet, "vae_encoder": models.vae_encoder, "vae_decoder": models.vae_decoder}
     record = {"bundle": bundle.describe(), "opset": OPSET, "components": {}}
     for spec in specs:

@@ -15,14 +15,24 @@ from conftest import real_photo, start_triton
 
 
 def test_specs_from_bundle_match_the_loaded_modules(smoke_bundle, torch_models):
-    from export.components import specs_for, specs_from_bundle
+    """The descriptions read from config files alone are what the loaded modules take and give: each
+    module run on its spec's example inputs returns the spec's outputs, and the text shapes are the
+    prompt encoder's."""
+    from export.components import specs_from_bundle
 
-    from_configs = {s.name: s for s in specs_from_bundle(smoke_bundle, inversion_batch=7)}
-    from_modules = {s.name: s for s in specs_for(torch_models, smoke_bundle.native_size, smoke_bundle.embedding_dim,
-                                                 inversion_batch=7)}
-    assert set(from_configs) == set(from_modules) | {"arcface"}
-    for name, spec in from_modules.items():
-        assert from_configs[name] == spec, name
+    specs = {s.name: s for s in specs_from_bundle(smoke_bundle, inversion_batch=7)}
+    assert set(specs) == {"unet", "vae_encoder", "vae_decoder", "arcface"}
+    emb = torch_models.text("")
+    unet = {t.name: t.shape for t in specs["unet"].inputs}
+    assert unet["text"] == tuple(emb.text.shape[1:]) and unet["pooled"] == tuple(emb.pooled.shape[1:])
+    assert specs["unet"].max_batch == 2 * 7 * 4 and specs["unet"].opt_batch == 2 * 7
+    modules = {"unet": torch_models.unet, "vae_encoder": torch_models.vae_encoder,
+               "vae_decoder": torch_models.vae_decoder}
+    for name, module in modules.items():
+        spec = specs[name]
+        with torch.no_grad():
+            out = module(*[t.example(3) for t in spec.inputs])
+        assert tuple(out.shape) == (3, *spec.outputs[0].shape), name
 
 
 def test_full_size_specs_carry_one_face_per_unet_call(smoke_bundle_dir, tmp_path):
