@@ -190,24 +190,38 @@ class TextEncoderCache:
         self.device = device
         self.capacity = capacity
         self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()         # the cache and its counters
+        self._encode_lock = threading.Lock()  # the encoders: HF fast tokenizers fail if used concurrently
         self.hits = 0    # prompt encodings served from the cache
         self.misses = 0  # prompt encodings computed (what the benchmarks count)
 
-    @torch.inference_mode()
-    def __call__(self, prompt: str) -> TextEmbedding:
-        with self._lock:  # the BLS model serves several requests from threads
-            if prompt in self._cache:
+    def _lookup(self, prompt: str) -> TextEmbedding | None:
+        with self._lock:
+            emb = self._cache.get(prompt)
+            if emb is not None:
                 self._cache.move_to_end(prompt)
                 self.hits += 1
-                return self._cache[prompt]
-            self.misses += 1
+            return emb
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str) -> TextEmbedding:
+        """The BLS model serves several requests from threads: a cached prompt never waits for
+        another thread's encode."""
+        emb = self._lookup(prompt)
+        if emb is not None:
+            return emb
+        with self._encode_lock:
+            emb = self._lookup(prompt)  # encoded by another thread while this one waited
+            if emb is not None:
+                return emb
             text, _, pooled, _ = self.pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1,
                                                          do_classifier_free_guidance=False)
             emb = TextEmbedding(text.float(), pooled.float())
-            self._cache[prompt] = emb
-            if len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
+            with self._lock:
+                self.misses += 1
+                self._cache[prompt] = emb
+                if len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
             return emb
 
 
