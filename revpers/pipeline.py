@@ -25,6 +25,15 @@ class ParameterError(ValueError):
     """A request parameter is missing, of the wrong type or out of range (message says which)."""
 
 
+def given_values(values: dict, known, what: str = "parameter(s)") -> dict:
+    """The entries of untrusted ``values`` that are set (not None), after refusing any key not in
+    ``known`` with a ParameterError naming them (``what``: how to call them)."""
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ParameterError(f"unknown {what}: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def coerce_number(name: str, raw, kind: type) -> int | float:
     """An int or float parameter from untrusted input (JSON numbers or numeric strings). Booleans,
     non-integral values for integers and non-finite values are refused with a ParameterError."""
@@ -58,13 +67,8 @@ class Params:
     @classmethod
     def from_mapping(cls, values: dict) -> "Params":
         """Validated construction from untrusted input (CLI, JSON, Triton request)."""
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ParameterError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
         kwargs = {}
-        for name, raw in values.items():
-            if raw is None:
-                continue
+        for name, raw in given_values(values, cls.__dataclass_fields__).items():
             default = cls.__dataclass_fields__[name].default
             if name == "prompt":
                 if not isinstance(raw, str):

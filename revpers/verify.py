@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from .pipeline import ParameterError, Params, coerce_number
+from .pipeline import ParameterError, Params, coerce_number, given_values
 
 VERIFY_SIZE = 320  # side of the whole-face crop both recognizers read (eye distance 80 px)
 DLIB_THRESHOLD = 0.6  # Euclidean distance; dlib's documented operating point (99.38 % on LFW)
@@ -114,13 +114,8 @@ class VerifyPolicy:
     @classmethod
     def from_mapping(cls, values: dict) -> "VerifyPolicy":
         """Validated construction from untrusted input (Triton PARAMS, JSON); unknown keys refused."""
-        unknown = set(values) - set(cls.KEYS)
-        if unknown:
-            raise ParameterError(f"unknown verification parameter(s): {', '.join(sorted(unknown))}")
         kwargs = {}
-        for key, raw in values.items():
-            if raw is None:
-                continue
+        for key, raw in given_values(values, cls.KEYS, "verification parameter(s)").items():
             if key == "verify":
                 if isinstance(raw, str) and raw.lower() in ("true", "on", "1", "false", "off", "0"):
                     raw = raw.lower() in ("true", "on", "1")
