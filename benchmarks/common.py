@@ -218,7 +218,7 @@ def stamp(name: str, params: dict, module: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------- numbers
 def anonymized_faces(report: dict) -> int:
     """Faces a photo-mode report says were anonymized (the count every benchmark records)."""
-    from client.cli import faces_of
+    from revpers_client.cli import faces_of
 
     return sum(f.get("action") == "anonymized" for f in faces_of(report))
 

@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     result["per_photo"] = rows
 
     if not args.no_server:
-        from client import RevpersClient
+        from revpers_client import RevpersClient
 
         from .common import served_repository
         from .server import concurrency_level, timed_request, triton_server, warm_up
@@ -222,7 +222,7 @@ def render(out: Path) -> dict:
 
 
 def _lat(level: dict, key: str):
-    """A latency figure of a concurrency level: ``client.cli.latency_stats`` keys (p50, p95); runs
+    """A latency figure of a concurrency level: ``revpers_client.cli.latency_stats`` keys (p50, p95); runs
     recorded before the switch to it used p50_ms/p95_ms."""
     lat = level.get("latency") or {}
     return lat.get(key, lat.get(f"{key}_ms"))

@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
     from revpers.schedule import NoiseSchedule
     from revpers.smoke import architecture
 
-    from client.cli import latency_stats
+    from revpers_client.cli import latency_stats
 
     from .fullsize import faceid_unet, unet_inputs, vae
 

@@ -41,7 +41,7 @@ def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict,
     stagger must exceed that queue delay and stay below one request's time (50 ms: a one-step
     smoke request takes about 100 ms on the CPU). Triton cannot route to a named instance, so this
     makes full coverage likely, not certain."""
-    from client import RevpersClient
+    from revpers_client import RevpersClient
 
     errors: list[str] = []
     lock = threading.Lock()
@@ -72,9 +72,9 @@ def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict,
 def concurrency_level(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict) -> dict:
     """``clients`` threads, each with its own gRPC client, drain the same job queue; throughput is
     completed requests over the wall time from the first send to the last reply. Latency figures are
-    ``client.cli.latency_stats`` (n, p50, p95, max, mean), as ``revpers-client`` reports them."""
-    from client import RevpersClient
-    from client.cli import latency_stats
+    ``revpers_client.cli.latency_stats`` (n, p50, p95, max, mean), as ``revpers-client`` reports them."""
+    from revpers_client import RevpersClient
+    from revpers_client.cli import latency_stats
 
     work: queue.Queue = queue.Queue()
     for job in jobs:

@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     result["inprocess"] = _measure(inproc, raws, args.repeats, "in process")
 
     if not args.no_server:
-        from client import RevpersClient
+        from revpers_client import RevpersClient
 
         from .common import served_repository
         from .server import timed_request, triton_server, warm_up

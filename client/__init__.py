@@ -1,7 +1,7 @@
 """gRPC client for the revpers Triton service (tritonclient; no torch needed).
 
 >>> from pathlib import Path
->>> from client import RevpersClient, BatchClient, Job
+>>> from revpers_client import RevpersClient, BatchClient, Job
 >>> image_bytes, report = RevpersClient("localhost:8001").anonymize(Path("photo.jpg").read_bytes(), steps=100)
 >>> if report["verdict"] == "rejected":  # the identity gate released no image (image_bytes == b"")
 ...     print(report["rejected_reason"])
@@ -9,7 +9,7 @@
 ...     for res in bc.map(Job(p, Path(p).read_bytes, {"format": "jpeg"}) for p in paths):
 ...         print(res.key, res.ok, res.rejected, res.error)
 
-The ``revpers-client`` command (``client.cli``) runs whole collections with progress, resume,
+The ``revpers-client`` command (``revpers_client.cli``) runs whole collections with progress, resume,
 reports, a run summary and an audit manifest.
 """
 

@@ -95,7 +95,7 @@ def infer_once(grpcclient, client, image: bytes, params: dict, timeout: float | 
 
 
 class RevpersClient:
-    """One server, one request at a time, no retries (see :class:`client.BatchClient` for those)."""
+    """One server, one request at a time, no retries (see :class:`revpers_client.BatchClient` for those)."""
 
     def __init__(self, url: str = "localhost:8001", timeout: float | None = 600.0):
         import tritonclient.grpc as grpcclient

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from .cli import _quiet_libraries
 
     _quiet_libraries()
-    from client import RevpersClient
+    from revpers_client import RevpersClient
     from export.onnx_export import export_bundle
 
     from .bundle import MANIFEST, load_bundle

@@ -26,10 +26,10 @@ from conftest import start_triton
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-from client import attributes  # noqa: E402
-from client.batch import BatchClient, Job, RetryPolicy  # noqa: E402
-from client.cli import latency_stats, main, plan, UsageError  # noqa: E402
-from client.core import RevpersClient, ServiceError  # noqa: E402
+from revpers_client import attributes  # noqa: E402
+from revpers_client.batch import BatchClient, Job, RetryPolicy  # noqa: E402
+from revpers_client.cli import latency_stats, main, plan, UsageError  # noqa: E402
+from revpers_client.core import RevpersClient, ServiceError  # noqa: E402
 
 
 def insightface_image(name: str) -> Path:
@@ -129,7 +129,7 @@ def test_cli_refuses_bad_arguments(argv, message, tmp_path, capsys):
 def test_cli_gate_retries_limit_is_the_servers():
     from revpers.verify import MAX_RETRIES  # test-side only
 
-    from client.cli import MAX_GATE_RETRIES, build_parser
+    from revpers_client.cli import MAX_GATE_RETRIES, build_parser
 
     assert MAX_GATE_RETRIES == MAX_RETRIES
     base = ["anonymize", "x.jpg", "-o", "out", "--url", "127.0.0.1:1"]
@@ -218,7 +218,7 @@ def test_backoff_and_retryable():
 
 
 def test_server_choice_least_outstanding_rotation_and_cool_down():
-    from client.batch import choose_server
+    from revpers_client.batch import choose_server
 
     free = [0.0, 0.0, 0.0]
     # least-outstanding: the fewest in flight, wherever the rotation stands
@@ -269,8 +269,8 @@ def test_batch_client_keeps_outstanding_counts_and_cools_down_unavailable_server
 
 
 def test_resume_check_reads_the_input_only_when_needed_and_hands_its_bytes_on(tmp_path):
-    from client.cli import Item, resume_check
-    from client.core import sha256_hex
+    from revpers_client.cli import Item, resume_check
+    from revpers_client.core import sha256_hex
 
     src, out = tmp_path / "in.png", tmp_path / "out"
     src.write_bytes(b"input bytes")
@@ -298,7 +298,7 @@ def test_resume_check_reads_the_input_only_when_needed_and_hands_its_bytes_on(tm
 
 
 def test_batch_result_rejected_means_answered_without_an_image():
-    from client.batch import BatchResult
+    from revpers_client.batch import BatchResult
 
     assert BatchResult("k", image=b"", report={"verdict": "rejected", "rejected_reason": "x"}).rejected
     assert BatchResult("k", image=b"", report={"verdict": "passed"}).rejected  # no image is never usable
@@ -308,7 +308,7 @@ def test_batch_result_rejected_means_answered_without_an_image():
 
 
 def test_client_library_does_not_need_torch():
-    code = ("import sys; import client, client.cli, client.batch; "
+    code = ("import sys; import revpers_client, revpers_client.cli, revpers_client.batch; "
             "assert 'torch' not in sys.modules and 'revpers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
@@ -324,11 +324,12 @@ def test_client_distribution_installs_alone(tmp_path):
     meta = (next(site.glob("revpers_client-*.dist-info")) / "METADATA").read_text()
     requires = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))
     assert requires == ["numpy", "tqdm>=4.60", "tritonclient[grpc]>=2.40"]
-    assert sorted(p.name for p in (site / "client").glob("*.py")) == sorted(
+    assert sorted(p.name for p in (site / "revpers_client").glob("*.py")) == sorted(
         p.name for p in (REPO_ROOT / "client").glob("*.py"))
     env = {**os.environ, "PYTHONPATH": str(site)}
-    code = ("import sys, client, client.cli, client.batch, client.core; from client import RevpersClient; "
-            f"assert client.__file__.startswith({str(site)!r}), client.__file__; "
+    code = ("import sys, revpers_client, revpers_client.cli, revpers_client.batch, revpers_client.core; "
+            "from revpers_client import RevpersClient; "
+            f"assert revpers_client.__file__.startswith({str(site)!r}), revpers_client.__file__; "
             "assert not {'torch', 'revpers', 'diffusers', 'onnxruntime'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)
     out = subprocess.run([str(site / "bin" / "revpers-client"), "--help"], cwd=tmp_path, env=env,
@@ -475,7 +476,7 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
     for k in range(n):
         (src / f"part{k % 2}").mkdir(parents=True, exist_ok=True)
         (src / f"part{k % 2}" / f"face{k:02d}.png").write_bytes(TOM.read_bytes())
-    cmd = [sys.executable, "-m", "client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
+    cmd = [sys.executable, "-m", "revpers_client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
            "--concurrency", "1", "--steps", "3", "--progress", "lines"]
 
     def reports():
@@ -558,7 +559,7 @@ def test_sigterm_stops_cleanly_with_summary(url, tmp_path):
     src.mkdir()
     for k in range(8):
         (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
+    proc = subprocess.Popen([sys.executable, "-m", "revpers_client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
                              "--concurrency", "1", "--steps", "3", "--mode", "aligned", "--progress", "lines"],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120

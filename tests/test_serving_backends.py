@@ -205,7 +205,7 @@ def test_bls_execute_serves_the_requests_of_one_call_concurrently():
 
 @pytest.mark.server
 def test_pytorch_target_serves_the_same_images(smoke_bundle_dir, tmp_path):
-    from client.core import RevpersClient
+    from revpers_client.core import RevpersClient
     from revpers.anonymizer import Anonymizer
     from revpers.images import decode_image, encode_image
     from revpers.pipeline import Params
