@@ -78,3 +78,13 @@ MAX_PARAMS_BYTES = 64 * 1024
 
 REPORT_FORMAT = "revpers-report"
 REPORT_VERSION = 2
+
+# Authentication: tritonserver's restricted-protocol feature. The server is started with
+# --grpc-restricted-protocol=inference:<API_KEY_HEADER>=<key>; a gRPC client sends the metadata
+# header GRPC_HEADER_PREFIX + API_KEY_HEADER. Admin APIs (model config, repository control,
+# statistics, trace, logging) are restricted to ADMIN_KEY_HEADER.
+API_KEY_HEADER = "x-api-key"
+ADMIN_KEY_HEADER = "x-admin-key"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+API_KEY_ENV = "REVPERS_API_KEY"
+ADMIN_KEY_ENV = "REVPERS_ADMIN_KEY"
