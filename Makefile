@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/python -m revpers.demo --bundle $(DEMO_BUNDLE) --out $(DEMO_OUT)
+	$(BIN)/python -m revpers.cli.demo --bundle $(DEMO_BUNDLE) --out $(DEMO_OUT)
 
 # Benchmarks (benchmarks/README.md): results in benchmarks/results/. BENCH_ARGS goes to the CPU ones
 # (e.g. BENCH_ARGS="--steps 100"); gpu_fullsize runs only where CUDA is available.

@@ -30,9 +30,9 @@ def quiet() -> None:
 
     warnings.filterwarnings("ignore")
     try:
-        from revpers.cli import _quiet_libraries
+        from revpers.cli.logs import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
     except Exception:  # pragma: no cover - only cosmetics
         pass
 
@@ -46,7 +46,7 @@ def photo_folder() -> list[Path]:
     returns it unchanged: a real-world case a folder contains too); scikit-image ``astronaut.png``
     (1 face); matplotlib sample data ``grace_hopper.jpg`` (1 face).
     """
-    from revpers.demo import insightface_photo
+    from revpers.faces.samples import insightface_photo
 
     skimage_data = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
     mpl_data = Path(importlib.util.find_spec("matplotlib").submodule_search_locations[0]) / "mpl-data" / "sample_data"
@@ -60,7 +60,7 @@ def photo_folder() -> list[Path]:
 
 def load_photos(folder: str | Path | None, limit: int | None = None) -> list[Path]:
     if folder:
-        from revpers.images import FORMATS  # the extensions the service reads and writes
+        from revpers.service.images import FORMATS  # the extensions the service reads and writes
 
         photos = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in FORMATS)
     else:
@@ -70,8 +70,8 @@ def load_photos(folder: str | Path | None, limit: int | None = None) -> list[Pat
 
 def smoke_bundle(path: Path | None = None) -> Path:
     """The smoke bundle the benchmarks use (seed 0), built once under build/bench."""
-    from revpers.bundle import MANIFEST
-    from revpers.smoke import write_smoke_bundle
+    from revpers.models.bundle import MANIFEST
+    from revpers.models.smoke import write_smoke_bundle
 
     path = Path(path or WORK / "smoke-bundle")
     if not (path / MANIFEST).is_file():
@@ -114,9 +114,9 @@ def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: i
     """Export the bundle (ONNX; TensorRT engines when the backend is tensorrt; nothing for the
     pytorch backend, which runs the bundle itself) and build a Triton repository for ``backend`` with
     ``revpers.repository.build_repository``."""
-    from export.onnx_export import export_bundle
-    from revpers.bundle import load_bundle
-    from revpers.repository import build_repository
+    from revpers.export.onnx_export import export_bundle
+    from revpers.models.bundle import load_bundle
+    from revpers.serving.repository import build_repository
 
     artifacts = None
     if backend != "pytorch":

@@ -20,8 +20,19 @@ import json
 import math
 from pathlib import Path
 
-from .common import (add_run_arguments, anonymized_faces, component_instances, load_photos, md_table,
-                     quiet, revpers_commit, smoke_bundle, stamp, target, write_results)
+from .common import (
+    add_run_arguments,
+    anonymized_faces,
+    component_instances,
+    load_photos,
+    md_table,
+    quiet,
+    revpers_commit,
+    smoke_bundle,
+    stamp,
+    target,
+    write_results,
+)
 
 PAPER_WAY = ("(a) the paper's way: the same models and math, run as the paper's reference code runs them — "
              "for every image the SDXL+FaceID pipeline is loaded from disk (from_pretrained + load_ip_adapter + "
@@ -73,9 +84,9 @@ def main(argv=None) -> dict:
     if args.render_only:
         return render(args.out)
     quiet()
-    from revpers.anonymizer import Anonymizer
-    from revpers.pipeline import Params
-    from revpers.verify import VerifyPolicy
+    from revpers.core.params import Params
+    from revpers.gate.policy import VerifyPolicy
+    from revpers.service.anonymizer import Anonymizer
 
     from .pipelines import inprocess_request, max_pixel_difference, paper_way_request
 

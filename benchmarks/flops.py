@@ -64,8 +64,8 @@ class CountingComponents:
     """Stand-in ``pipeline.Components`` that counts what ``run_faces`` asks of the networks."""
 
     def __init__(self, latent_channels: int = 4):
-        from revpers.conditioning import TextEmbedding
-        from revpers.schedule import NoiseSchedule
+        from revpers.core.conditioning import TextEmbedding
+        from revpers.core.schedule import NoiseSchedule
 
         self.schedule = NoiseSchedule.scaled_linear()
         self.latent_channels = latent_channels
@@ -94,7 +94,8 @@ def pipeline_counts(steps: int, skip: float, inversion_batch: int = 10) -> dict:
     does not depend on the size)."""
     import numpy as np
 
-    from revpers.pipeline import Params, run_faces
+    from revpers.core.params import Params
+    from revpers.core.pipeline import run_faces
 
     comps = CountingComponents()
     run_faces(comps, [np.zeros((64, 64, 3), np.uint8)], np.zeros((1, 512), np.float32),
@@ -104,8 +105,9 @@ def pipeline_counts(steps: int, skip: float, inversion_batch: int = 10) -> dict:
 
 
 def model_flops(tiny: bool, size: int) -> dict:
+    from revpers.models.architecture import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+
     from .fullsize import faceid_unet, tiny_configs, unet_inputs, vae
-    from revpers.architecture import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
     unet_cfg, vae_cfg = (tiny_configs()[:2]) if tiny else (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
     latent = size // 8

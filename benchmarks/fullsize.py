@@ -2,7 +2,7 @@
 
 Speed does not depend on weight values, so the SDXL-architecture UNet (``SDXL_UNET_CONFIG``) with
 the IP-Adapter FaceID attached as in production (identity projection 512 -> 4 tokens, IP K/V
-projections on every cross-attention layer, the tensor-scale processor of ``revpers.models``; the
+projections on every cross-attention layer, the tensor-scale processor of ``revpers.models.torch_models``; the
 FaceID LoRA is fused into the base weights in production, so it adds nothing here) and the SDXL VAE
 (``SDXL_VAE_CONFIG``) are built from their configs: on the ``meta`` device (no memory, shapes only:
 FLOP counting) or on CUDA (random weights: timing).
@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from revpers.architecture import FACEID_EMBED_DIM, FACEID_TOKENS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, attention_layers
+from revpers.models.architecture import (
+    FACEID_EMBED_DIM,
+    FACEID_TOKENS,
+    SDXL_UNET_CONFIG,
+    SDXL_VAE_CONFIG,
+    attention_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class Shapes:
 
 def tiny_configs() -> tuple[dict, dict, int]:
     """The smoke bundle's UNet/VAE configs and native size (the ``--tiny`` dry mode)."""
-    from revpers.smoke import architecture
+    from revpers.models.smoke import architecture
 
     arch = architecture(full_size=False)
     return arch["unet"], arch["vae"], arch["native_size"]
@@ -50,7 +56,7 @@ def faceid_unet(config: dict | None = None, device: str | torch.device = "meta",
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, MultiIPAdapterImageProjection
 
-    from revpers.models import FaceIDUNet, install_tensor_scale
+    from revpers.models.torch_models import FaceIDUNet, install_tensor_scale
 
     config = dict(config or SDXL_UNET_CONFIG)
     ctx = config["cross_attention_dim"]

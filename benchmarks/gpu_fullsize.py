@@ -80,7 +80,7 @@ def text_encoders(tiny: bool, device: str):
     (full size: CLIP ViT-L text 768-d, 12 layers; OpenCLIP bigG text 1280-d, 32 layers, projection 1280)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from revpers.smoke import _byte_level_vocab, _text_config
+    from revpers.models.smoke import _byte_level_vocab, _text_config
 
     vocab = len(_byte_level_vocab()[0])
     with torch.device(device):
@@ -99,7 +99,7 @@ class PromptEncoder:
 
     @torch.inference_mode()
     def __call__(self, prompt: str):
-        from revpers.conditioning import TextEmbedding
+        from revpers.core.conditioning import TextEmbedding
 
         if self.cache and prompt in self._memo:
             return self._memo[prompt]
@@ -138,7 +138,7 @@ def time_unet(unet, inputs, device: str, warmup: int, iters: int) -> list[float]
 def whole_face(models, size: int, params, inversion_batch: int, device: str, repeats: int) -> dict:
     """Median of ``repeats`` timed one-face ``run_faces`` runs; also what the last run asked of the
     networks (UNet calls by batch, prompt encodes actually run), so the settings are checkable."""
-    from revpers.pipeline import Timings, run_faces
+    from revpers.core.pipeline import Timings, run_faces
 
     rng = np.random.default_rng(0)
     crop = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -169,12 +169,12 @@ def main(argv=None) -> dict:
     args = parse(argv)
     require_device(args.device)
     quiet()
-    from revpers.models import TorchModels, VaeDecoder, VaeEncoder
-    from revpers.pipeline import Params
-    from revpers.schedule import NoiseSchedule
-    from revpers.smoke import architecture
-
     from revpers_client.cli import latency_stats
+
+    from revpers.core.params import Params
+    from revpers.core.schedule import NoiseSchedule
+    from revpers.models.smoke import architecture
+    from revpers.models.torch_models import TorchModels, VaeDecoder, VaeEncoder
 
     from .fullsize import faceid_unet, unet_inputs, vae
 

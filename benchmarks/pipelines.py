@@ -33,7 +33,7 @@ from .common import count_unet_calls
 
 
 def _decode(raw: bytes, timings) -> np.ndarray:
-    from revpers.images import decode_image
+    from revpers.service.images import decode_image
 
     t0 = time.perf_counter()
     rgb = decode_image(raw, name="IMAGE")
@@ -42,7 +42,7 @@ def _decode(raw: bytes, timings) -> np.ndarray:
 
 
 def _encode(image: np.ndarray, timings) -> bytes:
-    from revpers.images import encode_image
+    from revpers.service.images import encode_image
 
     t0 = time.perf_counter()
     out = encode_image(image, "PNG")
@@ -53,7 +53,7 @@ def _encode(image: np.ndarray, timings) -> bytes:
 def inprocess_request(anonymizer, raw: bytes, params, verify=None) -> tuple[bytes, dict]:
     """(b): decode -> ``Anonymizer.anonymize_photo`` -> PNG encode, models already loaded.
     ``verify``: the identity gate's policy (None: its default, on)."""
-    from revpers.pipeline import Timings
+    from revpers.core.pipeline import Timings
 
     timings = Timings()
     t0 = time.perf_counter()
@@ -73,11 +73,11 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
     """(a): everything loaded from disk for this image, faces one at a time, one UNet call per
     inversion step, no prompt cache. Same models, same math, same seeds as (b)."""
     from revpers import faces as face_lib
-    from revpers.anonymizer import _TimedAnalyzer
-    from revpers.bundle import load_bundle
+    from revpers.core.pipeline import Timings, run_faces
     from revpers.faces import analysis
-    from revpers.models import TextEncoderCache, TorchModels
-    from revpers.pipeline import Timings, run_faces
+    from revpers.models.bundle import load_bundle
+    from revpers.models.torch_models import TextEncoderCache, TorchModels
+    from revpers.service.anonymizer import _TimedAnalyzer
 
     timings = Timings()
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
 
 
 def max_pixel_difference(png_a: bytes, png_b: bytes) -> int:
-    from revpers.images import decode_image
+    from revpers.service.images import decode_image
 
     a, b = decode_image(png_a), decode_image(png_b)
     if a.shape != b.shape:

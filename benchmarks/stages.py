@@ -22,8 +22,17 @@ import argparse
 import statistics
 import uuid
 
-from .common import (add_run_arguments, anonymized_faces, component_instances, load_photos, md_table, quiet,
-                     smoke_bundle, stamp, write_results)
+from .common import (
+    add_run_arguments,
+    anonymized_faces,
+    component_instances,
+    load_photos,
+    md_table,
+    quiet,
+    smoke_bundle,
+    stamp,
+    write_results,
+)
 
 STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "inversion", "generation",
           "vae_decode", "verify", "align_paste", "encode")
@@ -77,9 +86,9 @@ def _measure(run, raws, repeats: int, prompt_key: str) -> dict:
 def main(argv=None) -> dict:
     args = parse(argv)
     quiet()
-    from revpers.anonymizer import Anonymizer
-    from revpers.pipeline import Params
-    from revpers.verify import VerifyPolicy
+    from revpers.core.params import Params
+    from revpers.gate.policy import VerifyPolicy
+    from revpers.service.anonymizer import Anonymizer
 
     from .pipelines import inprocess_request
 

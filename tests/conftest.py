@@ -12,29 +12,29 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 @pytest.fixture(scope="session")
 def smoke_bundle_dir(tmp_path_factory):
-    from revpers.smoke import write_smoke_bundle
+    from revpers.models.smoke import write_smoke_bundle
 
     return write_smoke_bundle(tmp_path_factory.mktemp("bundle") / "smoke", seed=0)
 
 
 @pytest.fixture(scope="session")
 def smoke_bundle(smoke_bundle_dir):
-    from revpers.bundle import load_bundle
+    from revpers.models.bundle import load_bundle
 
     return load_bundle(smoke_bundle_dir)
 
 
 @pytest.fixture(scope="session")
 def torch_models(smoke_bundle):
-    from revpers.models import TorchModels
+    from revpers.models.torch_models import TorchModels
 
     return TorchModels.load(smoke_bundle, device="cpu")
 
 
 def real_photo(name: str = "Tom_Hanks_54745.png"):
     """A real photo that ships inside the insightface wheel, as RGB uint8."""
-    from revpers.demo import insightface_photo
-    from revpers.images import read_image
+    from revpers.faces.samples import insightface_photo
+    from revpers.service.images import read_image
 
     return read_image(insightface_photo(name))
 
@@ -42,7 +42,7 @@ def real_photo(name: str = "Tom_Hanks_54745.png"):
 @pytest.fixture(scope="session")
 def onnx_artifacts(smoke_bundle, tmp_path_factory):
     """The smoke bundle exported to ONNX once per test session: (artifacts dir, export record)."""
-    from export.onnx_export import export_bundle
+    from revpers.export.onnx_export import export_bundle
 
     out = tmp_path_factory.mktemp("onnx") / "artifacts"
     record = export_bundle(smoke_bundle, out, log=lambda *a: None)
@@ -53,7 +53,7 @@ def onnx_artifacts(smoke_bundle, tmp_path_factory):
 def onnxruntime_repository(onnx_artifacts, smoke_bundle_dir, tmp_path_factory):
     """A Triton model repository (onnxruntime target) over the session's ONNX artifacts, with ONE BLS
     instance, so the server tests show that a single instance serves concurrent requests."""
-    from revpers.repository import build_repository
+    from revpers.serving.repository import build_repository
 
     return build_repository(onnx_artifacts[0], tmp_path_factory.mktemp("repo") / "repo", "onnxruntime",
                             bundle=smoke_bundle_dir, bls_instances=1)

@@ -58,7 +58,7 @@ def test_anonymize_aligned_writes_image_and_report_and_converts_modes(tmp_path, 
 
 
 def test_anonymize_photo_mode_reports_faces(tmp_path, smoke_bundle_dir):
-    from revpers.demo import demo_photos
+    from revpers.faces.samples import demo_photos
 
     out = tmp_path / "out"
     t1 = demo_photos()[0]

@@ -21,19 +21,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import start_triton
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 from revpers_client import attributes  # noqa: E402
 from revpers_client.batch import BatchClient, Job, RetryPolicy  # noqa: E402
-from revpers_client.cli import latency_stats, main, plan, UsageError  # noqa: E402
+from revpers_client.cli import UsageError, latency_stats, main, plan  # noqa: E402
 from revpers_client.core import RevpersClient, ServiceError  # noqa: E402
 
 
 def insightface_image(name: str) -> Path:
-    from revpers.demo import insightface_photo  # test-side only: the client package never imports revpers
+    from revpers.faces.samples import insightface_photo  # test-side only: the client package never imports revpers
 
     return insightface_photo(name)
 
@@ -127,9 +126,9 @@ def test_cli_refuses_bad_arguments(argv, message, tmp_path, capsys):
 
 
 def test_cli_gate_retries_limit_is_the_servers():
-    from revpers.verify import MAX_RETRIES  # test-side only
-
     from revpers_client.cli import MAX_GATE_RETRIES, build_parser
+
+    from revpers.gate.policy import MAX_RETRIES  # test-side only
 
     assert MAX_GATE_RETRIES == MAX_RETRIES
     base = ["anonymize", "x.jpg", "-o", "out", "--url", "127.0.0.1:1"]
@@ -685,7 +684,7 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
     image (and removes one an earlier --no-verify run wrote there), keeps the report (why, per-face
     attempts, audit), counts a failure and exits 1. Gate flags travel as PARAMS: the server's own
     records show the policy and per-attempt guidance it used. The library says ``rejected``."""
-    from revpers.repository import build_repository
+    from revpers.serving.repository import build_repository
 
     bundle = tmp_path / "strict-bundle"
     shutil.copytree(smoke_bundle_dir, bundle)

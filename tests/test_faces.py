@@ -19,13 +19,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from revpers.faces import (DETECTED_IN_CROP, TEMPLATE_FALLBACK, FaceModelError, FacePolicy, align_face,
-                           alignment_matrix, anonymize_photo, crop_scale, face_mask, identity_from_crop,
-                           load_face_analyzer, template_points, union_mask)
+from revpers.faces import (
+    DETECTED_IN_CROP,
+    TEMPLATE_FALLBACK,
+    FaceModelError,
+    FacePolicy,
+    align_face,
+    alignment_matrix,
+    anonymize_photo,
+    crop_scale,
+    face_mask,
+    identity_from_crop,
+    load_face_analyzer,
+    template_points,
+    union_mask,
+)
 from revpers.faces.align import TEMPLATE_UNIT, crop_footprint, template_face, transform_points
-from revpers.faces.analysis import (DlibAnalyzer, _rotated_canvas, buffalo_pack_from_env,
-                                    face_recognition_models_dir)
-from revpers.images import decode_image, encode_image, read_image
+from revpers.faces.analysis import DlibAnalyzer, _rotated_canvas, buffalo_pack_from_env, face_recognition_models_dir
+from revpers.service.images import decode_image, encode_image, read_image
 
 skimage_data = pytest.importorskip("skimage.data")
 

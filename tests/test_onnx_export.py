@@ -1,4 +1,4 @@
-"""export.onnx_export: every exported component matches its PyTorch module (fp32), the batch axis is
+"""revpers.export.onnx_export: every exported component matches its PyTorch module (fp32), the batch axis is
 dynamic, per-sample timestep / IP scale are runtime inputs, the ArcFace copy is renamed correctly,
 and (where TensorRT imports) engines match the ONNX files."""
 
@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import real_photo
-from export.components import NUMPY_DTYPES, ComponentSpec
-from export.onnx_export import ARTIFACTS_MANIFEST, onnx_session, parity
+
+from revpers.export.onnx_export import parity
+from revpers.models.artifacts import ARTIFACTS_MANIFEST, onnx_session
+from revpers.models.components import NUMPY_DTYPES, ComponentSpec
 
 FP32_TOL = 1e-4
 
@@ -25,7 +26,7 @@ def exported(onnx_artifacts):
 
 @pytest.fixture(scope="module")
 def fp32_models(smoke_bundle):
-    from revpers.models import TorchModels
+    from revpers.models.torch_models import TorchModels
 
     return TorchModels.load(smoke_bundle, device="cpu", unet_dtype=torch.float32)
 
@@ -132,7 +133,7 @@ def test_arcface_renamed_and_equivalent_to_recognizer(exported, smoke_bundle):
 
 def test_weights_sit_in_one_data_file_beside_the_graph(exported):
     """The layout a 10 GB SDXL UNet needs (protobuf stops at 2 GB), on every component."""
-    from export.onnx_export import external_data_files, onnx_files
+    from revpers.models.artifacts import external_data_files, onnx_files
 
     out, record = exported
     for name in ("unet", "vae_encoder", "vae_decoder"):
@@ -149,7 +150,7 @@ def test_scattered_external_weights_are_gathered_into_one_file(tmp_path):
     the stray files go, the outputs stay the same; a second pass does not grow the data file."""
     import onnx
 
-    from export.onnx_export import external_data_files, onnx_session, store_weights_externally
+    from revpers.models.artifacts import external_data_files, onnx_session, store_weights_externally
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
     plain = tmp_path / "plain.onnx"
@@ -177,7 +178,7 @@ def test_scattered_external_weights_are_gathered_into_one_file(tmp_path):
 def test_tensorrt_engines_match_onnx(exported):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (no NVIDIA GPU/TensorRT wheel); "
                                            "engine build and engine-vs-ONNX parity run where it imports")
-    from export.tensorrt_build import build_engines, engine_parity
+    from revpers.export.tensorrt_build import build_engines, engine_parity
 
     out, record = exported
     engines = build_engines(out, record, log=print)
@@ -199,9 +200,9 @@ def test_tensorrt_engines_match_onnx(exported):
 def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_bundle, fp32_models):
     """FP8 calibration data is recorded from the method itself (inversion and generation calls) and
     feeds the exported UNet graph as is. ModelOpt and the FP8 engine build run where they install."""
-    from export.calibration import calibration_faces, capture_unet_inputs, quantize_unet_fp8
-    from revpers.pipeline import Params
-    from revpers.schedule import timesteps
+    from revpers.core.params import Params
+    from revpers.core.schedule import timesteps
+    from revpers.export.calibration import calibration_faces, capture_unet_inputs, quantize_unet_fp8
 
     crops, ids = calibration_faces(smoke_bundle, [real_photo(), real_photo("t1.jpg")])
     assert len(crops) == 7 and ids.shape == (7, smoke_bundle.embedding_dim)
@@ -230,6 +231,6 @@ def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_b
         with pytest.raises(RuntimeError, match="ModelOpt"):
             quantize_unet_fp8(_path(exported, "unet"), rows, Path("unused.onnx"))
     with pytest.raises(ValueError, match="fp8 is a TensorRT engine option"):
-        from export.onnx_export import export_bundle
+        from revpers.export.onnx_export import export_bundle
 
         export_bundle(smoke_bundle, Path("unused"), fp8=True)

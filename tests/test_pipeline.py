@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from revpers.pipeline import ParameterError, Params, run_faces
+from revpers.core.params import ParameterError, Params
+from revpers.core.pipeline import run_faces
 from tests.conftest import real_photo
 
 
 def _crop(size=64):
-    from revpers.anonymizer import resize_rgb
+    from revpers.service.anonymizer import resize_rgb
 
     return resize_rgb(real_photo(), (size, size))
 
@@ -95,7 +96,7 @@ def test_ip_scale_zero_makes_identity_irrelevant(torch_models):
 
 
 def test_seed_determinism(torch_models):
-    from revpers.images import encode_image
+    from revpers.service.images import encode_image
 
     crop = _crop()
     ident = np.ones((1, 512), np.float32) / np.sqrt(512)
@@ -119,7 +120,7 @@ def test_faceid_unet_matches_diffusers_native_path(smoke_bundle):
     """Our tensor-scale processor + fused LoRA == diffusers' IPAdapterAttnProcessor2_0 + PEFT LoRA."""
     from diffusers import StableDiffusionXLPipeline
 
-    from revpers.models import TorchModels
+    from revpers.models.torch_models import TorchModels
 
     ours = TorchModels.load(smoke_bundle, device="cpu")
     pipe = StableDiffusionXLPipeline.from_pretrained(smoke_bundle.sdxl_dir, local_files_only=True)
@@ -150,7 +151,7 @@ def test_full_size_sdxl_faceid_shapes_on_meta_device():
     """The real SDXL + FaceID architecture (no weights): 70 cross-attention layers, 2048-d, 4 tokens."""
     from diffusers import UNet2DConditionModel
 
-    from revpers.architecture import SDXL_UNET_CONFIG, check_faceid_file, cross_attention_layers, faceid_layout
+    from revpers.models.architecture import SDXL_UNET_CONFIG, check_faceid_file, cross_attention_layers, faceid_layout
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(SDXL_UNET_CONFIG)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from revpers import sampling
-from revpers.conditioning import TextEmbedding, inversion_branches
-from revpers.schedule import NoiseSchedule, timesteps
+from revpers.core import sampling
+from revpers.core.conditioning import TextEmbedding, inversion_branches
+from revpers.core.schedule import NoiseSchedule, timesteps
 
 SCHED = NoiseSchedule.scaled_linear()
 

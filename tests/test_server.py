@@ -14,7 +14,6 @@ import zlib
 
 import numpy as np
 import pytest
-
 from conftest import real_photo
 
 pytestmark = pytest.mark.server
@@ -39,19 +38,19 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def anonymizer(smoke_bundle_dir):
-    from revpers.anonymizer import Anonymizer
+    from revpers.service.anonymizer import Anonymizer
 
     return Anonymizer(smoke_bundle_dir)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    from revpers.images import encode_image
+    from revpers.service.images import encode_image
 
     return encode_image(rgb, "PNG")
 
 
 def decode(data: bytes) -> np.ndarray:
-    from revpers.images import decode_image
+    from revpers.service.images import decode_image
 
     return decode_image(data)
 
@@ -78,7 +77,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def test_aligned_parity_with_in_process(client, anonymizer):
-    from revpers.pipeline import Params
+    from revpers.core.params import Params
 
     rgb = real_photo()
     t0 = time.perf_counter()
@@ -92,7 +91,7 @@ def test_aligned_parity_with_in_process(client, anonymizer):
 
 
 def test_photo_parity_with_in_process(client, anonymizer):
-    from revpers.pipeline import Params
+    from revpers.core.params import Params
 
     rgb = real_photo("t1.jpg")
     t0 = time.perf_counter()
@@ -280,7 +279,7 @@ def test_report_has_verdict_and_audit(client):
     SHA-256 of the bytes sent and received."""
     import hashlib
 
-    from revpers.audit import canonical_json
+    from revpers.gate.audit import canonical_json
 
     data = png_bytes(real_photo("t1.jpg"))
     params = {"mode": "photo", "steps": 2, "seed": 4, "retries": 1, "fallback": "pixelate"}

@@ -10,7 +10,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import real_photo, start_triton
 
 
@@ -18,7 +17,7 @@ def test_specs_from_bundle_match_the_loaded_modules(smoke_bundle, torch_models):
     """The descriptions read from config files alone are what the loaded modules take and give: each
     module run on its spec's example inputs returns the spec's outputs, and the text shapes are the
     prompt encoder's."""
-    from export.components import specs_from_bundle
+    from revpers.models.components import specs_from_bundle
 
     specs = {s.name: s for s in specs_from_bundle(smoke_bundle, inversion_batch=7)}
     assert set(specs) == {"unet", "vae_encoder", "vae_decoder", "arcface"}
@@ -41,9 +40,9 @@ def test_full_size_specs_carry_one_face_per_unet_call(smoke_bundle_dir, tmp_path
     call, two faces per VAE call) instead of the small crops' 4 and 8."""
     import shutil
 
-    from export.components import specs_from_bundle
-    from revpers.bundle import load_bundle
-    from revpers.smoke import _byte_level_vocab, _text_config
+    from revpers.models.bundle import load_bundle
+    from revpers.models.components import specs_from_bundle
+    from revpers.models.smoke import _byte_level_vocab, _text_config
 
     root = tmp_path / "fullsize-configs"
     shutil.copytree(smoke_bundle_dir, root, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
@@ -75,8 +74,8 @@ def _param(text: str, key: str) -> str | None:
 
 
 def test_repository_targets_and_their_configs(smoke_bundle_dir, smoke_bundle, onnx_artifacts, tmp_path):
-    from export.components import specs_from_bundle
-    from revpers.repository import build_repository
+    from revpers.models.components import specs_from_bundle
+    from revpers.serving.repository import build_repository
 
     repo = build_repository(None, tmp_path / "pt", "pytorch", bundle=smoke_bundle_dir)
     unet = _config(repo, "unet")
@@ -141,7 +140,7 @@ class _FakePb:
 
 
 def test_component_execute_merges_requests_and_splits_results_back():
-    from revpers.component_models import execute
+    from revpers.serving.components import execute
 
     seen = []
 
@@ -160,9 +159,8 @@ def test_component_execute_merges_requests_and_splits_results_back():
 def test_torch_runner_warms_up_at_the_preferred_batches_from_the_config(smoke_bundle_dir, smoke_bundle):
     """What the pytorch target's initialize runs before the model is READY: one call per preferred
     batch size, inputs built from the config as Triton hands it over (int64 dims as JSON strings)."""
-    from export.components import specs_from_bundle
-    from export.components import TRITON_DTYPES
-    from revpers.component_models import TorchRunner, example_feeds
+    from revpers.models.components import TRITON_DTYPES, specs_from_bundle
+    from revpers.serving.components import TorchRunner, example_feeds
 
     specs = {s.name: s for s in specs_from_bundle(smoke_bundle, inversion_batch=3)}
     for name in ("unet", "vae_decoder"):
@@ -188,7 +186,7 @@ def test_bls_execute_serves_the_requests_of_one_call_concurrently():
     sequential execute would break the barrier instead of answering."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from revpers.serving import BlsService
+    from revpers.serving.bls import BlsService
 
     barrier = threading.Barrier(3, timeout=20)
 
@@ -206,10 +204,11 @@ def test_bls_execute_serves_the_requests_of_one_call_concurrently():
 @pytest.mark.server
 def test_pytorch_target_serves_the_same_images(smoke_bundle_dir, tmp_path):
     from revpers_client.core import RevpersClient
-    from revpers.anonymizer import Anonymizer
-    from revpers.images import decode_image, encode_image
-    from revpers.pipeline import Params
-    from revpers.repository import build_repository
+
+    from revpers.core.params import Params
+    from revpers.service.anonymizer import Anonymizer
+    from revpers.service.images import decode_image, encode_image
+    from revpers.serving.repository import build_repository
 
     repo = build_repository(None, tmp_path / "repo", "pytorch", bundle=smoke_bundle_dir)
     srv = start_triton(repo)

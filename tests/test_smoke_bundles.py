@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from revpers.architecture import faceid_layout
-from revpers.smoke import _byte_level_vocab, _text_config, architecture
+from revpers.models.architecture import faceid_layout
+from revpers.models.smoke import _byte_level_vocab, _text_config, architecture
 
 
 def _params(module) -> int:

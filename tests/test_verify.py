@@ -1,4 +1,4 @@
-"""The identity verification gate (revpers.verify) and the audit record, on real photos with the real
+"""The identity verification gate (revpers.gate.verify) and the audit record, on real photos with the real
 dlib recognizer (dlib-bin + face-recognition-models).
 
 Photos ship inside installed packages: insightface's ``t1.jpg`` (6 different people) and
@@ -22,16 +22,26 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import real_photo
 from PIL import Image
 
-from conftest import real_photo
-from revpers.audit import canonical_json, pixels_sha256
+from revpers.core.params import ParameterError, Params
 from revpers.faces import alignment_matrix, obscure_face
-from revpers.images import decode_image, encode_image
-from revpers.pipeline import ParameterError, Params
-from revpers.verify import (ARCFACE_THRESHOLD, DLIB_THRESHOLD, FACE_VERDICTS, IMAGE_VERDICTS, LOCATE_TOLERANCE,
-                            SEED_STRIDE, VERIFY_SIZE, FaceCheck, Verifier, VerifyPolicy, pop_verify_policy,
-                            verify_pair)
+from revpers.gate.audit import canonical_json, pixels_sha256
+from revpers.gate.loop import verify_pair
+from revpers.gate.policy import (
+    ARCFACE_THRESHOLD,
+    DLIB_THRESHOLD,
+    FACE_VERDICTS,
+    IMAGE_VERDICTS,
+    LOCATE_TOLERANCE,
+    SEED_STRIDE,
+    VERIFY_SIZE,
+    VerifyPolicy,
+    pop_verify_policy,
+)
+from revpers.gate.recognizers import FaceCheck, Verifier
+from revpers.service.images import decode_image, encode_image
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -200,8 +210,8 @@ def test_arcface_half_of_the_gate(smoke_bundle):
     """A bundle that is not flagged smoke gets the ArcFace half: the smoke bundle's random ArcFace-contract
     ONNX (a random network barely tells faces apart, so it still matches t1's blurred faces, cosine
     ~1) with the flag off. dlib passes the blurred faces, ArcFace does not: the face must not pass."""
-    from revpers.bundle import Bundle
-    from revpers.verify import verifier_for_bundle
+    from revpers.gate.recognizers import verifier_for_bundle
+    from revpers.models.bundle import Bundle
 
     v = verifier_for_bundle(Bundle(smoke_bundle.root, {**smoke_bundle.manifest, "smoke": False}))
     assert v.use_arcface and v.describe()["arcface"]["used"] and v.arcface_threshold == ARCFACE_THRESHOLD
@@ -273,8 +283,8 @@ class UnchangedComponents:
 def unchanged(smoke_bundle, torch_models):
     """An Anonymizer over the smoke bundle (dlib detector, random ArcFace -> dlib-only gate) whose
     generator changes nothing, at a 256 px face crop so the pasted face is the input face."""
-    from revpers.anonymizer import Anonymizer
-    from revpers.bundle import Bundle
+    from revpers.models.bundle import Bundle
+    from revpers.service.anonymizer import Anonymizer
 
     bundle = Bundle(smoke_bundle.root, {**smoke_bundle.manifest, "native_size": 256})
     return Anonymizer(bundle, models=UnchangedComponents(torch_models))
@@ -283,7 +293,7 @@ def unchanged(smoke_bundle, torch_models):
 @pytest.fixture
 def run_faces_calls(monkeypatch):
     """What the anonymizer really hands the generator (``run_faces``) per attempt."""
-    import revpers.anonymizer as anonymizer_module
+    import revpers.service.anonymizer as anonymizer_module
 
     real, calls = anonymizer_module.run_faces, []
 
@@ -385,7 +395,7 @@ class BlurringComponents(UnchangedComponents):
     (native-size uint8), which come back unchanged (so they still match)."""
 
     def __init__(self, torch_models, spare=()):
-        from revpers.pipeline import to_model_images
+        from revpers.core.pipeline import to_model_images
 
         super().__init__(torch_models)
         self.spare = [to_model_images([c])[0] for c in spare]
@@ -408,11 +418,9 @@ class BlurringComponents(UnchangedComponents):
 def test_aligned_batch_withholds_only_the_rejected_image(smoke_bundle, torch_models, verifier):
     """Two aligned faces in one batch, fallback "reject": the blurred face passes, the unchanged one
     still matches after its retry; only its image is withheld, the other is returned with its report."""
-    from revpers.anonymizer import Anonymizer
-    from revpers.bundle import Bundle
     from revpers.faces import align_face
-
-    from revpers.anonymizer import resize_rgb
+    from revpers.models.bundle import Bundle
+    from revpers.service.anonymizer import Anonymizer, resize_rgb
 
     astronaut = skimage_data.astronaut()
     crop, _ = align_face(astronaut, verifier.analyzer.detect(astronaut)[0].kps, 256)
@@ -449,7 +457,7 @@ def test_a_fallback_that_still_matches_rejects_the_image(unchanged):
 
 def test_audit_is_byte_identical_across_runs(unchanged, smoke_bundle):
     """Twice with the gate's retries (unchanged generator), and twice with the real smoke models."""
-    from revpers.anonymizer import Anonymizer
+    from revpers.service.anonymizer import Anonymizer
 
     t1 = real_photo("t1.jpg")
     a = unchanged.anonymize_photo(t1, Params(steps=2, seed=9)).report["audit"]
@@ -479,8 +487,8 @@ def test_audit_is_byte_identical_across_runs(unchanged, smoke_bundle):
 
 def test_audit_names_the_manifest_that_was_loaded(smoke_bundle_dir, tmp_path):
     """The manifest hash is of the bytes load_bundle parsed, not of the file as it is later."""
-    from revpers.audit import build_audit
-    from revpers.bundle import Bundle, load_bundle, manifest_bytes
+    from revpers.gate.audit import build_audit
+    from revpers.models.bundle import Bundle, load_bundle, manifest_bytes
 
     root = _bundle_copy(smoke_bundle_dir, tmp_path / "b", name="as loaded")
     raw = (root / "manifest.json").read_bytes()
@@ -567,7 +575,7 @@ def _bundle_copy(src_root, dst, **manifest_changes):
 def unchanged_cli(monkeypatch, smoke_bundle, torch_models, tmp_path):
     """``revpers.cli.main`` in process, its bundles' generator replaced by UnchangedComponents; returns
     a 256 px copy of the smoke bundle (so the pasted face is the input face, as in ``unchanged``)."""
-    from revpers.models import TorchModels
+    from revpers.models.torch_models import TorchModels
 
     monkeypatch.setattr(TorchModels, "load", classmethod(lambda cls, *a, **k: UnchangedComponents(torch_models)))
     return _bundle_copy(smoke_bundle.root, tmp_path / "bundle256", native_size=256)
@@ -615,7 +623,7 @@ def test_cli_anonymize_no_verify(unchanged_cli, tmp_path, capsys):
 def test_cli_anonymize_bad_face_models_exit_2(monkeypatch, smoke_bundle, torch_models, tmp_path, capsys):
     """A bundle whose face section cannot be loaded is a bad bundle (exit 2), not a verdict (exit 1)."""
     from revpers.cli import main
-    from revpers.models import TorchModels
+    from revpers.models.torch_models import TorchModels
 
     monkeypatch.setattr(TorchModels, "load", classmethod(lambda cls, *a, **k: UnchangedComponents(torch_models)))
     broken = _bundle_copy(smoke_bundle.root, tmp_path / "broken",

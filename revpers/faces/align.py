@@ -26,7 +26,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from .analysis import Face
+from revpers.faces.analysis import Face
 
 # insightface face_align.arcface_dst: left eye, right eye, nose, left mouth, right mouth (image left first)
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],

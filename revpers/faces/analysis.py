@@ -74,6 +74,8 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from revpers.core.errors import FaceModelError
+
 INSIGHTFACE_DETECTOR_FILE = "det_10g.onnx"
 HOG_MIN_FACE_PX = 80  # dlib's frontal HOG window
 ROLL_REFINE_DEG = 8.0  # landmarks of faces tilted more than this are predicted again, levelled
@@ -119,10 +121,6 @@ class FaceAnalyzer(Protocol):
     def embed(self, rgb: np.ndarray, faces: list[Face]) -> np.ndarray:
         """(F, E) float32 unit-length ArcFace embeddings, one row per face."""
         ...
-
-
-class FaceModelError(RuntimeError):
-    """A face model file is missing or unusable (the message names it)."""
 
 
 def _check_rgb(rgb: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .align import crop_scale
+from revpers.faces.align import crop_scale
 
 MASK_CENTRE = (0.50, 0.53)  # fractions of the crop side
 MASK_AXES = (0.32, 0.40)  # semi-axes (x, y), fractions of the crop side; r = 1 here
@@ -44,6 +44,7 @@ MIN_CORE = 0.55  # grow the band outward (while the crop allows) to keep alpha =
 # the largest r whose ellipse stays inside the crop square (bottom edge: 0.53 + r * 0.40 <= 1)
 R_MAX_IN_CROP = (1.0 - MASK_CENTRE[1]) / MASK_AXES[1] - 0.01
 MIN_FEATHER_PX = 20.0
+OBSCURE_MODES = ("blur", "pixelate", "fill")  # weakest first: the gate's fallback escalates in this order
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,11 @@ def paste_face(out: np.ndarray, crop: np.ndarray, matrix: np.ndarray, *, color_m
 
 def obscure_face(out: np.ndarray, matrix: np.ndarray, size: int, mode: str, *,
                  min_feather_px: float = MIN_FEATHER_PX) -> MaskGeometry:
-    """Blur or pixelate one face in ``out`` (in place) under the same soft mask, sized from the
-    face: Gaussian sigma = crop side / 12, pixel blocks = crop side / 10 (photo pixels)."""
-    if mode not in ("blur", "pixelate"):
-        raise ValueError(f"mode must be 'blur' or 'pixelate', got {mode!r}")
+    """Blur, pixelate or fill one face in ``out`` (in place) under the same soft mask, sized from the
+    face: Gaussian sigma = crop side / 12, pixel blocks = crop side / 10 (photo pixels); "fill" paints
+    the region's mean colour, which carries nothing of the face."""
+    if mode not in OBSCURE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(OBSCURE_MODES)}, got {mode!r}")
     geom = mask_geometry(matrix, size, min_feather_px, limit_to_crop=False)
     roi = mask_roi(matrix, size, geom, out.shape)
     if roi is None:
@@ -217,6 +219,10 @@ def obscure_face(out: np.ndarray, matrix: np.ndarray, size: int, mode: str, *,
         blurred = cv2.GaussianBlur(out[py0:py1, px0:px1], (0, 0), sigmaX=sigma, sigmaY=sigma,
                                    borderType=cv2.BORDER_REFLECT)
         new = blurred[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+    elif mode == "fill":
+        region = out[y0:y1, x0:x1]
+        new = np.empty_like(region)
+        new[...] = region.reshape(-1, region.shape[-1]).mean(axis=0).round().astype(region.dtype)
     else:
         block = max(2, int(round(side / 10.0)))
         region = out[y0:y1, x0:x1]

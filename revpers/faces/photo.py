@@ -25,12 +25,12 @@ from typing import Callable
 
 import numpy as np
 
-from .align import align_face, alignment_matrix, crop_scale, identities_of_crops
-from .analysis import Face
-from .blend import MIN_FEATHER_PX, full_alpha, mask_geometry, obscure_face, paste_face
+from revpers.faces.align import align_face, alignment_matrix, crop_scale, identities_of_crops
+from revpers.faces.analysis import Face
+from revpers.faces.blend import MIN_FEATHER_PX, OBSCURE_MODES, full_alpha, mask_geometry, obscure_face, paste_face
 
 ACTIONS = ("anonymize", "blur", "pixelate", "leave")
-DONE = {"anonymize": "anonymized", "blur": "blurred", "pixelate": "pixelated", "leave": "left"}
+DONE = {"anonymize": "anonymized", "blur": "blurred", "pixelate": "pixelated", "fill": "filled", "leave": "left"}
 
 AnonymizeBatch = Callable[[list, np.ndarray], list]
 
@@ -60,6 +60,7 @@ class FacePolicy:
     large_action: str = "anonymize"
     color_match: bool = True
     min_feather_px: float = MIN_FEATHER_PX
+    min_score: float | None = None  # detections scoring below this are not faces (raises the bundle's threshold)
 
     def __post_init__(self):
         for name in ("small_action", "large_action"):
@@ -120,6 +121,8 @@ def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy |
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {rgb.shape} dtype {rgb.dtype}")
     native_size = int(native_size)
     faces = analyzer.detect(rgb)
+    if policy.min_score is not None:
+        faces = [f for f in faces if f.score >= policy.min_score]
     reports: list[dict] = []
     crops, to_generate = [], []
     for i, face in enumerate(faces):
@@ -174,7 +177,7 @@ def compose_photo(plan: PhotoPlan, generated: dict[int, np.ndarray], override: d
         action = override.get(i, rep["action"])
         if action == "anonymize":
             paste_face(out, generated[i], m, color_match=policy.color_match, min_feather_px=policy.min_feather_px)
-        elif action in ("blur", "pixelate"):
+        elif action in OBSCURE_MODES:
             obscure_face(out, m, plan.native_size, action, min_feather_px=policy.min_feather_px)
     return out
 

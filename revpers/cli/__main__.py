@@ -1,0 +1,5 @@
+import sys
+
+from revpers.cli.main import main
+
+sys.exit(main())

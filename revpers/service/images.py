@@ -1,0 +1,108 @@
+"""Image decoding and encoding at the service boundary.
+
+Input: JPEG/PNG/WebP (anything Pillow reads) as bytes or a path. EXIF orientation is applied,
+grayscale, palette, RGBA/LA (composited on white) and 16-bit images are converted to 8-bit RGB.
+Output: PNG/JPEG/WebP bytes with no EXIF, GPS, ICC or embedded thumbnail.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from revpers.core.errors import InputError
+
+MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger inputs are refused before decoding
+MIN_SIDE = 16
+
+
+class ImageError(InputError):
+    """The input is not an image this service can process (message says why)."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes | bytearray | memoryview, name: str = "input") -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array, EXIF orientation applied."""
+    data = bytes(data)
+    if not data:
+        raise ImageError(f"{name}: empty input (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w < MIN_SIDE or h < MIN_SIDE:
+                raise ImageError(f"{name}: image is {w}x{h}; both sides must be at least {MIN_SIDE} px")
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{name}: image is {w}x{h} = {w * h} pixels; the limit is {MAX_PIXELS}")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return np.ascontiguousarray(np.asarray(_to_rgb(img), dtype=np.uint8))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format (expected JPEG, PNG or WebP)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated image: {exc}") from None
+
+
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes; a file that cannot be read is an ImageError naming it."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+
+
+def read_image_bytes(path: str | Path) -> tuple[bytes, np.ndarray]:
+    """The file's bytes (e.g. to hash them for the audit) and the decoded (H, W, 3) uint8 RGB."""
+    data = read_file(path)
+    return data, decode_image(data, name=str(path))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    return read_image_bytes(path)[1]
+
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "PNG", quality: int = 95) -> bytes:
+    """Encode (H, W, 3) uint8 RGB with no metadata at all (no EXIF/GPS/ICC/thumbnail)."""
+    fmt = fmt.upper()
+    if fmt == "JPG":
+        fmt = "JPEG"
+    if fmt not in ("PNG", "JPEG", "WEBP"):
+        raise ValueError(f"unsupported output format {fmt!r}; use PNG, JPEG or WEBP")
+    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def format_for(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"{path}: output extension must be one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[suffix]
