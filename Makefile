@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 DEMO_BUNDLE ?= build/demo-bundle
 DEMO_OUT    ?= demo-out
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast lint format demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,21 @@ $(STAMP): pyproject.toml Makefile
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the quick lane: no tritonserver, no slow end-to-end tests (pytest markers "server" and "slow")
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not server and not slow"
+
+# ruff (lint + format check), import-linter (layer contracts), tools/check_layout.py (cycles, nested imports)
+lint: install
+	$(BIN)/ruff check revpers client benchmarks tests tools
+	$(BIN)/ruff format --check revpers client benchmarks tests tools
+	$(BIN)/lint-imports
+	$(BIN)/python tools/check_layout.py
+
+format: install
+	$(BIN)/ruff check --fix revpers client benchmarks tests tools
+	$(BIN)/ruff format revpers client benchmarks tests tools
 
 demo: install
 	$(BIN)/python -m revpers.cli.demo --bundle $(DEMO_BUNDLE) --out $(DEMO_OUT)

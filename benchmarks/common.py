@@ -13,6 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from revpers import __version__
+from revpers.cli.logs import quiet_libraries
+from revpers.export.onnx_export import export_bundle
+from revpers.faces.samples import insightface_photo
+from revpers.models.bundle import MANIFEST, load_bundle
+from revpers.models.smoke import write_smoke_bundle
+from revpers.service.images import FORMATS
+from revpers.serving.repository import BACKENDS as REPOSITORY_BACKENDS
+from revpers.serving.repository import build_repository
+from revpers.triton_server import find_tritonserver
+from revpers_client.cli import faces_of
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "build" / "bench"
@@ -30,8 +42,6 @@ def quiet() -> None:
 
     warnings.filterwarnings("ignore")
     try:
-        from revpers.cli.logs import quiet_libraries
-
         quiet_libraries()
     except Exception:  # pragma: no cover - only cosmetics
         pass
@@ -46,8 +56,6 @@ def photo_folder() -> list[Path]:
     returns it unchanged: a real-world case a folder contains too); scikit-image ``astronaut.png``
     (1 face); matplotlib sample data ``grace_hopper.jpg`` (1 face).
     """
-    from revpers.faces.samples import insightface_photo
-
     skimage_data = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
     mpl_data = Path(importlib.util.find_spec("matplotlib").submodule_search_locations[0]) / "mpl-data" / "sample_data"
     photos = [insightface_photo("t1.jpg"), insightface_photo("Tom_Hanks_54745.png"), skimage_data / "astronaut.png",
@@ -60,8 +68,6 @@ def photo_folder() -> list[Path]:
 
 def load_photos(folder: str | Path | None, limit: int | None = None) -> list[Path]:
     if folder:
-        from revpers.service.images import FORMATS  # the extensions the service reads and writes
-
         photos = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in FORMATS)
     else:
         photos = photo_folder()
@@ -70,8 +76,6 @@ def load_photos(folder: str | Path | None, limit: int | None = None) -> list[Pat
 
 def smoke_bundle(path: Path | None = None) -> Path:
     """The smoke bundle the benchmarks use (seed 0), built once under build/bench."""
-    from revpers.models.bundle import MANIFEST
-    from revpers.models.smoke import write_smoke_bundle
 
     path = Path(path or WORK / "smoke-bundle")
     if not (path / MANIFEST).is_file():
@@ -81,14 +85,12 @@ def smoke_bundle(path: Path | None = None) -> Path:
 
 def add_run_arguments(p, no_server_help: str = "skip the served parts") -> None:
     """The options every photo benchmark (stages, compare) takes, one definition for both."""
-    from .server import BACKENDS
-
     p.add_argument("--steps", type=int, default=20, help="inversion = generation steps (paper default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the smoke bundle, built once)")
     p.add_argument("--photos", type=Path, default=None, help="folder of photos (default: five shipped photos)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="Triton repository backend")
+    p.add_argument("--backend", choices=REPOSITORY_BACKENDS, default="onnxruntime", help="Triton repository backend")
     p.add_argument("--device", default="cpu", help="torch device of the in-process pipeline")
     p.add_argument("--inversion-batch", type=int, default=10)
     p.add_argument("--bls-instances", type=int, default=2,
@@ -114,9 +116,6 @@ def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: i
     """Export the bundle (ONNX; TensorRT engines when the backend is tensorrt; nothing for the
     pytorch backend, which runs the bundle itself) and build a Triton repository for ``backend`` with
     ``revpers.repository.build_repository``."""
-    from revpers.export.onnx_export import export_bundle
-    from revpers.models.bundle import load_bundle
-    from revpers.serving.repository import build_repository
 
     artifacts = None
     if backend != "pytorch":
@@ -187,12 +186,9 @@ def versions() -> dict:
         if v:
             out[dist] = v
     try:
-        from revpers.triton_server import find_tritonserver
-
         out["tritonserver"] = find_tritonserver().version
     except Exception as exc:
         out["tritonserver"] = f"not found ({type(exc).__name__})"
-    from revpers import __version__
 
     out["revpers"] = __version__
     out["revpers_commit"] = revpers_commit()
@@ -218,8 +214,6 @@ def stamp(name: str, params: dict, module: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------- numbers
 def anonymized_faces(report: dict) -> int:
     """Faces a photo-mode report says were anonymized (the count every benchmark records)."""
-    from revpers_client.cli import faces_of
-
     return sum(f.get("action") == "anonymized" for f in faces_of(report))
 
 

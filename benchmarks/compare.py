@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from .common import (
+from benchmarks.common import (
     add_run_arguments,
     anonymized_faces,
     component_instances,
@@ -28,11 +28,18 @@ from .common import (
     md_table,
     quiet,
     revpers_commit,
+    served_repository,
     smoke_bundle,
     stamp,
     target,
     write_results,
 )
+from benchmarks.pipelines import inprocess_request, max_pixel_difference, paper_way_request
+from benchmarks.server import concurrency_level, timed_request, triton_server, warm_up
+from revpers.core.params import Params
+from revpers.gate.policy import VerifyPolicy
+from revpers.service.anonymizer import Anonymizer
+from revpers_client import RevpersClient
 
 PAPER_WAY = ("(a) the paper's way: the same models and math, run as the paper's reference code runs them — "
              "for every image the SDXL+FaceID pipeline is loaded from disk (from_pretrained + load_ip_adapter + "
@@ -84,11 +91,6 @@ def main(argv=None) -> dict:
     if args.render_only:
         return render(args.out)
     quiet()
-    from revpers.core.params import Params
-    from revpers.gate.policy import VerifyPolicy
-    from revpers.service.anonymizer import Anonymizer
-
-    from .pipelines import inprocess_request, max_pixel_difference, paper_way_request
 
     bundle = args.bundle or smoke_bundle(args.work / "smoke-bundle")
     photos = load_photos(args.photos, args.limit)
@@ -136,10 +138,6 @@ def main(argv=None) -> dict:
     result["per_photo"] = rows
 
     if not args.no_server:
-        from revpers_client import RevpersClient
-
-        from .common import served_repository
-        from .server import concurrency_level, timed_request, triton_server, warm_up
 
         repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
                                  gpu=str(args.device).startswith("cuda"), component_instances=comp)

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, md_table, quiet, stamp, write_results
+from benchmarks.common import RESULTS, md_table, quiet, stamp, write_results
+from benchmarks.fullsize import faceid_unet, tiny_configs, unet_inputs, vae
+from revpers.core.conditioning import TextEmbedding
+from revpers.core.params import Params
+from revpers.core.pipeline import run_faces
+from revpers.core.schedule import NoiseSchedule
+from revpers.models.architecture import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
 # Dense (no sparsity) tensor-core peaks, TFLOP/s, from NVIDIA's datasheets: A100 80GB SXM
 # (FP16/BF16 312, TF32 156), H100 SXM (FP16/BF16 989.4, TF32 494.7), H200 SXM (989.4 / 494.7, same
@@ -64,8 +70,6 @@ class CountingComponents:
     """Stand-in ``pipeline.Components`` that counts what ``run_faces`` asks of the networks."""
 
     def __init__(self, latent_channels: int = 4):
-        from revpers.core.conditioning import TextEmbedding
-        from revpers.core.schedule import NoiseSchedule
 
         self.schedule = NoiseSchedule.scaled_linear()
         self.latent_channels = latent_channels
@@ -94,8 +98,6 @@ def pipeline_counts(steps: int, skip: float, inversion_batch: int = 10) -> dict:
     does not depend on the size)."""
     import numpy as np
 
-    from revpers.core.params import Params
-    from revpers.core.pipeline import run_faces
 
     comps = CountingComponents()
     run_faces(comps, [np.zeros((64, 64, 3), np.uint8)], np.zeros((1, 512), np.float32),
@@ -105,10 +107,6 @@ def pipeline_counts(steps: int, skip: float, inversion_batch: int = 10) -> dict:
 
 
 def model_flops(tiny: bool, size: int) -> dict:
-    from revpers.models.architecture import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
-
-    from .fullsize import faceid_unet, tiny_configs, unet_inputs, vae
-
     unet_cfg, vae_cfg = (tiny_configs()[:2]) if tiny else (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
     latent = size // 8
     unet = faceid_unet(unet_cfg, "meta", torch.float16)

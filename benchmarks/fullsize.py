@@ -21,6 +21,8 @@ from revpers.models.architecture import (
     SDXL_VAE_CONFIG,
     attention_layers,
 )
+from revpers.models.smoke import architecture
+from revpers.models.torch_models import FaceIDUNet, install_tensor_scale
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,6 @@ class Shapes:
 
 def tiny_configs() -> tuple[dict, dict, int]:
     """The smoke bundle's UNet/VAE configs and native size (the ``--tiny`` dry mode)."""
-    from revpers.models.smoke import architecture
-
     arch = architecture(full_size=False)
     return arch["unet"], arch["vae"], arch["native_size"]
 
@@ -55,8 +55,6 @@ def faceid_unet(config: dict | None = None, device: str | torch.device = "meta",
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, MultiIPAdapterImageProjection
-
-    from revpers.models.torch_models import FaceIDUNet, install_tensor_scale
 
     config = dict(config or SDXL_UNET_CONFIG)
     ctx = config["cross_attention_dim"]

@@ -35,7 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import RESULTS, count_unet_calls, md_table, quiet, stamp, target, write_results
+from benchmarks.common import RESULTS, count_unet_calls, md_table, quiet, stamp, target, write_results
+from benchmarks.flops import face_time_at_peak, gpu_peak, model_flops, pipeline_counts
+from benchmarks.fullsize import faceid_unet, unet_inputs, vae
+from revpers.core.conditioning import TextEmbedding
+from revpers.core.params import Params
+from revpers.core.pipeline import Timings, run_faces
+from revpers.core.schedule import NoiseSchedule
+from revpers.models.smoke import _byte_level_vocab, _text_config, architecture
+from revpers.models.torch_models import TorchModels, VaeDecoder, VaeEncoder
+from revpers_client.cli import latency_stats
 
 
 class NoCudaError(SystemExit):
@@ -80,8 +89,6 @@ def text_encoders(tiny: bool, device: str):
     (full size: CLIP ViT-L text 768-d, 12 layers; OpenCLIP bigG text 1280-d, 32 layers, projection 1280)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from revpers.models.smoke import _byte_level_vocab, _text_config
-
     vocab = len(_byte_level_vocab()[0])
     with torch.device(device):
         return (CLIPTextModel(_text_config(vocab, False, not tiny)).eval(),
@@ -99,8 +106,6 @@ class PromptEncoder:
 
     @torch.inference_mode()
     def __call__(self, prompt: str):
-        from revpers.core.conditioning import TextEmbedding
-
         if self.cache and prompt in self._memo:
             return self._memo[prompt]
         self.calls += 1
@@ -138,8 +143,6 @@ def time_unet(unet, inputs, device: str, warmup: int, iters: int) -> list[float]
 def whole_face(models, size: int, params, inversion_batch: int, device: str, repeats: int) -> dict:
     """Median of ``repeats`` timed one-face ``run_faces`` runs; also what the last run asked of the
     networks (UNet calls by batch, prompt encodes actually run), so the settings are checkable."""
-    from revpers.core.pipeline import Timings, run_faces
-
     rng = np.random.default_rng(0)
     crop = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     identity = rng.standard_normal((1, 512)).astype(np.float32)
@@ -165,19 +168,26 @@ def whole_face(models, size: int, params, inversion_batch: int, device: str, rep
             "prompt_cache": models.text.cache, "unet": runs[-1]["unet"], "prompt_encodes": runs[-1]["prompt_encodes"]}
 
 
+def unet_steps(unet, unet_cfg: dict, latent: int, args, unet_dtype) -> dict:
+    """Per-call UNet latency at batch 2 (one CFG step) and at the inversion's batch."""
+    dev, cuda, steps = args.device, args.device.startswith("cuda"), {}
+    for label, batch in (("batch2", 2), (f"batch{2 * args.inversion_batch}", 2 * args.inversion_batch)):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = time_unet(unet, unet_inputs(unet_cfg, batch, latent, dev, unet_dtype), dev, args.warmup, args.iters)
+        s = latency_stats(times)  # n, p50, p95, max, mean (ms), as the client reports latencies
+        s["batch"] = batch
+        s["per_sample_ms"] = round(s["p50"] / batch, 3)
+        s["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
+        steps[label] = s
+        print(f"  UNet {label}: p50 {s['p50']:.2f} ms ({s['per_sample_ms']:.2f} ms/sample)", flush=True)
+    return steps
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     require_device(args.device)
     quiet()
-    from revpers_client.cli import latency_stats
-
-    from revpers.core.params import Params
-    from revpers.core.schedule import NoiseSchedule
-    from revpers.models.smoke import architecture
-    from revpers.models.torch_models import TorchModels, VaeDecoder, VaeEncoder
-
-    from .fullsize import faceid_unet, unet_inputs, vae
-
     name = args.name or ("gpu_fullsize_tiny" if args.tiny else "gpu_fullsize")
     dev = args.device
     cuda = dev.startswith("cuda")
@@ -210,19 +220,7 @@ def main(argv=None) -> dict:
     if cuda:
         result["weights_memory_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
 
-    # ---- per-step UNet
-    steps = {}
-    for label, batch in (("batch2", 2), (f"batch{2 * args.inversion_batch}", 2 * args.inversion_batch)):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times = time_unet(unet, unet_inputs(unet_cfg, batch, latent, dev, unet_dtype), dev, args.warmup, args.iters)
-        s = latency_stats(times)  # n, p50, p95, max, mean (ms), as the client reports latencies
-        s["batch"] = batch
-        s["per_sample_ms"] = round(s["p50"] / batch, 3)
-        s["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
-        steps[label] = s
-        print(f"  UNet {label}: p50 {s['p50']:.2f} ms ({s['per_sample_ms']:.2f} ms/sample)", flush=True)
-    result["unet_step_ms"] = steps
+    result["unet_step_ms"] = unet_steps(unet, unet_cfg, latent, args, unet_dtype)
 
     # ---- whole face
     schedule = NoiseSchedule.scaled_linear()
@@ -268,8 +266,6 @@ def main(argv=None) -> dict:
         targets["face_defaults_vs_paper"] = target("per face at the defaults at least 2x faster than the paper's way "
                                                    "on the same device", d["paper_over_ours"], 2.0)
     if cuda and not args.tiny:
-        from .flops import face_time_at_peak, gpu_peak, model_flops, pipeline_counts
-
         key, peak = gpu_peak(torch.cuda.get_device_name(torch.cuda.current_device()))
         if key:
             fl = model_flops(False, size)
@@ -280,8 +276,8 @@ def main(argv=None) -> dict:
                 "face_time_at_peak_s": at_peak["total_s"], "measured_face_defaults_s": d["ours_s"],
                 "face_defaults": round(at_peak["total_s"] / d["ours_s"], 4),
                 "unet_step_batch2_at_peak_ms": round(step_at_peak_ms, 4),
-                "measured_unet_step_batch2_ms": steps["batch2"]["p50"],
-                "unet_step_batch2": round(step_at_peak_ms / steps["batch2"]["p50"], 4)}
+                "measured_unet_step_batch2_ms": result["unet_step_ms"]["batch2"]["p50"],
+                "unet_step_batch2": round(step_at_peak_ms / result["unet_step_ms"]["batch2"]["p50"], 4)}
         else:
             result["fraction_of_peak"] = None
     result["targets"] = targets

@@ -26,15 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import count_unet_calls
+from benchmarks.common import count_unet_calls
+from revpers import faces as face_lib
+from revpers.core.pipeline import Timings, run_faces
+from revpers.faces import analysis
+from revpers.models.bundle import load_bundle
+from revpers.models.torch_models import TextEncoderCache, TorchModels
+from revpers.service.anonymizer import _TimedAnalyzer
+from revpers.service.images import decode_image, encode_image
 
 # Timing here uses ``Timings.add`` directly: ``revpers.pipeline._Timer`` does the same as a context
 # manager but is private to revpers (a public ``Timings.timer(stage)`` there would let these use it).
 
 
 def _decode(raw: bytes, timings) -> np.ndarray:
-    from revpers.service.images import decode_image
-
     t0 = time.perf_counter()
     rgb = decode_image(raw, name="IMAGE")
     timings.add("decode", time.perf_counter() - t0)
@@ -42,8 +47,6 @@ def _decode(raw: bytes, timings) -> np.ndarray:
 
 
 def _encode(image: np.ndarray, timings) -> bytes:
-    from revpers.service.images import encode_image
-
     t0 = time.perf_counter()
     out = encode_image(image, "PNG")
     timings.add("encode", time.perf_counter() - t0)
@@ -53,15 +56,13 @@ def _encode(image: np.ndarray, timings) -> bytes:
 def inprocess_request(anonymizer, raw: bytes, params, verify=None) -> tuple[bytes, dict]:
     """(b): decode -> ``Anonymizer.anonymize_photo`` -> PNG encode, models already loaded.
     ``verify``: the identity gate's policy (None: its default, on)."""
-    from revpers.core.pipeline import Timings
-
     timings = Timings()
     t0 = time.perf_counter()
     with count_unet_calls(anonymizer.models) as unet:
         rgb = _decode(raw, timings)
         result = anonymizer.anonymize_photo(rgb, params, verify=verify)
         out = _encode(result.image, timings)
-    report = dict(result.report)
+    report = result.report.to_dict()
     report["timings_ms"] = {**report["timings_ms"], **timings.as_ms()}
     report["request_total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
     report["unet"] = unet.as_dict()
@@ -72,12 +73,6 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
                       unet_dtype=None) -> tuple[bytes, dict]:
     """(a): everything loaded from disk for this image, faces one at a time, one UNet call per
     inversion step, no prompt cache. Same models, same math, same seeds as (b)."""
-    from revpers import faces as face_lib
-    from revpers.core.pipeline import Timings, run_faces
-    from revpers.faces import analysis
-    from revpers.models.bundle import load_bundle
-    from revpers.models.torch_models import TextEncoderCache, TorchModels
-    from revpers.service.anonymizer import _TimedAnalyzer
 
     timings = Timings()
     t0 = time.perf_counter()
@@ -125,8 +120,6 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
 
 
 def max_pixel_difference(png_a: bytes, png_b: bytes) -> int:
-    from revpers.service.images import decode_image
-
     a, b = decode_image(png_a), decode_image(png_b)
     if a.shape != b.shape:
         raise ValueError(f"outputs differ in shape: {a.shape} vs {b.shape}")

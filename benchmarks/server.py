@@ -7,17 +7,16 @@ import threading
 import time
 from pathlib import Path
 
-from .common import anonymized_faces
-
-BACKENDS = ("onnxruntime", "pytorch", "tensorrt")
+from benchmarks.common import anonymized_faces
+from revpers.triton_server import TritonServer, free_ports
+from revpers_client import RevpersClient
+from revpers_client.cli import latency_stats
 
 
 def triton_server(repository: Path):
     """A ``revpers.triton_server.TritonServer`` for ``repository`` on free loopback ports; use it as
     a context manager (started and ready inside the block, stopped after; ``startup_seconds`` is the
     time to ready)."""
-    from revpers.triton_server import TritonServer, free_ports
-
     grpc, http, metrics = free_ports(3)
     return TritonServer(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)
 
@@ -41,8 +40,6 @@ def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict,
     stagger must exceed that queue delay and stay below one request's time (50 ms: a one-step
     smoke request takes about 100 ms on the CPU). Triton cannot route to a named instance, so this
     makes full coverage likely, not certain."""
-    from revpers_client import RevpersClient
-
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -73,8 +70,6 @@ def concurrency_level(url: str, jobs: list[tuple[str, bytes]], clients: int, par
     """``clients`` threads, each with its own gRPC client, drain the same job queue; throughput is
     completed requests over the wall time from the first send to the last reply. Latency figures are
     ``revpers_client.cli.latency_stats`` (n, p50, p95, max, mean), as ``revpers-client`` reports them."""
-    from revpers_client import RevpersClient
-    from revpers_client.cli import latency_stats
 
     work: queue.Queue = queue.Queue()
     for job in jobs:

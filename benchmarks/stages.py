@@ -22,17 +22,24 @@ import argparse
 import statistics
 import uuid
 
-from .common import (
+from benchmarks.common import (
     add_run_arguments,
     anonymized_faces,
     component_instances,
     load_photos,
     md_table,
     quiet,
+    served_repository,
     smoke_bundle,
     stamp,
     write_results,
 )
+from benchmarks.pipelines import inprocess_request
+from benchmarks.server import timed_request, triton_server, warm_up
+from revpers.core.params import Params
+from revpers.gate.policy import VerifyPolicy
+from revpers.service.anonymizer import Anonymizer
+from revpers_client import RevpersClient
 
 STAGES = ("decode", "detect", "identity_embed", "prompt_encode", "vae_encode", "inversion", "generation",
           "vae_decode", "verify", "align_paste", "encode")
@@ -86,11 +93,6 @@ def _measure(run, raws, repeats: int, prompt_key: str) -> dict:
 def main(argv=None) -> dict:
     args = parse(argv)
     quiet()
-    from revpers.core.params import Params
-    from revpers.gate.policy import VerifyPolicy
-    from revpers.service.anonymizer import Anonymizer
-
-    from .pipelines import inprocess_request
 
     bundle = args.bundle or smoke_bundle(args.work / "smoke-bundle")
     raws = [(p.name, p.read_bytes()) for p in load_photos(args.photos, args.limit)]
@@ -118,10 +120,6 @@ def main(argv=None) -> dict:
     result["inprocess"] = _measure(inproc, raws, args.repeats, "in process")
 
     if not args.no_server:
-        from revpers_client import RevpersClient
-
-        from .common import served_repository
-        from .server import timed_request, triton_server, warm_up
 
         repo = served_repository(bundle, args.backend, args.work / "served", args.inversion_batch, args.bls_instances,
                                  gpu=str(args.device).startswith("cuda"), component_instances=comp)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import real_photo
+from tests.schema import validate_report
 
 
 def revpers(*args, check=False):
@@ -51,6 +52,7 @@ def test_anonymize_aligned_writes_image_and_report_and_converts_modes(tmp_path, 
             assert img.mode == "RGB" and img.size == (photo.shape[1], photo.shape[0])
             assert not img.getexif()
         report = json.loads((out / (path.name + ".json")).read_text())
+        validate_report(report)
         assert report["smoke"] is True and "noise" in report["warning"]
         assert report["params"]["steps"] == 6 and report["params"]["guidance"] == -10.0
         assert {"inversion", "generation", "vae_encode", "vae_decode", "decode", "encode"} <= set(report["timings_ms"])
@@ -65,6 +67,7 @@ def test_anonymize_photo_mode_reports_faces(tmp_path, smoke_bundle_dir):
     proc = revpers("anonymize", t1, "-o", out, "--models", smoke_bundle_dir, "--steps", 4)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "t1.jpg.json").read_text())
+    validate_report(report)
     assert report["mode"] == "photo" and report["faces_found"] == 6
     assert report["generator_batches"] == [6]
     assert all(f["action"] == "anonymized" for f in report["faces"])

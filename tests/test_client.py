@@ -126,9 +126,8 @@ def test_cli_refuses_bad_arguments(argv, message, tmp_path, capsys):
 
 
 def test_cli_gate_retries_limit_is_the_servers():
-    from revpers_client.cli import MAX_GATE_RETRIES, build_parser
-
     from revpers.gate.policy import MAX_RETRIES  # test-side only
+    from revpers_client.cli import MAX_GATE_RETRIES, build_parser
 
     assert MAX_GATE_RETRIES == MAX_RETRIES
     base = ["anonymize", "x.jpg", "-o", "out", "--url", "127.0.0.1:1"]

@@ -203,12 +203,11 @@ def test_bls_execute_serves_the_requests_of_one_call_concurrently():
 
 @pytest.mark.server
 def test_pytorch_target_serves_the_same_images(smoke_bundle_dir, tmp_path):
-    from revpers_client.core import RevpersClient
-
     from revpers.core.params import Params
     from revpers.service.anonymizer import Anonymizer
     from revpers.service.images import decode_image, encode_image
     from revpers.serving.repository import build_repository
+    from revpers_client.core import RevpersClient
 
     repo = build_repository(None, tmp_path / "repo", "pytorch", bundle=smoke_bundle_dir)
     srv = start_triton(repo)

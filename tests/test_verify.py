@@ -247,7 +247,7 @@ def test_policy_validation_and_retry_schedule():
     for bad, pattern in [({"retries": 9}, r"retries must be an integer in \[0, 5\]"),
                          ({"retries": "two"}, "retries must be"), ({"retries": True}, "retries must be"),
                          ({"retry_mode": "harder"}, "retry_mode must be one of seed, guidance, both"),
-                         ({"fallback": "burn"}, "fallback must be one of blur, pixelate, reject"),
+                         ({"fallback": "burn"}, "fallback must be one of blur, pixelate, fill, reject"),
                          ({"guidance_step": 0}, r"guidance_step must be a number in \(0, 20\]"),
                          ({"guidance_step": "nan"}, "guidance_step"), ({"verify": "maybe"}, "verify must be"),
                          ({"verfy": True}, "unknown verification parameter.*verfy")]:
@@ -443,16 +443,24 @@ def test_aligned_batch_withholds_only_the_rejected_image(smoke_bundle, torch_mod
     assert ok["audit"]["output_pixels_sha256"] == pixels_sha256(out)
 
 
-def test_a_fallback_that_still_matches_rejects_the_image(unchanged):
+def test_a_fallback_that_still_matches_escalates_instead_of_rejecting(unchanged):
     """Tom_Hanks_54745.png is a tight 112 px ArcFace chip, not the whole-face framing aligned mode
-    expects: the blur (sized from the framing) is too weak for its face, dlib still matches the
-    blurred face, and the gate refuses to release it rather than trusting the fallback."""
+    expects: the blur (sized from the framing) is too weak for its face and dlib still matches the
+    blurred face. The gate does not release it and does not reject the image either: it escalates
+    to the next stronger fallback (pixelate, then a solid fill), re-checking each, and releases the
+    first that no recognizer matches."""
     res = unchanged.anonymize_aligned(real_photo(), Params(steps=2), verify=VerifyPolicy(retries=0))
     f = _known_verdicts(res.report)["faces"][0]
-    print(f"\ntight chip: attempt {f['attempts'][0]['dlib_distance']}, after blur {f['verification']['dlib_distance']}")
-    assert f["verdict"] == "failed" and f["verification"]["dlib_match"]
-    assert res.image is None and res.report["verdict"] == "rejected"
-    assert "still matches its input in the final image" in res.report["rejected_reason"]
+    rungs = [c["fallback"] for c in f["fallback_checks"]]
+    print(f"\ntight chip: attempt {f['attempts'][0]['dlib_distance']}, fallbacks "
+          f"{[(c['fallback'], c['dlib_distance']) for c in f['fallback_checks']]}")
+    assert rungs[0] == "blur" and f["fallback_checks"][0]["dlib_match"]  # blur alone still matches
+    assert len(rungs) >= 2 and rungs == ["blur", "pixelate", "fill"][:len(rungs)]
+    assert all(c["dlib_match"] for c in f["fallback_checks"][:-1]) and f["fallback_checks"][-1]["passed"]
+    assert f["verdict"] == {"pixelate": "fallback_pixelated", "fill": "fallback_filled"}[rungs[-1]]
+    assert f["action"] == {"pixelate": "pixelated", "fill": "filled"}[rungs[-1]]
+    assert f["verification"]["passed"] and not f["verification"]["dlib_match"]
+    assert res.image is not None and res.report["verdict"] == "fallback" and "rejected_reason" not in res.report
 
 
 def test_audit_is_byte_identical_across_runs(unchanged, smoke_bundle):
@@ -593,7 +601,7 @@ def test_cli_anonymize_reject_writes_the_report_and_no_image(unchanged_cli, tmp_
     assert code == 1, err
     assert not (out / "hanks.png").exists() and not (out / "hanks.png.part").exists()
     report = _known_verdicts(json.loads((out / "hanks.png.json").read_text()))
-    assert report["verdict"] == "rejected" and report["output"] is None and report["rejected_reason"]
+    assert report["verdict"] == "rejected" and report.get("output") is None and report["rejected_reason"]
     assert report["audit"]["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert report["audit"]["output_sha256"] is None and report["audit"]["output_pixels_sha256"] is None
     assert f"{src}: REJECTED, no image written" in err

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from revpers_client import RevpersClient
-
 from revpers.cli.logs import quiet_libraries
 from revpers.export.onnx_export import export_bundle
 from revpers.faces.samples import demo_photos
@@ -22,6 +20,7 @@ from revpers.models.bundle import MANIFEST, load_bundle
 from revpers.models.smoke import write_smoke_bundle
 from revpers.serving.repository import build_repository
 from revpers.triton_server import TritonServer, free_ports
+from revpers_client import RevpersClient
 
 
 def main(argv=None) -> int:

@@ -33,8 +33,9 @@ def coerce_number(name: str, raw, kind: type) -> int | float:
         raise ParameterError(f"{name} must be {what}, got {raw!r}")
     try:
         value = kind(raw) if not isinstance(raw, str) else kind(float(raw) if kind is float else int(raw))
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be {what}, got {raw!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        shown = raw if len(repr(raw)) <= 40 else f"{repr(raw)[:37]}..."
+        raise ParameterError(f"{name} must be {what} in range, got {shown}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ParameterError(f"{name} must be finite, got {raw!r}")
     return value

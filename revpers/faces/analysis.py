@@ -1,63 +1,9 @@
 """Face detection, 5-point landmarks and ArcFace identity embeddings behind one interface.
 
-Two backends, chosen by the ``faces`` section of the model bundle's manifest.json (paths are
-relative to the bundle root):
-
-``{"detector": "insightface", "pack": "face_models/buffalo_l", "recognizer": "face_models/buffalo_l/w600k_r50.onnx"}``
-    Production, what the paper's code uses: insightface's SCRFD runner on the pack's
-    ``det_10g.onnx`` (detection threshold 0.1, det size 640) and its ArcFaceONNX runner on the
-    recognizer, CPU execution provider. The pack must be a local directory: nothing is ever
-    downloaded (insightface's own ``FaceAnalysis`` would fetch a missing pack at run time).
-
-``{"detector": "dlib", "recognizer": "face_models/smoke_arcface.onnx"}``
-    The offline default: everything installs from PyPI and nothing is downloaded at run time.
-    dlib's HOG frontal face detector (wheel ``dlib-bin``) finds the faces, dlib's 68-point shape
-    predictor (``shape_predictor_68_face_landmarks.dat`` from the ``face-recognition-models``
-    package) places landmarks, which are reduced to insightface's 5 points (eye centres = mean of
-    each eye's six contour points, nose tip = point 30, mouth corners = points 48 and 54). The
-    recognizer is any ArcFace-contract ONNX file run through insightface's ``ArcFaceONNX``.
-
-Why dlib is the offline default (alternatives checked on this project's machines):
-
-* mediapipe 0.10.21 is fast (2-5 ms) but its metadata pins numpy < 2 and pulls jax, and later
-  releases ship no models inside the wheel;
-* facenet-pytorch 2.6.0 (MTCNN, 5 landmarks) pins torch < 2.3 and needs torchvision, which does
-  not import beside the torch build used here;
-* OpenCV's Haar cascades give boxes only, no landmarks, so no similarity alignment
-  (and opencv 5.0 ships an empty ``cv2.data``);
-* dlib-bin + face-recognition-models are plain wheels/sdists with the model files inside,
-  give 68 landmarks (hence the 5 ArcFace points) and work with numpy 1 and 2.
-
-dlib detector details (options in the spec, all optional):
-
-* ``upsample`` (default 1): HOG's smallest face is about 80 px; each 2x upsampling halves it. Large
-  faces are taken from the pass on the image as it is, and the upsampled pass only adds faces
-  smaller than 80 px that the first pass could not see, so upsampling interpolation does not add
-  false positives at large scales (on ``skimage.data.astronaut()`` a plain upsampled pass also
-  "finds" the mission patch on her suit).
-* ``max_pixels`` (default 24e6): upsampling is reduced so the upsampled image stays below this,
-  i.e. photos above 6 MP get no upsampled pass and faces under ~80 px there are missed; raise it
-  (cost grows with the pixel count, about 0.4 s per original megapixel) or downscale less.
-* ``rotations`` (default (-30, 30)): extra passes on the image rotated by these angles (degrees,
-  canvas expanded, no upsampling) catch heads tilted beyond the roll the frontal HOG model
-  tolerates: on t1.jpg turned by 30 degrees the upright passes find 3 of the 6 faces, with the
-  rotated passes all 6 (and 6/6 from -40 to +30 degrees, 5/6 at +40). Landmarks of any face tilted
-  more than 8 degrees are predicted again on a levelled patch and mapped back (the 68-point
-  predictor is trained on upright faces too).
-* ``min_score`` (default 0.0): dlib's SVM score threshold. ``Face.score`` is this raw SVM margin
-  for the dlib backend, not a probability; ``det_thresh`` only applies to SCRFD.
-* Aligned crops (``identity_from_crop``) are searched once, upright, at 320 px (``detect_in_crop``).
-
-Measured detect() times on the 2-core development machine (best of 3, dlib-bin 20.0.1):
-
-=====================  ===================  ======================  =====================
-image                  upright pass only    + x2 upsampled pass     default (+ rotations)
-=====================  ===================  ======================  =====================
-astronaut 512x512      26 ms                119 ms                  227 ms   (1 face)
-t1.jpg 1280x886        121 ms               511 ms                  929 ms   (6/6 faces)
-=====================  ===================  ======================  =====================
-
-``detect_in_crop`` on a 1024 px aligned crop: 15 ms. Loading the 68-point model: about 2 s once.
+Two backends, chosen by the ``faces`` section of the bundle manifest: ``insightface`` (SCRFD +
+ArcFace from a local model pack; production) and ``dlib`` (HOG + 68-point landmarks, all from PyPI;
+the offline default). Their options, why dlib is the offline default, and measured times are in
+docs/faces.md.
 """
 
 from __future__ import annotations

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from revpers_client.protocol import ImageVerdict
 
 from revpers import __version__
 from revpers.core.record import Record, plain
 from revpers.gate.policy import ROUND
+from revpers_client.protocol import ImageVerdict
 
 AUDIT_FORMAT = "revpers-audit"
 AUDIT_VERSION = 1
-FACE_KEYS = ("index", "box", "action", "reason", "identity_source", "verdict", "seed_used", "attempts", "verification")
+FACE_KEYS = ("index", "box", "action", "reason", "identity_source", "verdict", "seed_used", "attempts",
+             "fallback_checks", "verification")
 
 
 @dataclass(eq=False)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from revpers_client.protocol import FaceVerdict, ImageVerdict
 
 from revpers.faces.blend import OBSCURE_MODES
 from revpers.gate.policy import (
@@ -23,6 +22,7 @@ from revpers.gate.policy import (
     VerifyPolicy,
 )
 from revpers.gate.recognizers import Embedded, Verifier, aligned_matrix
+from revpers_client.protocol import FaceVerdict, ImageVerdict
 
 
 class GateSession:
@@ -74,10 +74,11 @@ class GateOutcome:
     image: object  # what render() returned last; the caller withholds every image that holds a rejected id
     attempts: dict  # id -> list of attempt records
     final: dict  # id -> FaceCheck of the released pixels (empty when verification is off)
-    fallback: dict  # id -> "blur" | "pixelate" for faces that fell back
+    fallback: dict  # id -> "blur" | "pixelate" | "fill" for faces that fell back (the last rung tried)
     rejected: list  # ids that failed every attempt under fallback "reject"
     failed: list  # ids whose final pixels still match
     generator_batches: list  # faces per generator call
+    escalation: dict = field(default_factory=dict)  # id -> the check after each fallback rung, in order
 
 
 def run_gate(ids: list, generate: Callable, render: Callable, session: GateSession | None,
@@ -93,9 +94,27 @@ def run_gate(ids: list, generate: Callable, render: Callable, session: GateSessi
     only the images holding a rejected or failed id are withheld, by the caller.
     """
     outputs = outputs or (lambda out, i: out)
+    verify = policy.verify and session is not None
+    image, attempts, batches, pending = _generate_and_check(ids, generate, render, session, policy, verify, outputs)
+    fallback, rejected, escalation = {}, [], {}
+    if pending:  # verification on, every attempt failed
+        if policy.fallback == "reject":
+            rejected = list(pending)
+        else:
+            image = _escalate(pending, render, session, policy.fallback, verify, outputs, fallback, escalation)
+    final, failed = {}, []
+    if verify and ids:  # the pixels to release; a rejected face's last attempt stands in its attempts
+        final = session.check(lambda i: outputs(image, i), [i for i in ids if i not in rejected])
+        failed = [i for i in ids if i in final and not final[i].passed]
+    return GateOutcome(image, attempts, final, fallback, rejected, failed, batches, escalation)
+
+
+def _generate_and_check(ids, generate, render, session, policy, verify, outputs):
+    """Attempt 0 for every face, then one retry batch per attempt for the faces still matching.
+    Returns the last render, each face's attempt records, the batch sizes, and the faces that
+    failed every attempt."""
     attempts = {i: [] for i in ids}
     batches, pending, image = [], list(ids), None
-    verify = policy.verify and session is not None
     for a in range(policy.attempts if verify else 1):
         if not pending:
             break
@@ -105,35 +124,31 @@ def run_gate(ids: list, generate: Callable, render: Callable, session: GateSessi
         if not verify:
             for i in pending:
                 attempts[i].append({"attempt": a, **meta[i]})
-            pending = []
-            break
+            return image, attempts, batches, []
         checks = session.check(lambda i: outputs(image, i), pending)
         for i in pending:
             attempts[i].append({"attempt": a, **meta[i], **checks[i].as_dict()})
         pending = [i for i in pending if not checks[i].passed]
-    if image is None:
-        image = render({})
-    fallback, rejected = {}, []
-    if pending:  # verification on, every attempt failed
-        if policy.fallback == "reject":
-            rejected = list(pending)
-        else:  # escalate: each rung re-checked; only the faces that still match go to the next one
-            for mode in OBSCURE_MODES[OBSCURE_MODES.index(policy.fallback):]:
-                fallback.update({i: mode for i in pending})
-                image = render(fallback)
-                if not verify:
-                    break
-                checks = session.check(lambda i: outputs(image, i), pending)
-                for i in pending:
-                    attempts[i].append({"fallback": mode, **checks[i].as_dict()})
-                pending = [i for i in pending if not checks[i].passed]
-                if not pending:
-                    break
-    final, failed = {}, []
-    if verify and ids:  # the pixels to release; a rejected face's last attempt stands in its attempts
-        final = session.check(lambda i: outputs(image, i), [i for i in ids if i not in rejected])
-        failed = [i for i in ids if i in final and not final[i].passed]
-    return GateOutcome(image, attempts, final, fallback, rejected, failed, batches)
+    return (image if image is not None else render({})), attempts, batches, pending
+
+
+def _escalate(pending, render, session, first: str, verify, outputs, fallback: dict, escalation: dict):
+    """Obscure the failing faces with ``first``, then, while a face still matches, with the next
+    stronger mode; each rung is re-checked and recorded. Fills ``fallback`` (id -> last mode) and
+    ``escalation`` (id -> checks); returns the last render."""
+    image = None
+    for mode in OBSCURE_MODES[OBSCURE_MODES.index(first):]:
+        fallback.update({i: mode for i in pending})
+        image = render(fallback)
+        if not verify:
+            break
+        checks = session.check(lambda i: outputs(image, i), pending)
+        for i in pending:
+            escalation.setdefault(i, []).append({"fallback": mode, **checks[i].as_dict()})
+        pending = [i for i in pending if not checks[i].passed]
+        if not pending:
+            break
+    return image
 
 
 def face_verdict(i, outcome: GateOutcome, policy: VerifyPolicy) -> FaceVerdict:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from revpers_client.protocol import MAX_GATE_RETRIES, FaceVerdict, ImageVerdict
-
 from revpers.core.params import ParameterError, Params, coerce_number, given_values
+from revpers_client.protocol import MAX_GATE_RETRIES, FaceVerdict, ImageVerdict
 
 VERIFY_SIZE = 320  # side of the whole-face crop both recognizers read (eye distance 80 px)
 DLIB_THRESHOLD = 0.6  # Euclidean distance; dlib's documented operating point (99.38 % on LFW)

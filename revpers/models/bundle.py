@@ -98,16 +98,11 @@ def write_manifest(root: Path, *, native_size: int, embedding_dim: int, smoke: b
     return path
 
 
-def load_bundle(root: str | Path) -> Bundle:
-    """Read and check a bundle folder; every problem found is named in one error."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise BundleError(f"model bundle {root} does not exist (make one with `revpers smoke-model {root}` "
-                          "or see README 'Model bundle' for real weights)")
-    mpath = root / MANIFEST
+def read_manifest(mpath: Path) -> tuple[bytes, dict]:
+    """The manifest's bytes (the audit hashes exactly these) and its checked JSON object."""
     if not mpath.is_file():
-        raise BundleError(f"{root} is not a model bundle: {MANIFEST} is missing")
-    raw = mpath.read_bytes()  # parsed and hashed once: the audit names exactly this manifest
+        raise BundleError(f"{mpath.parent} is not a model bundle: {MANIFEST} is missing")
+    raw = mpath.read_bytes()
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -119,6 +114,17 @@ def load_bundle(root: str | Path) -> Bundle:
     missing_keys = [k for k in ("native_size", "embedding_dim", "sdxl", "ip_adapter", "faces") if k not in manifest]
     if missing_keys:
         raise BundleError(f"{mpath}: missing keys {missing_keys}")
+    return raw, manifest
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and check a bundle folder; every problem found is named in one error."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise BundleError(f"model bundle {root} does not exist (make one with `revpers smoke-model {root}` "
+                          "or see README 'Model bundle' for real weights)")
+    mpath = root / MANIFEST
+    raw, manifest = read_manifest(mpath)
     bundle = Bundle(root, manifest, hashlib.sha256(raw).hexdigest())
     problems = [f"sdxl/{rel}" for rel in REQUIRED_SDXL if not (bundle.sdxl_dir / rel).is_file()]
     if not bundle.ip_adapter_file.is_file():

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from revpers_client.protocol import ImageVerdict
 
 from revpers import __version__
 from revpers.core.errors import LimitError
@@ -25,6 +24,7 @@ from revpers.gate.recognizers import SMOKE_ARCFACE_NOTE, aligned_matrix, verifie
 from revpers.models.bundle import Bundle, load_bundle
 from revpers.models.torch_models import TorchModels
 from revpers.service.records import FaceReport, ImageReport
+from revpers_client.protocol import ImageVerdict
 
 SMOKE_WARNING = ("SMOKE WEIGHTS: this output was made with a smoke bundle (tiny random models); "
                  "it is noise, not an anonymized face")
@@ -70,6 +70,27 @@ class _TimedAnalyzer:
 class AnonymizeResult:
     image: np.ndarray | None  # None when the verification gate rejected the image (report.verdict)
     report: ImageReport
+
+
+def _photo_face(face: dict, outcome, verify) -> FaceReport:
+    """A photo's face report from its plan entry (``action`` still the decided one) and the gate's outcome."""
+    face = dict(face)
+    i, decided = face["index"], face["action"]
+    if decided != "anonymize":
+        return FaceReport.from_dict({**face, "action": DONE[decided],
+                                     "verdict": LEFT if decided == "leave" else NOT_GENERATED})
+    attempts = outcome.attempts[i]
+    face["action"] = DONE[decided]
+    if i in outcome.rejected:
+        face["action"] = "rejected"
+    elif i in outcome.fallback:
+        face["action"] = DONE[outcome.fallback[i]]
+        face["reason"] = f"still matched its input after {len(attempts)} attempt(s); fallback {outcome.fallback[i]}"
+    face.update(verdict=face_verdict(i, outcome, verify), attempts=attempts,
+                seed_used=attempts[-1]["seed"] if face["action"] == "anonymized" else None,
+                verification=outcome.final[i].as_dict() if i in outcome.final else None,
+                fallback_checks=outcome.escalation.get(i))
+    return FaceReport.from_dict(face)
 
 
 class Anonymizer:
@@ -148,17 +169,8 @@ class Anonymizer:
         if reconstruct:  # the fidelity check regenerates the input on purpose: nothing to gate
             verify = VerifyPolicy(verify=False)
         timings = Timings()
-        t0 = time.perf_counter()
         n = self.bundle.native_size
-        crops = [resize_rgb(img, (n, n)) for img in images]
-        timings.add("resize", time.perf_counter() - t0)
-        if identities is None:
-            t1 = time.perf_counter()
-            identities, sources = self.identity_of_crops(crops)
-            timings.add("identity_embed", time.perf_counter() - t1)
-        else:
-            sources = ["given"] * len(crops)
-        identities = np.asarray(identities, dtype=np.float32).reshape(len(crops), -1)
+        crops, identities, sources = self._aligned_inputs(images, identities, timings)
         generated: dict[int, np.ndarray] = {}
 
         def generate(ids, attempt):
@@ -200,7 +212,8 @@ class Anonymizer:
             face = FaceReport(index=0, box=[0.0, 0.0, float(img.shape[1]), float(img.shape[0])], action=action,
                               identity_source=sources[i], verdict=verdict,
                               seed_used=attempts[-1]["seed"] if action == "anonymized" else None, attempts=attempts,
-                              verification=outcome.final[i].as_dict() if i in outcome.final else None)
+                              verification=outcome.final[i].as_dict() if i in outcome.final else None,
+                              fallback_checks=outcome.escalation.get(i))
             image_v = image_verdict([verdict], verify.verify)
             final = None if image_v == ImageVerdict.REJECTED else outcome.image[i]  # withheld per image
             audit = build_audit(mode="aligned", bundle=self.bundle, params=params.as_dict(), face_policy=None,
@@ -216,6 +229,20 @@ class Anonymizer:
                 rejected_reason=rejection_reason([face]) if image_v == ImageVerdict.REJECTED else None, audit=audit)
             results.append(AnonymizeResult(final, report))
         return results
+
+    def _aligned_inputs(self, images: list[np.ndarray], identities, timings: Timings):
+        """Crops at the generator's size, their identities (computed unless given) and each one's source."""
+        t0 = time.perf_counter()
+        n = self.bundle.native_size
+        crops = [resize_rgb(img, (n, n)) for img in images]
+        timings.add("resize", time.perf_counter() - t0)
+        if identities is None:
+            t1 = time.perf_counter()
+            identities, sources = self.identity_of_crops(crops)
+            timings.add("identity_embed", time.perf_counter() - t1)
+        else:
+            sources = ["given"] * len(crops)
+        return crops, np.asarray(identities, dtype=np.float32).reshape(len(crops), -1), sources
 
     # ------------------------------------------------------------------ ordinary photos
     def anonymize_photo(self, rgb: np.ndarray, params: Params = Params(), policy=None, verify=None,
@@ -256,27 +283,7 @@ class Anonymizer:
             timings.add("verify", session.seconds)
         timings.add("align_paste", total - sum(timings.stages.values()))
 
-        faces = plan.reports
-        for face in faces:
-            i, decided = face["index"], face["action"]
-            if decided != "anonymize":
-                face["action"] = DONE[decided]
-                face["verdict"] = LEFT if decided == "leave" else NOT_GENERATED
-                continue
-            attempts = outcome.attempts[i]
-            if i in outcome.rejected:
-                face["action"] = "rejected"
-            elif i in outcome.fallback:
-                face["action"] = DONE[outcome.fallback[i]]
-                face["reason"] = (f"still matched its input after {len(attempts)} attempt(s); "
-                                  f"fallback {outcome.fallback[i]}")
-            else:
-                face["action"] = DONE[decided]
-            face["verdict"] = face_verdict(i, outcome, verify)
-            face["seed_used"] = attempts[-1]["seed"] if face["action"] == "anonymized" else None
-            face["attempts"] = attempts
-            if i in outcome.final:
-                face["verification"] = outcome.final[i].as_dict()
+        faces = [_photo_face(face, outcome, verify) for face in plan.reports]
         verdict = image_verdict([f["verdict"] for f in faces], verify.verify)
         image = None if verdict == ImageVerdict.REJECTED else outcome.image
         audit = build_audit(mode="photo", bundle=self.bundle, params=params.as_dict(), face_policy=policy.as_dict(),
@@ -284,7 +291,7 @@ class Anonymizer:
                             verdict=verdict, input_rgb=np.asarray(rgb), output_rgb=image, runtime=self._runtime())
         report = ImageReport(
             **self._base_report(params, "photo"), input_size=[int(rgb.shape[1]), int(rgb.shape[0])],
-            generator_size=n, faces=[FaceReport.from_dict(f) for f in faces], faces_found=len(faces),
+            generator_size=n, faces=faces, faces_found=len(faces),
             generator_batches=outcome.generator_batches, policy=policy.as_dict(), verdict=verdict,
             verification=self._verification_block(verify, session), timings_ms=timings.as_ms(),
             total_ms=round(total * 1e3, 3), note="no face found" if not faces else None,

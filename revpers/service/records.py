@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from revpers_client.protocol import REPORT_FORMAT, REPORT_VERSION, FaceVerdict, ImageVerdict
-
 from revpers.core.record import Record, checked_fields
 from revpers.gate.audit import AuditRecord, BundleRef
+from revpers_client.protocol import REPORT_FORMAT, REPORT_VERSION, FaceVerdict, ImageVerdict
 
 
 @dataclass(eq=False)
@@ -25,7 +24,7 @@ class FaceReport(Record):
     """One face of an image: where it was, what was done to it and what the gate measured."""
 
     OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"score", "landmarks", "crop_size", "scale", "matrix", "reason",
-                                                      "verification"})
+                                                      "verification", "fallback_checks"})
 
     index: int
     box: list[float]
@@ -34,7 +33,8 @@ class FaceReport(Record):
     identity_source: str | None = None
     seed_used: int | None = None
     attempts: list[dict] = field(default_factory=list)  # {"seed", "guidance", ...} per generator attempt
-    verification: dict | None = None  # the gate's last measurement (recognizer similarities)
+    verification: dict | None = None  # the gate's measurement of the released pixels (recognizer similarities)
+    fallback_checks: list[dict] | None = None  # the gate's check after each fallback rung (blur, pixelate, fill)
     reason: str | None = None
     score: float | None = None
     landmarks: list[list[float]] | None = None
@@ -63,7 +63,7 @@ class ImageReport(Record):
     input_size: list[int]
     generator_size: int
     faces: list[FaceReport]
-    generator_batches: int
+    generator_batches: list[int]  # faces per generator call, one entry per gate attempt
     verdict: ImageVerdict
     verification: dict
     timings_ms: dict[str, float]

@@ -11,6 +11,14 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 
+from revpers.core.errors import LimitError, ParameterError
+from revpers.core.params import Params, coerce_number
+from revpers.faces.photo import FacePolicy
+from revpers.gate.audit import add_byte_hashes, bytes_sha256
+from revpers.gate.policy import MAX_RETRIES, VerifyPolicy
+from revpers.service.anonymizer import Anonymizer
+from revpers.service.images import decode_image, encode_image
+from revpers.service.records import ImageReport
 from revpers_client.protocol import (
     FACE_KEYS,
     GATE_KEYS,
@@ -22,15 +30,6 @@ from revpers_client.protocol import (
     ImageVerdict,
     OnNoFace,
 )
-
-from revpers.core.errors import LimitError, ParameterError
-from revpers.core.params import Params, coerce_number
-from revpers.faces.photo import FacePolicy
-from revpers.gate.audit import add_byte_hashes, bytes_sha256
-from revpers.gate.policy import MAX_RETRIES, VerifyPolicy
-from revpers.service.anonymizer import Anonymizer
-from revpers.service.images import decode_image, encode_image
-from revpers.service.records import ImageReport
 
 MODES = ("photo", "aligned")
 MAX_JSON_DEPTH = 4  # PARAMS is a flat object; anything nested deeper is refused before parsing
@@ -78,29 +77,8 @@ class RequestOptions:
         unknown = set(values) - known
         if unknown:
             raise ParameterError(f"unknown parameter(s): {', '.join(sorted(map(str, unknown)))}")
-        fmt = str(values.get("format") or "png").lower()
-        fmt = "jpeg" if fmt == "jpg" else fmt
-        if fmt not in OUTPUT_FORMATS:
-            raise ParameterError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {values.get('format')!r}")
-        quality = values.get("quality")
-        quality = 95 if quality is None else coerce_number("quality", quality, int)
-        if not 1 <= quality <= 100:
-            raise ParameterError(f"quality must be in [1, 100], got {quality}")
-        try:
-            on_no_face = OnNoFace(values.get("on_no_face") or OnNoFace.REVIEW.value)
-        except ValueError:
-            raise ParameterError(f"on_no_face must be one of {', '.join(v.value for v in OnNoFace)}, "
-                                 f"got {values.get('on_no_face')!r}") from None
-        min_face = values.get("min_face")
-        if min_face is not None:
-            min_face = coerce_number("min_face", min_face, float)
-            if not 1.0 <= min_face <= 10_000.0:
-                raise ParameterError(f"min_face must be in [1, 10000] px, got {min_face}")
-        det_thresh = values.get("det_thresh")
-        if det_thresh is not None:
-            det_thresh = coerce_number("det_thresh", det_thresh, float)
-            if not 0.0 <= det_thresh <= 1.0:
-                raise ParameterError(f"det_thresh must be in [0, 1], got {det_thresh}")
+        fmt, quality = _output_options(values)
+        on_no_face, min_face, det_thresh = _face_options(values)
         return cls(params=Params.from_mapping({k: values[k] for k in METHOD_KEYS if k in values}),
                    verify=VerifyPolicy.from_mapping({k: values[k] for k in GATE_KEYS if k in values}),
                    mode=mode, format=fmt, quality=quality, on_no_face=on_no_face, min_face=min_face,
@@ -108,6 +86,35 @@ class RequestOptions:
 
     def face_policy(self) -> FacePolicy:
         return FacePolicy(min_face_px=self.min_face) if self.min_face is not None else FacePolicy()
+
+
+def _output_options(values: dict) -> tuple[str, int]:
+    fmt = str(values.get("format") or "png").lower()
+    fmt = "jpeg" if fmt == "jpg" else fmt
+    if fmt not in OUTPUT_FORMATS:
+        raise ParameterError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {values.get('format')!r}")
+    quality = values.get("quality")
+    quality = 95 if quality is None else coerce_number("quality", quality, int)
+    if not 1 <= quality <= 100:
+        raise ParameterError(f"quality must be in [1, 100], got {quality}")
+    return fmt, quality
+
+
+def _face_options(values: dict) -> tuple[OnNoFace, float | None, float | None]:
+    try:
+        on_no_face = OnNoFace(values.get("on_no_face") or OnNoFace.REVIEW.value)
+    except ValueError:
+        raise ParameterError(f"on_no_face must be one of {', '.join(v.value for v in OnNoFace)}, "
+                             f"got {values.get('on_no_face')!r}") from None
+    bounded = {}
+    for key, (lo, hi, unit) in {"min_face": (1.0, 10_000.0, " px"), "det_thresh": (0.0, 1.0, "")}.items():
+        value = values.get(key)
+        if value is not None:
+            value = coerce_number(key, value, float)
+            if not lo <= value <= hi:
+                raise ParameterError(f"{key} must be in [{lo:g}, {hi:g}]{unit}, got {value}")
+        bounded[key] = value
+    return on_no_face, bounded["min_face"], bounded["det_thresh"]
 
 
 def parse_params(raw: bytes | str | None) -> dict:

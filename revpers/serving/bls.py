@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from revpers_client.protocol import INPUT_IMAGE, INPUT_PARAMS, OUTPUT_IMAGE, OUTPUT_REPORT
 from torch.utils.dlpack import from_dlpack
 
 from revpers.core.conditioning import TextEmbedding
@@ -39,6 +38,7 @@ from revpers.models.torch_models import TextEncoderCache
 from revpers.service.anonymizer import Anonymizer
 from revpers.service.request import Limits, RequestOptions, anonymize_bytes, parse_params
 from revpers.serving.components import synchronize, use_device
+from revpers_client.protocol import INPUT_IMAGE, INPUT_PARAMS, OUTPUT_IMAGE, OUTPUT_REPORT
 
 LOG = logging.getLogger("revpers.serving")
 

@@ -39,30 +39,7 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     out = Path(out).resolve()
-    if backend == "pytorch" and artifacts is None:
-        if bundle is None:
-            raise ValueError("the pytorch target needs the bundle (--models)")
-
-        bundle_path = Path(bundle).resolve()
-        loaded_bundle = load_bundle(bundle_path)
-        inversion_batch = inversion_batch or 10
-        specs = {s.name: s for s in specs_from_bundle(loaded_bundle, inversion_batch)}
-        record = None
-    else:
-        if artifacts is None:
-            raise ValueError(f"the {backend} target needs exported artifacts (--artifacts)")
-        artifacts = Path(artifacts).resolve()
-        record = load_artifacts(artifacts)
-        specs = {name: ComponentSpec.from_dict(c["spec"]) for name, c in record["components"].items()}
-        if "inversion_batch" not in record:
-            raise ValueError(f"{artifacts} was exported by an older revpers (its record has no inversion_batch); "
-                             "export it again with `revpers export`")
-        exported = int(record["inversion_batch"])
-        if inversion_batch not in (None, exported):
-            raise ValueError(f"inversion batch {inversion_batch} differs from the exported one ({exported}); "
-                             f"re-export with --inversion-batch {inversion_batch} or leave it out here")
-        inversion_batch = exported
-        bundle_path = Path(bundle).resolve() if bundle else Path(record["bundle"]["path"])
+    specs, record, bundle_path, inversion_batch = _components(artifacts, backend, bundle, inversion_batch)
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
@@ -70,25 +47,7 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
     out.mkdir(parents=True, exist_ok=True)
     gpu = backend == "tensorrt" if gpu is None else (gpu or backend == "tensorrt")
     for name, spec in specs.items():
-        version = out / name / "1"
-        version.mkdir(parents=True)
-        params = None
-        if backend == "tensorrt":
-            engine = (record.get("engines") or {}).get(name)
-            if not engine:
-                raise FileNotFoundError(f"no TensorRT engine for {name} in {artifacts}; "
-                                        "run `revpers export --tensorrt` on the GPU machine that will serve it")
-            _link_or_copy(artifacts / engine, version / "model.plan")
-        elif backend == "pytorch" and name != "arcface":
-            params = {"runtime": "pytorch", "bundle": str(bundle_path), "torch_compile": "yes" if torch_compile else "no"}
-            _copy_template("_python_component", version)
-        else:  # onnxruntime components, and ArcFace (an ONNX file in every bundle) for the pytorch target
-            params = {"runtime": "onnxruntime"}
-            if record is not None:
-                _link_onnx(artifacts / record["components"][name]["onnx"], version / "model.onnx")
-            else:
-                copy_recognizer(loaded_bundle, version / "model.onnx")
-            _copy_template("_python_component", version)
+        params = _component_files(name, backend, out / name / "1", artifacts, record, bundle_path, torch_compile)
         if params is not None and gpu:  # Python-backend components take their inputs where the BLS has them
             params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
         (out / name / "config.pbtxt").write_text(component_config(spec, backend, instances=component_instances, gpu=gpu,
@@ -99,6 +58,53 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
                                                               threads=bls_threads,
                                                               max_batch={n: s.max_batch for n, s in specs.items()}))
     return out
+
+
+def _components(artifacts, backend: str, bundle, inversion_batch):
+    """The component specs, the artifact record (None for the pytorch target without artifacts),
+    the bundle path the server will read, and the inversion batch."""
+    if backend == "pytorch" and artifacts is None:
+        if bundle is None:
+            raise ValueError("the pytorch target needs the bundle (--models)")
+        bundle_path = Path(bundle).resolve()
+        inversion_batch = inversion_batch or 10
+        return ({s.name: s for s in specs_from_bundle(load_bundle(bundle_path), inversion_batch)}, None, bundle_path,
+                inversion_batch)
+    if artifacts is None:
+        raise ValueError(f"the {backend} target needs exported artifacts (--artifacts)")
+    record = load_artifacts(Path(artifacts).resolve())
+    if "inversion_batch" not in record or "bundle_path" not in record:
+        raise ValueError(f"{artifacts} was exported by an older revpers (its record lacks the inversion batch or "
+                         "the bundle path); export it again with `revpers export`")
+    exported = int(record["inversion_batch"])
+    if inversion_batch not in (None, exported):
+        raise ValueError(f"inversion batch {inversion_batch} differs from the exported one ({exported}); "
+                         f"re-export with --inversion-batch {inversion_batch} or leave it out here")
+    specs = {name: ComponentSpec.from_dict(c["spec"]) for name, c in record["components"].items()}
+    return specs, record, Path(bundle).resolve() if bundle else Path(record["bundle_path"]), exported
+
+
+def _component_files(name: str, backend: str, version: Path, artifacts, record, bundle_path: Path,
+                     torch_compile: bool) -> dict | None:
+    """Write one component's version folder; returns its config parameters (None for an engine)."""
+    version.mkdir(parents=True)
+    if backend == "tensorrt":
+        engine = (record.get("engines") or {}).get(name)
+        if not engine:
+            raise FileNotFoundError(f"no TensorRT engine for {name} in {artifacts}; "
+                                    "run `revpers export --tensorrt` on the GPU machine that will serve it")
+        _link_or_copy(Path(artifacts).resolve() / engine, version / "model.plan")
+        return None
+    if backend == "pytorch" and name != "arcface":
+        _copy_template("_python_component", version)
+        return {"runtime": "pytorch", "bundle": str(bundle_path), "torch_compile": "yes" if torch_compile else "no"}
+    # onnxruntime components, and ArcFace (an ONNX file in every bundle) for the pytorch target
+    if record is not None:
+        _link_onnx(Path(artifacts).resolve() / record["components"][name]["onnx"], version / "model.onnx")
+    else:
+        copy_recognizer(load_bundle(bundle_path), version / "model.onnx")
+    _copy_template("_python_component", version)
+    return {"runtime": "onnxruntime"}
 
 
 def _link_onnx(src: Path, dst: Path) -> None:
