@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from revpers.cli.options import params_from_args, verify_policy_from_args
+from revpers.cli.review import write_review
 from revpers.core.errors import InputError
 from revpers.export.onnx_export import export_bundle
 from revpers.gate.loop import verify_pair
@@ -151,4 +152,10 @@ def cmd_repository(args) -> int:
                            args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
                            torch_compile=args.torch_compile, component_instances=args.component_instances)
     print(f"model repository ({args.backend}) in {out}; start it with: revpers serve --repository {out}")
+    return 0
+
+
+def cmd_review(args) -> int:
+    index = write_review(args.run_dir, args.inputs)
+    print(f"review of {args.run_dir}: {index}")
     return 0

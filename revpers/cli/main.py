@@ -5,22 +5,56 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-from revpers.cli.commands import cmd_anonymize, cmd_export, cmd_reconstruct, cmd_repository, cmd_smoke_model, cmd_verify
+from revpers import __version__
+from revpers.cli.commands import (
+    cmd_anonymize,
+    cmd_export,
+    cmd_reconstruct,
+    cmd_repository,
+    cmd_review,
+    cmd_smoke_model,
+    cmd_verify,
+)
 from revpers.cli.logs import quiet_libraries
 from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
-from revpers.core.params import ParameterError
-from revpers.faces.analysis import FaceModelError
-from revpers.models.bundle import BundleError
+from revpers.core.errors import RevpersError
 from revpers.triton_server import add_serve_arguments, run_serve
+
+# exit status by error kind (revpers.core.errors); an image-level outcome gives 0 or 1 instead
+EXIT_CODES = {"input": 2, "parameter": 2, "limit": 2, "bundle": 2, "face_model": 2, "cancelled": 130,
+              "dependency": 2, "internal": 1}
+EXIT_INTERRUPTED = 130
+
+
+class _Subparsers:
+    """Every subcommand also takes -v/-q (so they work before or after the subcommand's name)."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        p = self.action.add_parser(name, **kwargs)
+        if name != "serve":  # serve has its own --quiet (do not stream the server log)
+            add_verbosity_arguments(p, argparse.SUPPRESS)
+        return p
+
+
+def add_verbosity_arguments(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log library messages too")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="print only errors and the summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revpers", description=__doc__.split(":")[0] + ": face anonymization "
-                                     "by reverse personalization (SDXL + IP-Adapter FaceID).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages too")
-    sub = parser.add_subparsers(dest="command", required=True)
+                                     "by reverse personalization (SDXL + IP-Adapter FaceID).",
+                                     epilog="Exit status: 0 every image released as passed; 1 some image failed, was "
+                                     "rejected or needs review; 2 usage, input or bundle error; 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"revpers {__version__}")
+    add_verbosity_arguments(parser)
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True))
 
     p = sub.add_parser("smoke-model", help="write a smoke bundle (random models of the real architectures)",
                        description="Write a bundle of randomly initialised models of the real architectures. "
@@ -103,11 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "otherwise the exported value is used (a different one is refused)")
     p.add_argument("--force", action="store_true")
 
-    try:
-        p = sub.add_parser("serve", help="start the pip-installed Triton server on a model repository")
-        add_serve_arguments(p)
-    except ImportError:
-        pass
+    p = sub.add_parser("review", help="contact sheets and per-face overlays of a run folder (index.html)",
+                       description="Pictures of a run of `revpers anonymize` or `revpers-client anonymize`: "
+                       "contact sheets (input | output, worst first), per-face overlays (box, index, verdict, "
+                       "similarities) and an index.html, written into RUN_DIR/review/.")
+    p.add_argument("run_dir", type=Path, help="the -o folder of a run")
+    p.add_argument("--inputs", type=Path, default=None,
+                   help="the input folder of the run, when its manifest does not record where inputs were")
+
+    p = sub.add_parser("serve", help="start the pip-installed Triton server on a model repository")
+    add_serve_arguments(p)
     return parser
 
 
@@ -117,20 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         quiet_libraries()
-
     handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
-                "reconstruct": cmd_reconstruct,
-                "export": cmd_export, "repository": cmd_repository}
-    if args.command == "serve":
-        handlers["serve"] = run_serve
+                "reconstruct": cmd_reconstruct, "export": cmd_export, "repository": cmd_repository,
+                "serve": run_serve, "review": cmd_review}
     try:
         return handlers[args.command](args)
-    except (BundleError, ParameterError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FaceModelError as exc:  # a broken bundle, not a verdict: exit 1 means "a face still matches"
-        print(f"error: face models: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (RevpersError, OSError) as exc:
+        kind = exc.kind if isinstance(exc, RevpersError) else "input"
+        print(f"error: {'face models: ' if kind == 'face_model' else ''}{exc}", file=sys.stderr)
+        return EXIT_CODES[kind]
+    except Exception as exc:  # a bug: one line, the traceback with -v
+        logging.getLogger("revpers").debug("internal error", exc_info=True)
+        print(f"error: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

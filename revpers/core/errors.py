@@ -52,4 +52,10 @@ class Cancelled(RevpersError):
     kind = "cancelled"
 
 
-KINDS = ("input", "parameter", "limit", "bundle", "face_model", "cancelled", "internal")
+class DependencyError(RevpersError):
+    """An optional dependency a command needs is not installed (TensorRT, ModelOpt, Ray, ...)."""
+
+    kind = "dependency"
+
+
+KINDS = ("input", "parameter", "limit", "bundle", "face_model", "cancelled", "dependency", "internal")

@@ -19,6 +19,7 @@ import torch
 
 from revpers.core.pipeline import run_faces
 from revpers.faces import align_face, identities_of_crops, load_face_analyzer
+from revpers.core.errors import DependencyError, InputError, ParameterError
 
 UNET_FEEDS = ("sample", "timestep", "text", "pooled", "time_ids", "identity", "ip_scale")
 
@@ -50,7 +51,7 @@ def capture_unet_inputs(models, crops: list[np.ndarray], identities: np.ndarray,
     recorder = RecordingDenoiser(models, max_samples)
     run_faces(recorder, crops, identities, params, native_size, inversion_batch=inversion_batch)
     if not recorder.calls:
-        raise ValueError("the pipeline made no UNet call; nothing to calibrate with")
+        raise ParameterError("the pipeline made no UNet call; nothing to calibrate with")
     data = {k: np.concatenate([c[k] for c in recorder.calls], axis=0)[:max_samples] for k in UNET_FEEDS}
     data["timestep"] = data["timestep"].astype(np.int64).reshape(-1)
     data["ip_scale"] = data["ip_scale"].astype(np.float32).reshape(-1)
@@ -62,7 +63,7 @@ def calibration_faces(bundle, images: list[np.ndarray], analyzer=None) -> tuple[
     analyzer = analyzer or load_face_analyzer(bundle.faces, bundle.root)
     crops = [align_face(rgb, face.kps, bundle.native_size)[0] for rgb in images for face in analyzer.detect(rgb)]
     if not crops:
-        raise ValueError("no face found in the calibration images")
+        raise InputError("no face found in the calibration images")
     return crops, identities_of_crops(analyzer, crops)[0]
 
 
@@ -71,7 +72,7 @@ def quantize_unet_fp8(onnx_path: Path, calibration: dict[str, np.ndarray], out_p
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
-        raise RuntimeError("FP8 needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]' "
+        raise DependencyError("FP8 needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]' "
                            "(on the GPU machine that builds the engines)") from exc
     out_path.parent.mkdir(parents=True, exist_ok=True)
     quantize(onnx_path=str(onnx_path), quantize_mode="fp8", calibration_data=calibration,

@@ -23,6 +23,7 @@ from revpers.models.artifacts import (
 from revpers.models.components import ComponentSpec, specs_from_bundle
 from revpers.models.torch_models import TorchModels
 from revpers.service.images import read_image
+from revpers.core.errors import ParameterError
 
 OPSET = 18
 
@@ -67,7 +68,7 @@ def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool =
     runs on the faces of ``calibration_images`` (revpers.export.calibration).
     """
     if fp8 and not tensorrt:
-        raise ValueError("fp8 is a TensorRT engine option: use it with tensorrt=True (--tensorrt --fp8)")
+        raise ParameterError("fp8 is a TensorRT engine option: use it with tensorrt=True (--tensorrt --fp8)")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

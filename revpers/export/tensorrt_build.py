@@ -16,6 +16,7 @@ import numpy as np
 
 from revpers.models.artifacts import onnx_session
 from revpers.models.components import ComponentSpec
+from revpers.core.errors import DependencyError
 
 
 def _require():
@@ -23,7 +24,7 @@ def _require():
         import tensorrt  # noqa: F401
         from polygraphy.backend import trt  # noqa: F401
     except ImportError as exc:
-        raise RuntimeError("TensorRT engine build needs `tensorrt` and `polygraphy` "
+        raise DependencyError("TensorRT engine build needs `tensorrt` and `polygraphy` "
                            "(pip install 'revpers[tensorrt]' on a machine with an NVIDIA GPU)") from exc
 
 

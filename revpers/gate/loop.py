@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from revpers.core.errors import InputError
 from revpers.faces.blend import OBSCURE_MODES
 from revpers.gate.policy import (
     FAILED,
@@ -198,7 +199,7 @@ def verify_pair(verifier: Verifier, original: np.ndarray, anonymized: np.ndarray
     ``aligned``: the whole image is one aligned face (no detection in the original)."""
     original, anonymized = np.asarray(original), np.asarray(anonymized)
     if original.shape != anonymized.shape:
-        raise ValueError(f"the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
+        raise InputError(f"the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
                          f"anonymized {anonymized.shape[1]}x{anonymized.shape[0]}; verify compares a photo "
                          "with its own anonymized output")
     if aligned:

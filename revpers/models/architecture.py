@@ -8,6 +8,8 @@ a given UNet, in the original file's naming, so a smoke file can be written and 
 
 from __future__ import annotations
 
+from revpers.core.errors import BundleError
+
 SDXL_UNET_CONFIG = {
     "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
@@ -61,7 +63,7 @@ def faceid_layout(unet, embed_dim: int = FACEID_EMBED_DIM, num_tokens: int = FAC
     """
     ctx = unet.config.cross_attention_dim
     if isinstance(ctx, (list, tuple)):
-        raise ValueError("per-block cross_attention_dim is not supported by IP-Adapter FaceID")
+        raise BundleError("per-block cross_attention_dim is not supported by IP-Adapter FaceID")
     hidden = hidden_mult * embed_dim
     layout: dict[str, tuple[int, ...]] = {
         "image_proj.proj.0.weight": (hidden, embed_dim), "image_proj.proj.0.bias": (hidden,),
@@ -71,7 +73,7 @@ def faceid_layout(unet, embed_dim: int = FACEID_EMBED_DIM, num_tokens: int = FAC
     for idx, name, attn in attention_layers(unet):
         cross = name.endswith("attn2.processor")
         if cross != (idx % 2 == 1):
-            raise ValueError(f"attention processors do not alternate self/cross at {name}: "
+            raise BundleError(f"attention processors do not alternate self/cross at {name}: "
                              "the FaceID key layout cannot be mapped onto this UNet")
         q_in, q_out = attn.to_q.in_features, attn.to_q.out_features
         k_in = attn.to_k.in_features
@@ -99,6 +101,6 @@ def check_faceid_file(state: dict, unet) -> None:
     bad = [f"{k}: file {flat.get(k)} vs UNet {s}" for k, s in want.items() if flat.get(k) != s]
     extra = [k for k in flat if k not in want]
     if bad or extra:
-        raise ValueError("IP-Adapter FaceID file does not match the UNet: "
+        raise BundleError("IP-Adapter FaceID file does not match the UNet: "
                          + "; ".join((bad + [f"unexpected {k}" for k in extra])[:5])
                          + (f" (and {len(bad) + len(extra) - 5} more)" if len(bad) + len(extra) > 5 else ""))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revpers.core.conditioning import TextEmbedding
+from revpers.core.errors import BundleError
 from revpers.core.schedule import NoiseSchedule
 from revpers.models.architecture import check_faceid_file
 from revpers.models.bundle import Bundle
@@ -91,10 +92,10 @@ def install_tensor_scale(unet) -> ScaleSlot:
     for name, proc in unet.attn_processors.items():
         if isinstance(proc, IPAdapterAttnProcessor2_0):
             if len(proc.to_k_ip) != 1:
-                raise ValueError("exactly one IP-Adapter (FaceID) is supported")
+                raise BundleError("exactly one IP-Adapter (FaceID) is supported")
             procs[name] = TensorScaleIPAttnProcessor(proc.to_k_ip[0], proc.to_v_ip[0], slot)
         elif name.endswith("attn2.processor"):
-            raise ValueError(f"{name} has no IP-Adapter processor: load the FaceID adapter first")
+            raise BundleError(f"{name} has no IP-Adapter processor: load the FaceID adapter first")
         else:
             procs[name] = AttnProcessor2_0()
     unet.set_attn_processor(procs)
@@ -174,7 +175,7 @@ def load_sdxl_faceid(bundle: Bundle, device: str | None = None, unet_dtype: torc
         pipe.fuse_lora(components=["unet"], lora_scale=1.0)
         pipe.unload_lora_weights()
     else:
-        raise RuntimeError("the FaceID LoRA was not loaded (is `peft` installed?); outputs would not match the paper")
+        raise BundleError("the FaceID LoRA was not loaded (is `peft` installed?); outputs would not match the paper")
     slot = install_tensor_scale(pipe.unet)
     pipe.unet.to(device=device, dtype=unet_dtype).eval()
     pipe.vae.to(device=device, dtype=module_dtype("vae_decoder", device)).eval()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from revpers.core.errors import InputError
+from revpers.core.errors import InputError, ParameterError
 
 MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger inputs are refused before decoding
 MIN_SIDE = 16
@@ -93,7 +93,7 @@ def encode_image(rgb: np.ndarray, fmt: str = "PNG", quality: int = 95) -> bytes:
     if fmt == "JPG":
         fmt = "JPEG"
     if fmt not in ("PNG", "JPEG", "WEBP"):
-        raise ValueError(f"unsupported output format {fmt!r}; use PNG, JPEG or WEBP")
+        raise ParameterError(f"unsupported output format {fmt!r}; use PNG, JPEG or WEBP")
     img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
     buf = io.BytesIO()
     kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
@@ -104,5 +104,5 @@ def encode_image(rgb: np.ndarray, fmt: str = "PNG", quality: int = 95) -> bytes:
 def format_for(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"{path}: output extension must be one of {', '.join(sorted(FORMATS))}")
+        raise ParameterError(f"{path}: output extension must be one of {', '.join(sorted(FORMATS))}")
     return FORMATS[suffix]

@@ -44,7 +44,7 @@ LOG = logging.getLogger("revpers.serving")
 
 # gRPC status of a failed request, by the kind of its RevpersError (revpers.core.errors)
 GRPC_STATUS = {"input": "INVALID_ARG", "parameter": "INVALID_ARG", "limit": "INVALID_ARG",
-               "cancelled": "CANCELLED", "bundle": "INTERNAL", "face_model": "INTERNAL", "internal": "INTERNAL"}
+               "cancelled": "CANCELLED", "dependency": "INTERNAL", "bundle": "INTERNAL", "face_model": "INTERNAL", "internal": "INTERNAL"}
 
 
 class TextEncoders:

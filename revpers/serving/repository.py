@@ -20,6 +20,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from revpers.core.errors import ParameterError
 from revpers.models.artifacts import copy_recognizer, external_data_files, load_artifacts
 from revpers.models.bundle import load_bundle
 from revpers.models.components import ComponentSpec, specs_from_bundle
@@ -37,7 +38,7 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
     (the UNet's max batch and TensorRT profile were built for it; a different value is refused);
     the pytorch target without artifacts takes it from here (default 10)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        raise ParameterError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     out = Path(out).resolve()
     specs, record, bundle_path, inversion_batch = _components(artifacts, backend, bundle, inversion_batch)
     if out.exists() and any(out.iterdir()):
@@ -65,20 +66,20 @@ def _components(artifacts, backend: str, bundle, inversion_batch):
     the bundle path the server will read, and the inversion batch."""
     if backend == "pytorch" and artifacts is None:
         if bundle is None:
-            raise ValueError("the pytorch target needs the bundle (--models)")
+            raise ParameterError("the pytorch target needs the bundle (--models)")
         bundle_path = Path(bundle).resolve()
         inversion_batch = inversion_batch or 10
         return ({s.name: s for s in specs_from_bundle(load_bundle(bundle_path), inversion_batch)}, None, bundle_path,
                 inversion_batch)
     if artifacts is None:
-        raise ValueError(f"the {backend} target needs exported artifacts (--artifacts)")
+        raise ParameterError(f"the {backend} target needs exported artifacts (--artifacts)")
     record = load_artifacts(Path(artifacts).resolve())
     if "inversion_batch" not in record or "bundle_path" not in record:
-        raise ValueError(f"{artifacts} was exported by an older revpers (its record lacks the inversion batch or "
+        raise ParameterError(f"{artifacts} was exported by an older revpers (its record lacks the inversion batch or "
                          "the bundle path); export it again with `revpers export`")
     exported = int(record["inversion_batch"])
     if inversion_batch not in (None, exported):
-        raise ValueError(f"inversion batch {inversion_batch} differs from the exported one ({exported}); "
+        raise ParameterError(f"inversion batch {inversion_batch} differs from the exported one ({exported}); "
                          f"re-export with --inversion-batch {inversion_batch} or leave it out here")
     specs = {name: ComponentSpec.from_dict(c["spec"]) for name, c in record["components"].items()}
     return specs, record, Path(bundle).resolve() if bundle else Path(record["bundle_path"]), exported
