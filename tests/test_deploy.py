@@ -22,6 +22,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -195,7 +197,7 @@ def test_rendered_files_are_a_fresh_render_of_the_overlays(variant):
         pytest.skip("neither kubectl nor kustomize is installed: cannot re-render the overlays")
     run = subprocess.run(cmd + [str(K8S / "overlays" / variant)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert yaml.safe_load_all(run.stdout) and list(yaml.safe_load_all(run.stdout)) == rendered(variant), (
+    assert run.stdout == (RENDERED / f"{variant}.yaml").read_text(), (
         f"deploy/kubernetes/rendered/{variant}.yaml is stale: run deploy/kubernetes/render.sh")
 
 
@@ -212,6 +214,13 @@ def test_every_overlay_is_rendered():
 def test_builtin_objects_validate_strictly(variant, version, tmp_path):
     docs = [d for d in rendered(variant) if not is_crd_object(d)]
     assert {d["kind"] for d in docs} >= {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"}
+    assert kubernetes_validate(docs, version, tmp_path) == []
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_tool_manifests_validate_strictly(version, tmp_path):
+    docs = [d for path in sorted((K8S / "tools").glob("*.yaml")) for d in load_docs(path)]
+    assert docs
     assert kubernetes_validate(docs, version, tmp_path) == []
 
 
@@ -478,6 +487,79 @@ class _no_exit:
         return False
 
 
+# --------------------------------------------------------------------------- the rule, evaluated
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    return found
+
+
+def rule_file(docs: list[dict], path: Path) -> Path:
+    """The PrometheusRule's groups as a Prometheus rule file (what the operator hands Prometheus)."""
+    path.write_text(yaml.safe_dump({"groups": one(docs, "PrometheusRule")["spec"]["groups"]}))
+    return path
+
+
+def adapter_query(pods: list[str], namespace: str, selector: dict[str, str]) -> str:
+    """prometheus-adapter's metricsQuery for the HPA's Pods metric, with the template filled in
+    the way the adapter fills it (series name, label matchers for namespace, pods and selector,
+    group by pod)."""
+    adapter = yaml.safe_load((K8S / "components" / "hpa" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    matchers = [f'namespace="{namespace}"', f'pod=~"{"|".join(pods)}"'] + [f'{k}="{v}"' for k, v in selector.items()]
+    return (rule["metricsQuery"].replace("<<.Series>>", rule["seriesQuery"].split("{")[0])
+            .replace("<<.LabelMatchers>>", ",".join(matchers)).replace("<<.GroupBy>>", "pod"))
+
+
+def test_rule_hpa_and_keda_queries_compute_the_ratio(tmp_path):
+    """promtool evaluates the recording rule, the adapter's query and KEDA's query on synthetic
+    counters: pod a queues 2 us per us of compute, pod b is idle (0, not NaN), and a sidecar
+    container's counters are left out."""
+    docs = rendered("gpu-keda")
+    record, _ = recorded_metric(docs)
+    keda_query = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    hpa_selector = one(rendered("gpu"), "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["selector"]
+    ns, model = one(docs, "ScaledObject")["metadata"]["namespace"], protocol.MODEL
+
+    def series(name, pod, slope_us_per_15s, container="triton", model_=model):
+        labels = f'container="{container}",namespace="{ns}",pod="{pod}",model="{model_}",version="1"'
+        return {"series": f"{name}{{{labels}}}", "values": f"0+{slope_us_per_15s}x20"}
+
+    queue, compute = "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"
+    tests = {
+        "rule_files": [rule_file(docs, tmp_path / "rules.yaml").name],
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": [
+                series(queue, "a", 30_000_000), series(compute, "a", 15_000_000),  # 2 s/s over 1 s/s
+                series(queue, "b", 0), series(compute, "b", 0),  # idle
+                series(queue, "a", 90_000_000, container="sidecar"), series(compute, "a", 1, container="sidecar"),
+                series(queue, "a", 15_000_000, model_="unet"), series(compute, "a", 15_000_000, model_="unet"),
+            ],
+            "promql_expr_test": [
+                {"expr": record, "eval_time": "3m", "exp_samples": [
+                    {"labels": f'{record}{{namespace="{ns}",pod="a",model="{model}"}}', "value": 2},
+                    {"labels": f'{record}{{namespace="{ns}",pod="b",model="{model}"}}', "value": 0},
+                    {"labels": f'{record}{{namespace="{ns}",pod="a",model="unet"}}', "value": 1}]},
+                {"expr": keda_query, "eval_time": "3m", "exp_samples": [{"labels": "{}", "value": 2}]},
+                {"expr": adapter_query(["a", "b"], ns, hpa_selector["matchLabels"]), "eval_time": "3m",
+                 "exp_samples": [{"labels": '{pod="a"}', "value": 2}, {"labels": '{pod="b"}', "value": 0}]},
+            ],
+        }],
+    }
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    check = subprocess.run([promtool(), "check", "rules", str(tmp_path / "rules.yaml")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 # --------------------------------------------------------------------------- live server
 
 
@@ -509,51 +591,147 @@ def _metric_samples(text: str, name: str) -> dict[str, float]:
             for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M)}
 
 
-@pytest.mark.server
-def test_probes_ports_and_metrics_exist_on_a_real_tritonserver(smoke_bundle_dir, tmp_path):
+def _infer_once(url: str, channel_args=None) -> dict:
     grpcclient = pytest.importorskip("tritonclient.grpc")
+    from revpers.images import encode_image
+
+    client = grpcclient.InferenceServerClient(url, channel_args=channel_args)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(protocol.MODEL)
+        image = grpcclient.InferInput(protocol.INPUT_IMAGE, [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[encode_image(real_photo(), "PNG")]], dtype=np.object_))
+        params = grpcclient.InferInput(protocol.INPUT_PARAMS, [1, 1], "BYTES")
+        params.set_data_from_numpy(np.array([[json.dumps(
+            {"mode": "aligned", "steps": 4, "seed": 0, "verify": False}).encode()]], dtype=np.object_))
+        result = client.infer(protocol.MODEL, [image, params])
+        return json.loads(result.as_numpy(protocol.OUTPUT_REPORT)[0, 0])
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def fleet_server(smoke_bundle_dir, tmp_path_factory):
+    """A real tritonserver over the repository that the cpu overlay's init containers build."""
     docs = rendered("cpu")
-    repository = _run_init_commands(docs, Path(smoke_bundle_dir), tmp_path / "work")
+    repository = _run_init_commands(docs, Path(smoke_bundle_dir), tmp_path_factory.mktemp("pod") / "work")
     srv = start_triton(repository)
     try:
-        live_ports = {"http": srv.http_port, "grpc": srv.grpc_port, "metrics": srv.metrics_port}
-        triton = container(docs)
-        # every HTTP probe, on the port it names
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            get = triton[probe]["httpGet"]
-            assert _get(f"http://127.0.0.1:{live_ports[get['port']]}{get['path']}")[0] == 200, probe
-        # the PodMonitor's endpoint
-        (endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
-        metrics_url = f"http://127.0.0.1:{live_ports[endpoint['port']]}{endpoint['path']}"
-        assert _get(metrics_url)[0] == 200
-        # the gRPC port the Service and the IngressRoute send to
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{live_ports['grpc']}")
-        try:
-            assert client.is_server_live() and client.is_server_ready()
-            assert client.is_model_ready(protocol.MODEL)
-            image = grpcclient.InferInput(protocol.INPUT_IMAGE, [1, 1], "BYTES")
-            from revpers.images import encode_image
-
-            image.set_data_from_numpy(np.array([[encode_image(real_photo(), "PNG")]], dtype=np.object_))
-            params = grpcclient.InferInput(protocol.INPUT_PARAMS, [1, 1], "BYTES")
-            params.set_data_from_numpy(np.array([[json.dumps(
-                {"mode": "aligned", "steps": 4, "seed": 0, "verify": False}).encode()]], dtype=np.object_))
-            result = client.infer(protocol.MODEL, [image, params])
-            assert json.loads(result.as_numpy(protocol.OUTPUT_REPORT)[0, 0])
-        finally:
-            client.close()
-        # every metric the rule (and through it the HPA and KEDA) reads, for the model they select
-        _, expr = recorded_metric(docs)
-        text = _get(metrics_url)[1]
-        for name in sorted(raw_metrics(expr)):
-            samples = {labels: v for labels, v in _metric_samples(text, name).items()
-                       if f'model="{protocol.MODEL}"' in labels}
-            assert samples, f"{name} has no sample for model {protocol.MODEL!r} on /metrics"
-        compute = sum(v for labels, v in _metric_samples(text, "nv_inference_compute_infer_duration_us").items()
-                      if f'model="{protocol.MODEL}"' in labels)
-        assert compute > 0  # the request was counted: the ratio's divisor moves
+        yield docs, srv, {"http": srv.http_port, "grpc": srv.grpc_port, "metrics": srv.metrics_port}
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.server
+def test_probes_ports_and_metrics_exist_on_a_real_tritonserver(fleet_server):
+    docs, srv, live_ports = fleet_server
+    triton = container(docs)
+    # every HTTP probe, on the port it names
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = triton[probe]["httpGet"]
+        assert _get(f"http://127.0.0.1:{live_ports[get['port']]}{get['path']}")[0] == 200, probe
+    # the PodMonitor's endpoint
+    (endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    metrics_url = f"http://127.0.0.1:{live_ports[endpoint['port']]}{endpoint['path']}"
+    assert _get(metrics_url)[0] == 200
+    # the gRPC port the Service and the IngressRoute send to, as a client of the headless Service
+    # connects (DNS name resolution, round-robin over the addresses; README "Clients")
+    grpc_port = live_ports[one(docs, "Service")["spec"]["ports"][0]["targetPort"]]
+    assert _infer_once(f"dns:///localhost:{grpc_port}", channel_args=[("grpc.lb_policy_name", "round_robin")])
+    # every metric the rule (and through it the HPA and KEDA) reads, for the model they select
+    _, expr = recorded_metric(docs)
+    text = _get(metrics_url)[1]
+    for name in sorted(raw_metrics(expr)):
+        samples = {labels: v for labels, v in _metric_samples(text, name).items()
+                   if f'model="{protocol.MODEL}"' in labels}
+        assert samples, f"{name} has no sample for model {protocol.MODEL!r} on /metrics"
+    compute = sum(v for labels, v in _metric_samples(text, "nv_inference_compute_infer_duration_us").items()
+                  if f'model="{protocol.MODEL}"' in labels)
+    assert compute > 0  # the request was counted: the ratio's divisor moves
+
+
+def _prometheus_query(base: str, query: str) -> list[dict]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    status, body = _get(url)
+    data = json.loads(body)
+    assert status == 200 and data["status"] == "success", body
+    return data["data"]["result"]
+
+
+@pytest.mark.server
+def test_prometheus_records_the_ratio_from_the_live_server(fleet_server, tmp_path):
+    """A real Prometheus scrapes the live tritonserver's metrics port with the labels the
+    PodMonitor gives (namespace, pod, container), evaluates the PrometheusRule, and answers the
+    queries KEDA and prometheus-adapter send."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    from revpers.triton_server import free_ports
+
+    docs, srv, live_ports = fleet_server
+    ns = one(rendered("gpu-keda"), "ScaledObject")["metadata"]["namespace"]
+    record, _ = recorded_metric(docs)
+    (endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rule_file(docs, tmp_path / "rules.yaml"))],
+        "scrape_configs": [{
+            "job_name": "revpers", "metrics_path": endpoint["path"], "scheme": endpoint["scheme"],
+            "static_configs": [{"targets": [f"127.0.0.1:{live_ports[endpoint['port']]}"],
+                                "labels": {"namespace": ns, "pod": "revpers-0", "container": container(docs)["name"]}}],
+        }],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    (port,) = free_ports(1)
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_for(query: str, what: str, limit_s: float = 60.0) -> list[dict]:
+        deadline = time.monotonic() + limit_s
+        while True:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            try:
+                result = _prometheus_query(base, query)
+                if result:
+                    return result
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"{what}: nothing after {limit_s:.0f} s"
+            time.sleep(0.5)
+
+    try:
+        wait_for('up{job="revpers"} == 1', "the scrape")
+        _infer_once(f"127.0.0.1:{live_ports['grpc']}")
+        # the request's compute time reaches a scrape, then the rule's next evaluation
+        wait_for(f'rate(nv_inference_compute_infer_duration_us{{model="{protocol.MODEL}"}}[2m]) > 0', "compute rate")
+        recorded = wait_for(f'{record}{{model="{protocol.MODEL}"}}', "the recorded ratio")
+        (sample,) = recorded
+        assert sample["metric"] == {"__name__": record, "namespace": ns, "pod": "revpers-0", "model": protocol.MODEL}
+        value = float(sample["value"][1])
+        assert value >= 0 and value == value  # a number, not NaN
+        print(f"recorded {record} on the live server after one request: {value:.6f}")
+        # KEDA's query: one value
+        keda = _prometheus_query(base, one(rendered("gpu-keda"), "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"])
+        assert len(keda) == 1 and float(keda[0]["value"][1]) == pytest.approx(value)
+        # prometheus-adapter: its series discovery finds the series, its query gives the pod's value
+        adapter = yaml.safe_load((K8S / "components" / "hpa" / "prometheus-adapter-values.yaml").read_text())
+        series_query = adapter["rules"]["custom"][0]["seriesQuery"]
+        status, body = _get(f"{base}/api/v1/series?" + urllib.parse.urlencode({"match[]": series_query}))
+        assert any(s.get("pod") == "revpers-0" for s in json.loads(body)["data"])
+        selector = one(rendered("gpu"), "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["selector"]
+        per_pod = _prometheus_query(base, adapter_query(["revpers-0"], ns, selector["matchLabels"]))
+        assert [(r["metric"], float(r["value"][1])) for r in per_pod] == [({"pod": "revpers-0"}, pytest.approx(value))]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 # --------------------------------------------------------------------------- Dockerfile
