@@ -33,6 +33,9 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
+from revpers.cli import build_parser, main
+from revpers.images import encode_image
+from revpers.triton_server import free_ports
 from revpers_client import protocol
 from conftest import real_photo, start_triton
 
@@ -449,8 +452,6 @@ def test_gpu_variants_ask_for_a_gpu_and_build_tensorrt_engines():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_init_commands_parse_with_the_revpers_cli(variant):
-    from revpers.cli import build_parser
-
     docs = rendered(variant)
     parser = build_parser()
     export = parser.parse_args(init_container(docs, "export")["args"][1:])
@@ -467,24 +468,12 @@ def test_init_commands_parse_with_the_revpers_cli(variant):
                                        "production-server work; remove this mark when they do")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_serve_command_parses_with_the_revpers_cli(variant):
-    from revpers.cli import build_parser
-
     args = container(rendered(variant))["args"]
-    with _no_exit():
+    try:
         parsed = build_parser().parse_args(args[1:])
+    except SystemExit as exc:  # argparse's way of refusing an unknown flag
+        pytest.fail(f"revpers serve refused the manifest's arguments (exit {exc.code})")
     assert parsed.command == "serve"
-
-
-class _no_exit:
-    """argparse exits on an unknown flag; make that an assertion failure with its message."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, exc, tb):
-        if typ is SystemExit:
-            raise AssertionError(f"revpers serve refused the manifest's arguments (exit {exc.code})")
-        return False
 
 
 # --------------------------------------------------------------------------- the rule, evaluated
@@ -571,8 +560,6 @@ def _get(url: str) -> tuple[int, str]:
 def _run_init_commands(docs: list[dict], bundle: Path, work: Path) -> Path:
     """Run the init containers' commands as the manifest writes them, with the pod's paths
     (/bundle, /work) mapped onto this machine; returns the repository the server container serves."""
-    from revpers.cli import main
-
     def mapped(arg: str) -> str:
         for pod_path, here in (("/bundle", bundle), ("/work", work)):
             if arg == pod_path or arg.startswith(pod_path + "/"):
@@ -593,8 +580,6 @@ def _metric_samples(text: str, name: str) -> dict[str, float]:
 
 def _infer_once(url: str, channel_args=None) -> dict:
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    from revpers.images import encode_image
-
     client = grpcclient.InferenceServerClient(url, channel_args=channel_args)
     try:
         assert client.is_server_live() and client.is_server_ready()
@@ -666,8 +651,6 @@ def test_prometheus_records_the_ratio_from_the_live_server(fleet_server, tmp_pat
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
-    from revpers.triton_server import free_ports
-
     docs, srv, live_ports = fleet_server
     ns = one(rendered("gpu-keda"), "ScaledObject")["metadata"]["namespace"]
     record, _ = recorded_metric(docs)
@@ -770,3 +753,31 @@ def test_dockerfile_builds_from_ngc_triton_and_copies_files_that_exist():
         for name in src.split():
             assert (ROOT / name).exists(), f"COPY {name}: not in the checkout"
     assert not re.search(r"^(COPY|ADD)\s.*(bundle|\.safetensors|\.onnx|\.plan)", text, re.M | re.I)  # no weights
+
+
+# --------------------------------------------------------------------------- sizing table
+
+
+def test_sizing_table_follows_from_its_inputs():
+    """deploy/SCALING.md: the CFG-step count comes from the counted pipeline (benchmarks flops
+    result), and each row's faces/hour and GPU-hours follow from its seconds per face."""
+    flops = json.loads((ROOT / "benchmarks" / "results" / "flops.json").read_text())
+    assert flops["params"]["steps"] == 100 and flops["params"]["skip"] == 0.7  # the defaults
+    cfg_steps = flops["counts"]["unet_sample_evaluations"] // 2
+    text = (ROOT / "deploy" / "SCALING.md").read_text()
+    assert f"{cfg_steps} CFG steps" in text
+    rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d,]+) \| ([\d,]+) \|$", text, re.M)
+    assert len(rows) == 5, rows
+    for label, seconds, per_hour, gpu_hours in rows:
+        s = float(seconds)
+        step = re.search(r"(\d+) CFG steps × (\d+) ms", label)
+        if step:
+            assert int(step.group(1)) == cfg_steps
+            assert s == pytest.approx(cfg_steps * int(step.group(2)) / 1000, abs=0.05)
+        elif "physical limit" in label:
+            assert s == pytest.approx(flops["time_at_peak"]["A100 SXM"]["face_total_s"], abs=0.05)
+        else:
+            assert "13 s" in label and s == 13.0
+        exact = flops["time_at_peak"]["A100 SXM"]["face_total_s"] if "physical limit" in label else s
+        assert int(per_hour.replace(",", "")) == round(3600 / exact)
+        assert int(gpu_hours.replace(",", "")) == round(1e6 * exact / 3600)
