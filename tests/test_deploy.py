@@ -50,7 +50,7 @@ CRD_DIR = Path(__file__).resolve().parent / "data" / "crds"
 # is on by default from 1.30) and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 VARIANTS = ("cpu", "gpu", "gpu-keda")
-DRAIN_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, as the brief fixes
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}  # Triton's defaults; revpers serve's health
 
 
 # --------------------------------------------------------------------------- loading
@@ -312,7 +312,7 @@ def test_selectors_and_named_ports_match_the_pods(variant):
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
-    assert ports == DRAIN_PORTS
+    assert ports == PORTS
     service = one(docs, "Service")
     assert service["spec"]["clusterIP"] == "None"  # headless: client-side gRPC balancing
     assert service["spec"]["selector"].items() <= labels.items()
@@ -332,8 +332,10 @@ def test_selectors_and_named_ports_match_the_pods(variant):
 def test_serve_listens_on_all_interfaces_on_the_container_ports(variant):
     docs = rendered(variant)
     flags = serve_flags(docs)
-    assert flags["host"] == "0.0.0.0"  # `revpers serve` will default to loopback
-    assert {name: int(flags[f"{name}-port"]) for name in DRAIN_PORTS} == DRAIN_PORTS
+    # `revpers serve` binds gRPC (--host) and HTTP, metrics, health (--http-host) to loopback by
+    # default; the kubelet's probes and Prometheus reach the pod's address
+    assert flags["host"] == flags["http-host"] == "0.0.0.0"
+    assert {name: int(flags[f"{name}-port"]) for name in PORTS} == PORTS
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -465,8 +467,8 @@ def test_init_commands_parse_with_the_revpers_cli(variant):
     assert bundle_mounts == {str(export.models)} == {str(repo.models)}  # the BLS reads the bundle there
 
 
-@pytest.mark.xfail(strict=True, reason="--drain-timeout and --tls-cert/--tls-key/--tls-ca land with the "
-                                       "production-server work; remove this mark when they do")
+@pytest.mark.xfail(strict=True, reason="--drain-timeout, --tls-cert/--tls-key/--tls-ca, --http-host and --health-port "
+                                       "land with the production-server work; remove this mark when they do")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_serve_command_parses_with_the_revpers_cli(variant):
     args = container(rendered(variant))["args"]
@@ -475,6 +477,42 @@ def test_serve_command_parses_with_the_revpers_cli(variant):
     except SystemExit as exc:  # argparse's way of refusing an unknown flag
         pytest.fail(f"revpers serve refused the manifest's arguments (exit {exc.code})")
     assert parsed.command == "serve"
+
+
+def render_with_component(component: str, variant: str, tmp_path: Path) -> list[dict]:
+    """``variant`` with ``components/<component>`` added, rendered from a copy of deploy/kubernetes."""
+    cmd = kustomize_command()
+    if cmd is None:
+        pytest.skip("neither kubectl nor kustomize is installed: cannot render")
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "overlays" / f"{variant}-{component}"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [f"../{variant}"], "components": [f"../../components/{component}"]}))
+    run = subprocess.run(cmd + [str(overlay)], capture_output=True, text=True, check=False, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return [d for d in yaml.safe_load_all(run.stdout) if d]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_supervisor_probes_component(variant, tmp_path):
+    """The opt-in switch to `revpers serve`'s own /livez and /readyz (docs/serving.md of the
+    production-server work) on the health port, validated like the overlays."""
+    docs = render_with_component("supervisor-probes", variant, tmp_path)
+    triton = container(docs)
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert triton["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    assert ports["health"] == int(serve_flags(docs)["health-port"])
+    # a stub's model reload (up to 33 s measured for the BLS model) must not trip liveness
+    live = triton["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60
+    builtin = [d for d in docs if not is_crd_object(d)]
+    for version in KUBERNETES_VERSIONS:
+        assert kubernetes_validate(builtin, version, tmp_path) == []
 
 
 # --------------------------------------------------------------------------- the rule, evaluated
