@@ -37,7 +37,7 @@ from referencing import Registry, Resource
 from revpers_client import protocol
 
 from revpers.cli import build_parser, main
-from revpers.images import encode_image
+from revpers.service.images import encode_image
 from revpers.triton_server import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent

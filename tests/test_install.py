@@ -39,8 +39,14 @@ def fresh_venv(tmp_path_factory):
     site = next((venv / "lib").glob("python3*/site-packages"))
     deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
     (site / "revpers-test-deps.pth").write_text(f"{deps}\n")
+    # the wheel is built by this environment's setuptools (the fresh venv's bundled one is older);
+    # the fresh venv's own pip installs it
+    wheels = tmp / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
-                           "--no-build-isolation", str(ROOT)], capture_output=True, text=True, timeout=600,
+                           str(next(wheels.glob("revpers-*.whl")))], capture_output=True, text=True, timeout=600,
                           cwd=tmp)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp, venv, site
