@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "otherwise the exported value is used (a different one is refused)")
     p.add_argument("--force", action="store_true")
 
+    from .evaluate.cli import add_evaluate_parser, add_sweep_parser
+
+    add_evaluate_parser(sub)
+    add_sweep_parser(sub)
+
     try:
         from .triton_server import add_serve_arguments
 
@@ -351,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
                 "reconstruct": cmd_reconstruct,
                 "export": cmd_export, "repository": cmd_repository}
+    if args.command in ("evaluate", "sweep"):
+        from .evaluate.cli import run_evaluate, run_sweep
+
+        handlers.update({"evaluate": run_evaluate, "sweep": run_sweep})
     if args.command == "serve":
         from .triton_server import run_serve
 
