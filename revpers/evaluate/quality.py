@@ -139,7 +139,7 @@ def fid(x: np.ndarray, y: np.ndarray) -> float:
         raise ValueError("FID needs at least two samples per set")
     mx, my = x.mean(0), y.mean(0)
     cx, cy = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    covmean, _ = linalg.sqrtm(cx @ cy, disp=False)
+    covmean = linalg.sqrtm(cx @ cy)
     covmean = np.real(covmean)
     return float(np.sum((mx - my) ** 2) + np.trace(cx) + np.trace(cy) - 2.0 * np.trace(covmean))
 

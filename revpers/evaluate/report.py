@@ -183,8 +183,12 @@ def _caption(img: np.ndarray, lines: list[str], color=(0, 0, 0)) -> np.ndarray:
 
 
 def _banner(width: int, text: str) -> np.ndarray:
+    """A red line of text across ``width`` px, the font shrunk until the whole text fits."""
+    scale = 0.55
+    while scale > 0.2 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 12:
+        scale -= 0.05
     band = np.full((26, width, 3), (255, 230, 230), np.uint8)
-    cv2.putText(band, text, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (200, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(band, text, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, scale, (200, 0, 0), 1, cv2.LINE_AA)
     return band
 
 

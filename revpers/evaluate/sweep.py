@@ -14,7 +14,8 @@ Recommendation for ``--target-reid R`` (a fraction): a setting *meets* the targe
 re-ID rate among the recognizers with an operating point is <= R. Among those, the *least
 aggressive* has the smallest |guidance|, then the smallest IP-Adapter scale (the identity push is
 the guidance times the adapter's contribution), then the fewest samples; the *cheapest* has the
-fewest UNet samples per face, then the fewest seconds per face, then is the least aggressive.
+fewest UNet samples per face, then is the least aggressive (equal samples are equal compute), then
+takes the fewest seconds per face.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def recommend(rows: list[dict], target: float) -> dict:
                         "; no recognizer with an operating point measured any face")})
         return out
     least = min(meeting, key=aggressiveness)
-    cheap = min(meeting, key=lambda r: (r["cost"]["unet_samples_per_face"] or 0, r["cost"]["seconds_per_face"] or 0,
-                                        aggressiveness(r)))
+    # equal sample counts are equal compute: the less aggressive wins before (noisy) seconds decide
+    cheap = min(meeting, key=lambda r: (r["cost"]["unet_samples_per_face"] or 0, aggressiveness(r),
+                                        r["cost"]["seconds_per_face"] or 0))
     out.update({"least_aggressive": {"tag": least["tag"], **least["setting"]},
                 "cheapest": {"tag": cheap["tag"], **cheap["setting"]}})
     return out
@@ -220,12 +222,14 @@ def sweep_plots(summary: dict, out: Path) -> tuple[list[str], str | None]:
         plt.close(fig)
         made.append(fn)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    points: dict = {}  # settings at the same (cost, re-ID) share one point and one stacked label
     for r in rows:
         c, y = r["cost"]["unet_samples_per_face"], r["reid_headline"]
-        if c is None or y is None:
-            continue
-        ax.scatter([c], [100 * y], color="#4477aa")
-        ax.annotate(r["tag"], (c, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if c is not None and y is not None:
+            points.setdefault((c, 100 * y), []).append(r["tag"])
+    for (c, y), tags in points.items():
+        ax.scatter([c], [y], color="#4477aa")
+        ax.annotate("\n".join(tags), (c, y), fontsize=7, xytext=(4, 4), textcoords="offset points", va="bottom")
     ax.axhline(100 * target, color="red", ls="--", label=f"target {100 * target:g} %")
     ax.set_xlabel("UNet sample evaluations per face")
     ax.set_ylabel("highest re-ID rate (%)")
