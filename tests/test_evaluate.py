@@ -73,6 +73,10 @@ def test_identical_pairs_reid_100_and_attribute_differences_0(verifier, photos, 
     assert m["attributes"]["expression"]["quantiles"]["max"] == 0.0
     assert m["quality"]["detection_agreement"]["rate"] == 1.0
     assert m["quality"]["background"]["identical_images"] == 3
+    # sign convention on real faces: t1.jpg's faces 1 and 4 are turned toward the image's left,
+    # which is positive yaw (a template with its depth reversed gives them negative yaw)
+    t1 = {f["face"]: f["pose_original"]["yaw"] for f in m["per_face"] if f["image"] == "t1"}
+    assert t1[1] > 15 and t1[4] > 15, t1
     assert "fid_kid_skipped" in m["quality"] and m["attributes"]["gaze"]["skipped"].startswith("not measured")
 
 

@@ -13,7 +13,9 @@ of the original face). The template is the 68-point 3D mean shape insightface sh
 (``insightface/data/objects/meanshape_68.pkl``, the mean shape its ``landmark_3d_68`` model
 regresses around), made exactly left-right symmetric by averaging it with its mirror image and
 re-expressed in OpenCV's camera axes (x right, y down, z away from the camera). The rotation is
-read as R = Rz(roll) Ry(yaw) Rx(pitch): yaw turns the head left/right, pitch nods, roll tilts.
+read as R = Rz(roll) Ry(yaw) Rx(pitch): yaw turns the head left/right (positive: the face turned
+toward the image's left), pitch nods, roll tilts (an in-plane rotation of the image about the
+principal point changes roll only).
 With a symmetric template and the principal point on the mirror axis, a mirrored set of landmarks
 gives exactly the mirrored pose (yaw and roll change sign, pitch is unchanged), which the tests
 check; the absolute angles carry the template's and the camera's approximation.

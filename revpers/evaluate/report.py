@@ -50,7 +50,7 @@ def markdown(metrics: dict, label: str = "revpers") -> str:
     q, a, ident = metrics["quality"], metrics["attributes"], metrics["identity"]
     out = ["# revpers evaluation", ""]
     if metrics.get("smoke"):
-        out += [f"**{SMOKE_NOTE.upper()}** ({SMOKE_NOTE}): the anonymized images were made with a smoke bundle "
+        out += [f"**{SMOKE_NOTE}**: the anonymized images were made with a smoke bundle "
                 "(tiny random models).", ""]
     im = metrics["images"]
     out += [f"{im['evaluated']} image pair(s), {metrics['faces']['measured']} face(s) "
@@ -108,6 +108,10 @@ def _pyplot():
         return None
 
 
+def _empty(ax, what: str = "no faces measured") -> None:
+    ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, color="#666")
+
+
 def _smoke_title(fig, smoke: bool) -> None:
     if smoke:
         fig.suptitle(SMOKE_NOTE.upper(), color="red", fontsize=13, fontweight="bold")
@@ -127,6 +131,8 @@ def plots(metrics: dict, out: Path) -> tuple[list[dict], str | None]:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         if vals:
             ax.hist(vals, bins=min(40, max(5, len(vals))), color="#4477aa")
+        else:
+            _empty(ax)
         if s["threshold"] is not None:
             ax.axvline(s["threshold"], color="red", ls="--",
                        label=f"threshold {s['threshold']:g} (match {s['match_when']})")
@@ -148,11 +154,15 @@ def plots(metrics: dict, out: Path) -> tuple[list[dict], str | None]:
         vals = [f["pose_difference"][key] for f in measured]
         if vals:
             ax.hist(vals, bins=min(30, max(5, len(vals))), color="#228833")
+        else:
+            _empty(ax, "no face re-detected in both crops")
         ax.set_xlabel(f"|{key} difference| (degrees)")
         ax.set_ylabel("faces")
     vals = [f["expression_difference"] for f in measured]
     if vals:
         axes[3].hist(vals, bins=min(30, max(5, len(vals))), color="#aa3377")
+    else:
+        _empty(axes[3], "no face re-detected in both crops")
     axes[3].set_xlabel("expression difference (inter-ocular)")
     _smoke_title(fig, smoke)
     fig.tight_layout()
@@ -163,6 +173,8 @@ def plots(metrics: dict, out: Path) -> tuple[list[dict], str | None]:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     if psnrs:
         ax.hist(psnrs, bins=min(30, max(5, len(psnrs))), color="#ccbb44")
+    else:
+        _empty(ax, "no image with background pixels")
     ax.set_xlabel(f"background PSNR (dB; {metrics['quality']['background']['psnr_cap_db']:g} = identical)")
     ax.set_ylabel("images")
     _smoke_title(fig, smoke)

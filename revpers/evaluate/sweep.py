@@ -191,30 +191,37 @@ def sweep_plots(summary: dict, out: Path) -> tuple[list[str], str | None]:
             continue
         series = _series(rows, x, group)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for key, rs in series.items():
+        ax2 = axes[1].twinx()
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        styles = ["-", "--", "-.", ":"]
+        for k, (key, rs) in enumerate(series.items()):
+            color = colors[k % len(colors)]  # one colour per curve, the same in both panels
             lab = ", ".join(f"{g} {v:g}" for g, v in zip(group, key))
             xs = [r["setting"][x] for r in rs]
-            for n in names:
+            for j, n in enumerate(names):
                 ys = [100 * r["reid"][n] if r["reid"][n] is not None else np.nan for r in rs]
-                axes[0].plot(xs, ys, marker="o", label=f"{LABELS.get(n, n)} ({lab})")
-            axes[1].plot(xs, [r["background_psnr_db"] if r["background_psnr_db"] is not None else np.nan for r in rs],
-                         marker="o", label=f"background PSNR ({lab})")
+                axes[0].plot(xs, ys, marker="o", color=color, ls=styles[j % len(styles)],
+                             label=f"{LABELS.get(n, n)} ({lab})")
+            nan = lambda v: np.nan if v is None else v  # noqa: E731
+            axes[1].plot(xs, [nan(r["background_psnr_db"]) for r in rs], marker="o", color=color, ls="-")
+            ax2.plot(xs, [nan(r["pose_distance_rad"]) for r in rs], marker="s", color=color, ls=":")
         axes[0].axhline(100 * target, color="red", ls="--", label=f"target {100 * target:g} %")
-        axes[0].set_xlabel(xlabel)
         axes[0].set_ylabel("re-identification rate (%)")
         axes[0].set_ylim(-3, 103)
         axes[0].legend(fontsize=7)
-        axes[1].set_xlabel(xlabel)
-        axes[1].set_ylabel("background PSNR (dB)")
-        ax2 = axes[1].twinx()
-        for key, rs in series.items():
-            lab = ", ".join(f"{g} {v:g}" for g, v in zip(group, key))
-            ax2.plot([r["setting"][x] for r in rs],
-                     [r["pose_distance_rad"] if r["pose_distance_rad"] is not None else np.nan for r in rs],
-                     marker="s", ls=":", label=f"pose distance ({lab})")
-        ax2.set_ylabel("pose distance (rad)")
-        axes[1].legend(fontsize=7, loc="lower left")
-        ax2.legend(fontsize=7, loc="lower right")
+        axes[1].set_ylabel("background PSNR (dB), solid")
+        ax2.set_ylabel("pose distance (rad), dotted")
+        if all(r["pose_distance_rad"] is None for r in rows):
+            ax2.text(0.5, 0.6, "pose: no face re-detected in both crops", ha="center", transform=ax2.transAxes,
+                     color="#666", fontsize=8)
+        from matplotlib.lines import Line2D
+
+        axes[1].legend([Line2D([], [], color="k", marker="o", ls="-"), Line2D([], [], color="k", marker="s", ls=":")],
+                       ["background PSNR (left axis)", "pose distance (right axis)"], fontsize=7, loc="lower left")
+        values = sorted({r["setting"][x] for r in rows})
+        for ax in axes:
+            ax.set_xlabel(xlabel + " (colours as in the left legend)" if ax is axes[1] else xlabel)
+            ax.set_xticks(values)
         _smoke_title(fig, smoke)
         fig.tight_layout()
         fn = f"curve_{x}.png"
@@ -247,7 +254,7 @@ def sweep_markdown(summary: dict) -> str:
     rows = summary["settings"]
     out = ["# revpers sweep", ""]
     if summary["smoke"]:
-        out += [f"**{SMOKE_NOTE.upper()}** ({SMOKE_NOTE}): made with a smoke bundle (tiny random models).", ""]
+        out += [f"**{SMOKE_NOTE}**: made with a smoke bundle (tiny random models).", ""]
     out += [f"{len(summary['images'])} image(s), {len(rows)} setting(s), seed {summary['seed']}, skip "
             f"{summary['skip']}, verification gate {summary['gate']}.", ""]
     if rows:
