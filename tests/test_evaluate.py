@@ -17,7 +17,6 @@ from revpers.evaluate import quality as Q
 from revpers.evaluate.core import SMOKE_NOTE, Evaluator
 from revpers.evaluate.identity import parse_recognizer
 from revpers.evaluate.sweep import recommend
-
 from tests.conftest import real_photo
 
 # One grey level of error on every background pixel gives 10 log10(255^2 / 1) = 48.13 dB: a background
@@ -212,6 +211,7 @@ def test_fid_and_kid_formulas():
 def test_inception_contract_torchscript(tmp_path, verifier, photos, t1_faces):
     """A TorchScript feature model that checks the documented input contract itself."""
     import torch
+
     from revpers.faces.blend import obscure_face
 
     class Features(torch.nn.Module):
@@ -334,6 +334,13 @@ def test_sweep_end_to_end_on_the_smoke_bundle(tmp_path, photos, smoke_bundle_dir
     for fn in ("sweep.md", "index.html"):
         assert SMOKE_NOTE in (out / fn).read_text()
     assert "smoke weights: numbers meaningless" in capsys.readouterr().out
+
+    # a setting's folder carries the anonymize reports, so evaluate pairs it and knows it was smoke
+    again = tmp_path / "again"
+    assert main(["evaluate", str(tmp_path), str(out / "settings" / "g-8_ip1_s2" / "images"), "-o", str(again)]) == 0
+    m = json.loads((again / "metrics.json").read_text())
+    assert m["images"]["evaluated"] == 1 and m["smoke"] is True
+    assert m["identity"]["dlib"]["reid_rate"] == s["settings"][3]["reid"]["dlib"]
 
     # a bad value is refused before any model loads
     assert main(argv[:4] + ["--guidance", "99"] + argv[7:]) == 2

@@ -145,5 +145,12 @@ def expression_difference(original68: np.ndarray, other68: np.ndarray) -> float:
     return float(np.mean(np.linalg.norm(b2[EXPRESSIVE] - a[EXPRESSIVE], axis=1)) / max(inter_ocular(a), 1e-9))
 
 
-__all__ = ["head_pose", "pose_difference", "expression_difference", "mirror_points", "pose_template",
-           "GAZE_SKIPPED", "MIRROR_68"]
+__all__ = [
+    "GAZE_SKIPPED",
+    "MIRROR_68",
+    "expression_difference",
+    "head_pose",
+    "mirror_points",
+    "pose_difference",
+    "pose_template",
+]

@@ -119,6 +119,7 @@ def _evaluate(args) -> int:
 
         bundle = load_bundle(args.models)
         verifier = verifier_for_bundle(bundle)
+        smoke = smoke or bundle.smoke
     else:
         verifier = Verifier(None)
     ev = Evaluator(verifier, extras=extras, inception=inception, aligned=args.aligned, smoke=smoke)
@@ -183,17 +184,19 @@ def _sweep(args) -> int:
                              "skip": args.skip})
     files = _sweep_inputs(args.inputs, args.sample)
     extras, inception = _extras_and_inception(args)
-    names, originals = set(), []
+    names, originals, sources = set(), [], {}
     for f in files:
         name, k = f.stem, 1
         while name in names:
             name, k = f"{f.stem}-{k}", k + 1
         names.add(name)
         originals.append((name, read_image(f)))
+        sources[name] = f
     anon = Anonymizer(args.models, device=args.device, inversion_batch=args.inversion_batch)
     args.out.mkdir(parents=True, exist_ok=True)
     summary = run_sweep_settings(anon, originals, settings, args.out, seed=args.seed, skip=args.skip,
-                                 aligned=args.aligned, extras=extras, inception=inception, target=args.target_reid)
+                                 aligned=args.aligned, extras=extras, inception=inception, target=args.target_reid,
+                                 sources=sources)
     rec = summary["recommendation"]
     if rec.get("least_aggressive"):
         print(f"target re-ID {100 * args.target_reid:g} %: least aggressive {rec['least_aggressive']['tag']}, "

@@ -217,4 +217,4 @@ def finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-__all__ = ["Evaluator", "SMOKE_NOTE", "reid_headline"]
+__all__ = ["SMOKE_NOTE", "Evaluator", "reid_headline"]

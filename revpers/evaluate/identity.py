@@ -136,4 +136,4 @@ def summarize(values: list[float], matches: list[bool] | None) -> dict:
     return out
 
 
-__all__ = ["OnnxRecognizer", "parse_recognizer", "RecognizerSpecError", "summarize"]
+__all__ = ["OnnxRecognizer", "RecognizerSpecError", "parse_recognizer", "summarize"]

@@ -118,4 +118,4 @@ def face_sites(verifier, original: np.ndarray, aligned: bool) -> list[FaceSite]:
             for i, f in enumerate(verifier.analyzer.detect(original))]
 
 
-__all__ = ["collect_pairs", "Pairing", "ImagePair", "PairingError", "FaceSite", "face_sites"]
+__all__ = ["FaceSite", "ImagePair", "Pairing", "PairingError", "collect_pairs", "face_sites"]

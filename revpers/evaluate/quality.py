@@ -156,4 +156,4 @@ def kid(x: np.ndarray, y: np.ndarray) -> float:
                  - 2.0 * kxy.mean())
 
 
-__all__ = ["face_region", "psnr", "ssim", "InceptionFeatures", "InceptionError", "fid", "kid", "PSNR_CAP"]
+__all__ = ["PSNR_CAP", "InceptionError", "InceptionFeatures", "face_region", "fid", "kid", "psnr", "ssim"]

@@ -50,8 +50,8 @@ def markdown(metrics: dict, label: str = "revpers") -> str:
     q, a, ident = metrics["quality"], metrics["attributes"], metrics["identity"]
     out = ["# revpers evaluation", ""]
     if metrics.get("smoke"):
-        out += [f"**{SMOKE_NOTE}**: the anonymized images were made with a smoke bundle "
-                "(tiny random models).", ""]
+        out += [(f"**{SMOKE_NOTE}**: the anonymized images were made with a smoke bundle "
+                 "(tiny random models)."), ""]
     im = metrics["images"]
     out += [f"{im['evaluated']} image pair(s), {metrics['faces']['measured']} face(s) "
             f"({metrics['faces']['attributes_measured']} with attributes measured), {im['withheld']} withheld by "
@@ -339,4 +339,4 @@ figure{{display:inline-block;margin:4px}} img{{max-width:100%}}</style></head><b
 """
 
 
-__all__ = ["write_report", "markdown", "table_rows", "md_table", "index_html", "plots", "contact_sheet"]
+__all__ = ["contact_sheet", "index_html", "markdown", "md_table", "plots", "table_rows", "write_report"]

@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from .core import SMOKE_NOTE, Evaluator, reid_headline
-from .report import LABELS, _fmt, _pyplot, _smoke_title, md_table, table_rows, write_report
+from .report import (
+    LABELS,
+    _fmt,
+    _pyplot,
+    _smoke_title,
+    md_table,
+    table_rows,
+    write_report,
+)
 
 
 class count_unet_calls:
@@ -107,7 +115,9 @@ def recommend(rows: list[dict], target: float) -> dict:
 
 def run_sweep_settings(anon, originals: list[tuple[str, np.ndarray]], settings: list[Setting], out: Path, *,
                        seed: int, skip: float, aligned: bool, extras: list, inception, target: float,
-                       log=print) -> dict:
+                       sources: dict | None = None, log=print) -> dict:
+    """``sources``: name -> input path, recorded in the per-image reports (``IMAGE.png.json``, the
+    anonymize report format, so ``revpers evaluate ORIGINALS settings/TAG/images`` pairs them)."""
     from ..images import encode_image
     from ..pipeline import Params
     from ..verify import VerifyPolicy
@@ -130,12 +140,17 @@ def run_sweep_settings(anon, originals: list[tuple[str, np.ndarray]], settings: 
                 seconds += time.perf_counter() - t0
                 generated += sum(f.get("action") == "anonymized" for f in result.report.get("faces", []))
                 outputs.append((name, result.image))
-                (sdir / "images" / f"{name}.png").write_bytes(encode_image(result.image, "PNG"))
+                target_png = sdir / "images" / f"{name}.png"
+                target_png.write_bytes(encode_image(result.image, "PNG"))
+                report = dict(result.report, input=str((sources or {}).get(name, name)), output=str(target_png))
+                target_png.with_name(target_png.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
         ev = Evaluator(anon.verifier, extras=extras, inception=inception, aligned=aligned, smoke=smoke)
         for (name, rgb), (_, img) in zip(originals, outputs):
             ev.add(name, rgb, img)
         metrics = write_report(ev.metrics(), ev, sdir, label=s.tag)
-        per = (lambda v: v / generated) if generated else (lambda v: None)
+        def per(v, n=generated):
+            return v / n if n else None
+
         row = {"tag": s.tag, "setting": s.as_dict(), "report": f"settings/{s.tag}/index.html",
                "reid": {n: v.get("reid_rate") for n, v in metrics["identity"].items()},
                "reid_headline": reid_headline(metrics),
@@ -202,7 +217,7 @@ def sweep_plots(summary: dict, out: Path) -> tuple[list[str], str | None]:
                 ys = [100 * r["reid"][n] if r["reid"][n] is not None else np.nan for r in rs]
                 axes[0].plot(xs, ys, marker="o", color=color, ls=styles[j % len(styles)],
                              label=f"{LABELS.get(n, n)} ({lab})")
-            nan = lambda v: np.nan if v is None else v  # noqa: E731
+            nan = lambda v: np.nan if v is None else v
             axes[1].plot(xs, [nan(r["background_psnr_db"]) for r in rs], marker="o", color=color, ls="-")
             ax2.plot(xs, [nan(r["pose_distance_rad"]) for r in rs], marker="s", color=color, ls=":")
         axes[0].axhline(100 * target, color="red", ls="--", label=f"target {100 * target:g} %")
@@ -305,4 +320,4 @@ figure{{display:inline-block;margin:4px}} img{{max-width:100%}}</style></head><b
 """
 
 
-__all__ = ["run_sweep_settings", "count_unet_calls", "grid", "recommend", "Setting"]
+__all__ = ["Setting", "count_unet_calls", "grid", "recommend", "run_sweep_settings"]
