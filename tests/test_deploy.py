@@ -34,11 +34,11 @@ import pytest
 import yaml
 from conftest import real_photo, start_triton
 from referencing import Registry, Resource
-from revpers_client import protocol
 
 from revpers.cli import build_parser, main
 from revpers.service.images import encode_image
 from revpers.triton_server import free_ports
+from revpers_client import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"

@@ -21,6 +21,7 @@ from revpers.cli.commands import (
 from revpers.cli.logs import quiet_libraries
 from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
 from revpers.core.errors import RevpersError
+from revpers.evaluate.cli import add_evaluate_parser, add_sweep_parser, run_evaluate, run_sweep
 from revpers.triton_server import add_serve_arguments, run_serve
 
 # exit status by error kind (revpers.core.errors); an image-level outcome gives 0 or 1 instead
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "otherwise the exported value is used (a different one is refused)")
     p.add_argument("--force", action="store_true")
 
+    add_evaluate_parser(sub)
+    add_sweep_parser(sub)
+
     p = sub.add_parser("review", help="contact sheets and per-face overlays of a run folder (index.html)",
                        description="Pictures of a run of `revpers anonymize` or `revpers-client anonymize`: "
                        "contact sheets (input | output, worst first), per-face overlays (box, index, verdict, "
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
                 "reconstruct": cmd_reconstruct, "export": cmd_export, "repository": cmd_repository,
-                "serve": run_serve, "review": cmd_review}
+                "serve": run_serve, "review": cmd_review, "evaluate": run_evaluate, "sweep": run_sweep}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
