@@ -187,7 +187,7 @@ def versions() -> dict:
         if v:
             out[dist] = v
     try:
-        from revpers.triton_server import find_tritonserver
+        from revpers.launcher import find_tritonserver
 
         out["tritonserver"] = find_tritonserver().version
     except Exception as exc:

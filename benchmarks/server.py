@@ -13,10 +13,10 @@ BACKENDS = ("onnxruntime", "pytorch", "tensorrt")
 
 
 def triton_server(repository: Path):
-    """A ``revpers.triton_server.TritonServer`` for ``repository`` on free loopback ports; use it as
+    """A ``revpers.launcher.TritonServer`` for ``repository`` on free loopback ports; use it as
     a context manager (started and ready inside the block, stopped after; ``startup_seconds`` is the
     time to ready)."""
-    from revpers.triton_server import TritonServer, free_ports
+    from revpers.launcher import TritonServer, free_ports
 
     grpc, http, metrics = free_ports(3)
     return TritonServer(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
 
     try:
-        from .triton_server import add_serve_arguments
+        from .launcher.serve import add_serve_arguments
 
         p = sub.add_parser("serve", help="start the pip-installed Triton server on a model repository")
         add_serve_arguments(p)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 "reconstruct": cmd_reconstruct,
                 "export": cmd_export, "repository": cmd_repository}
     if args.command == "serve":
-        from .triton_server import run_serve
+        from .launcher.serve import run_serve
 
         handlers["serve"] = run_serve
     try:

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from .bundle import MANIFEST, load_bundle
     from .repository import build_repository
     from .smoke import write_smoke_bundle
-    from .triton_server import TritonServer, free_ports
+    from .launcher import TritonServer, free_ports
 
     work = args.bundle.parent
     if not (args.bundle / MANIFEST).is_file():

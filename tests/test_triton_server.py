@@ -1,4 +1,4 @@
-"""revpers.triton_server: finding tritonserver, the Python-backend directory, and running a real
+"""revpers.launcher: finding tritonserver, the Python-backend directory, and running a real
 server (Python backend, BLS, gRPC, health, metrics, clean stop, failed loads, `revpers serve`)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from revpers import triton_server as ts
-from revpers.triton_server import (
+from revpers.launcher import install as launcher_install
+from revpers.launcher import (
     PortInUseError,
     TritonInstall,
     TritonNotFoundError,
@@ -79,7 +79,7 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        import revpers.triton_server  # noqa: F401  (fails the load if the path is wrong)
+        import revpers.launcher.process  # noqa: F401  (fails the load if the path is wrong)
         import revpers_stub_probe  # noqa: F401
 
     def execute(self, requests):
@@ -257,8 +257,8 @@ def test_find_tritonserver_prefers_REVPERS_TRITONSERVER(tmp_path, monkeypatch):
 
 def test_find_tritonserver_missing_names_the_server_extra(monkeypatch, tmp_path):
     monkeypatch.delenv("REVPERS_TRITONSERVER", raising=False)
-    real_find_spec = ts.importlib.util.find_spec
-    monkeypatch.setattr(ts.importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
+    real_find_spec = launcher_install.importlib.util.find_spec
+    monkeypatch.setattr(launcher_install.importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(TritonNotFoundError, match=re.escape("pip install 'revpers[server]'")):
         find_tritonserver()
@@ -353,11 +353,15 @@ def test_model_failing_in_initialize_makes_start_raise(install, cache_dir, tmp_p
     assert _processes_mentioning(str(repo)) == []
 
 
-def _launch_serve(repo: Path, ports, cache_dir: Path, log: Path, probe_dir: Path) -> subprocess.Popen:
-    env = dict(os.environ, REVPERS_CACHE_DIR=str(cache_dir), PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{probe_dir}")
+def _launch_serve(repo: Path, ports, cache_dir: Path, log: Path, probe_dir: Path | None = None,
+                  extra=(), env=None) -> subprocess.Popen:
+    """`revpers serve` on ``ports`` (gRPC, HTTP, metrics, health) with no bind option (the default)."""
+    pythonpath = os.pathsep.join(str(p) for p in (REPO_ROOT, probe_dir) if p)
+    env = dict(os.environ, REVPERS_CACHE_DIR=str(cache_dir), PYTHONPATH=pythonpath, **(env or {}))
     cmd = [
-        sys.executable, "-m", "revpers.triton_server", "--repository", str(repo), "--host", "127.0.0.1",
+        sys.executable, "-m", "revpers.launcher.serve", "--repository", str(repo),
         "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
+        "--health-port", str(ports[3]), *extra,
     ]
     with open(log, "wb") as err:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -386,7 +390,7 @@ def _wait_serving(proc: subprocess.Popen, log: Path, timeout: float = 60) -> int
 
 @pytest.mark.server
 def test_serve_stops_cleanly_on_sigterm(install, cache_dir, good_repo, probe_dir, tmp_path):
-    ports = free_ports(3)
+    ports = free_ports(4)
     log = tmp_path / "serve.log"
     proc = _launch_serve(good_repo, ports, cache_dir, log, probe_dir)
     try:
@@ -413,7 +417,7 @@ def test_serve_stops_cleanly_on_sigterm(install, cache_dir, good_repo, probe_dir
 
 @pytest.mark.server
 def test_serve_exits_nonzero_when_the_server_dies(install, cache_dir, good_repo, probe_dir, tmp_path):
-    ports = free_ports(3)
+    ports = free_ports(4)
     log = tmp_path / "serve.log"
     proc = _launch_serve(good_repo, ports, cache_dir, log, probe_dir)
     try:
@@ -432,7 +436,7 @@ def test_serve_exits_nonzero_when_the_server_dies(install, cache_dir, good_repo,
 def test_server_goes_away_when_its_python_process_is_killed(install, cache_dir, good_repo, probe_dir, tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from revpers.triton_server import TritonServer, free_ports
+        from revpers.launcher import TritonServer, free_ports
         server = TritonServer({str(good_repo)!r}, *free_ports(3), cache_dir={str(cache_dir)!r}).start()
         print(server.pid, flush=True)
         time.sleep(120)
