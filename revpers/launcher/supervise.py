@@ -193,6 +193,8 @@ class Supervisor(threading.Thread):
         removed = len(self.server.remove_shm(stubs))
         assert self._lost_at is not None
         try:
+            for model in models:  # unloaded first: new requests get NOT_FOUND at once, not INTERNAL after 1 s
+                self.server.unload_model(model)
             for model in models:
                 if not _touch_model(self.server.repository, model):
                     raise TritonServerError(f"cannot change a file of model '{model}' in {self.server.repository}, "
