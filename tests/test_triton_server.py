@@ -924,7 +924,7 @@ def test_grpc_mutual_tls_and_api_keys(install, cache_dir, front_repo, tmp_path):
 def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxruntime_repository, tmp_path):
     """The smoke bundle's real repository: kill -9 of the `revpers` BLS stub, then of the `unet` stub;
     requests retried by the client all succeed and serve exits 0 on SIGTERM."""
-    from tritonclient.grpc import InferenceInput, InferenceServerClient  # noqa: F401
+    from tritonclient.grpc import InferenceServerClient
     from tritonclient.utils import InferenceServerException
 
     from conftest import real_photo
@@ -935,7 +935,8 @@ def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxrun
     data = encode_image(real_photo(), "PNG")
     ports = free_ports(4)
     log = tmp_path / "serve.log"
-    proc = _launch_serve(onnxruntime_repository, ports, tmp_path / "cache", log, extra=["--quiet"])
+    proc = _launch_serve(onnxruntime_repository, ports, tmp_path / "cache", log,
+                         extra=["--quiet", "-v", "--log-file", str(tmp_path / "tritonserver.log")])
     client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
 
     def request() -> tuple[dict, int]:
