@@ -655,7 +655,7 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
             line = _wait_for(lambda: re.search(_RECOVERED.format(instance=f"{model}_0_0", pid=pid, model=model),
                                                log.read_text(errors="replace")), 60, f"the recovery of {model}")
             t_line = time.monotonic()
-            _wait_for(lambda: any(t > t_line for _, t in ok_at), 30, f"a request served after {model} recovered")
+            _wait_for(lambda: any(sent > t_line for sent, _ in ok_at), 30, f"a request sent after {model} recovered served")
             first_ok = min(t for sent, t in ok_at if sent > t_kill)  # of the requests sent after the kill
             during = watch.between(t_kill, t_line)
             assert any(r == 503 for _, r, _ in during), f"/readyz never 503 while {model} was recovering"

@@ -185,7 +185,8 @@ def serve(
             stopping.set()
             LOG.info("%s received: draining (new requests refused, up to %.0f s for those in flight)",
                      signal.Signals(req.signum).name, drain_timeout)
-            drained = supervisor.drain(drain_timeout) if supervisor.is_alive() else False
+            # before the server was up (no supervisor yet) there is nothing to drain
+            drained = supervisor.drain(drain_timeout) if supervisor.ident is not None else True
             supervisor.stop()
             stuck = bool(supervisor.reloaded) and drained
             code = server.stop(timeout=STUCK_EXIT_GRACE_S if stuck else None)

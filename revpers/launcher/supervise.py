@@ -156,6 +156,10 @@ class Supervisor(threading.Thread):
             return
         alive = {s.pid: s for s in self.server.stubs()}
         lost = [s for pid, s in self._known.items() if pid not in alive or not process_alive(pid)]
+        # an instance is served by one stub: a lost one whose instance has another live stub was a
+        # leftover of a reload (e.g. of a failed attempt), not a death
+        serving_instances = {(s.model, s.instance) for s in alive.values()}
+        lost = [s for s in lost if (s.model, s.instance) not in serving_instances]
         self._known = alive
         if lost:
             self._on_lost(lost)
