@@ -3,6 +3,7 @@ server (Python backend, BLS, gRPC, health, metrics, clean stop, failed loads, `r
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ipaddress
 import json
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_photo
 
+from revpers.images import encode_image
 from revpers.launcher import install as launcher_install
 from revpers.launcher import (
     PortInUseError,
@@ -39,7 +42,15 @@ from revpers.launcher import (
 )
 from revpers.launcher.serve import add_serve_arguments, run_serve
 from revpers.launcher.supervise import in_flight
-from revpers_client.protocol import ADMIN_KEY_HEADER, API_KEY_HEADER, GRPC_HEADER_PREFIX
+from revpers_client.protocol import (
+    ADMIN_KEY_HEADER,
+    API_KEY_HEADER,
+    GRPC_HEADER_PREFIX,
+    INPUT_IMAGE,
+    INPUT_PARAMS,
+    MODEL,
+    OUTPUT_REPORT,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -505,7 +516,7 @@ def test_security_check_refuses_unusable_settings(sec, message):
 
 
 def test_serve_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
-    parser = add_serve_arguments(__import__("argparse").ArgumentParser())
+    parser = add_serve_arguments(argparse.ArgumentParser())
     empty = tmp_path / "empty.key"
     empty.write_text("\n")
     for argv, message in [
@@ -924,20 +935,15 @@ def test_grpc_mutual_tls_and_api_keys(install, cache_dir, front_repo, tmp_path):
 def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxruntime_repository, tmp_path):
     """The smoke bundle's real repository: kill -9 of the `revpers` BLS stub, then of the `unet` stub;
     requests retried by the client all succeed and serve exits 0 on SIGTERM."""
-    from tritonclient.grpc import InferenceServerClient
+    grpc = pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
-    from conftest import real_photo
-    from revpers.images import encode_image
-    from revpers_client.protocol import INPUT_IMAGE, INPUT_PARAMS, MODEL, OUTPUT_REPORT
-
-    grpc = pytest.importorskip("tritonclient.grpc")
     data = encode_image(real_photo(), "PNG")
     ports = free_ports(4)
     log = tmp_path / "serve.log"
     proc = _launch_serve(onnxruntime_repository, ports, tmp_path / "cache", log,
                          extra=["--quiet", "-v", "--log-file", str(tmp_path / "tritonserver.log")])
-    client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    client = grpc.InferenceServerClient(f"127.0.0.1:{ports[0]}")
 
     def request() -> tuple[dict, int]:
         image = grpc.InferInput(INPUT_IMAGE, [1, 1], "BYTES")

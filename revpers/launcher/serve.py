@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 from revpers_client.protocol import ADMIN_KEY_ENV, API_KEY_ENV, MODEL
 
 from .errors import ServerUsageError, TritonServerError
-from .process import PortInUseError, Security, TritonServer
+from .process import PortInUseError, Security, TritonServer, client_host
 from .supervise import DRAIN_FILE_ENV, Health, HealthEndpoint, Supervisor
 
 LOG = logging.getLogger("revpers.launcher")
@@ -243,7 +243,7 @@ def _serve(server: TritonServer, supervisor: Supervisor, endpoint: HealthEndpoin
     ready = [f"{m['name']} (v{m.get('version', '?')})" for m in models if m.get("state") == "READY"]
     not_ready = [f"{m['name']}: {m.get('state', '?')} {m.get('reason', '')}".strip() for m in models if m.get("state") != "READY"]
     tls = "mutual TLS" if sec.tls_ca else "TLS" if sec.tls_cert else "plaintext"
-    health_url = f"http://{server.urls.http.split('//', 1)[1].rsplit(':', 1)[0]}:{endpoint.httpd.server_address[1]}" if endpoint else None
+    health_url = f"http://{client_host(server.http_host)}:{endpoint.port}" if endpoint else None
     LOG.info("tritonserver ready in %.1f s (pid %d)", server.startup_seconds or 0.0, server.pid)
     LOG.info("  gRPC     %s (%s; inference %s)", urls.grpc, tls, "needs the API key" if sec.api_key else "open")
     LOG.info("  HTTP     %s (plaintext)", urls.http)

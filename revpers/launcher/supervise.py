@@ -74,7 +74,6 @@ class Recovery:
     models: tuple[str, ...]
     action: str
     seconds: float
-    ok: bool
     shm_removed: int
 
 
@@ -222,7 +221,7 @@ class Supervisor(threading.Thread):
         self._known = {s.pid: s for s in self.server.stubs()}
         self._pending.clear()
         self._lost_at = None
-        self.recoveries.append(Recovery(stubs, models, "reload", seconds, True, removed))
+        self.recoveries.append(Recovery(stubs, models, "reload", seconds, removed))
         self.health.set(live=True, ready=True, state="serving", detail="")
         LOG.warning("stub %s died; reloaded model %s; serving again %.2f s after the death was seen "
                     "(%d shm file%s removed)",
@@ -332,6 +331,7 @@ class HealthEndpoint:
         server_cls = type("_HealthHTTPServer", (ThreadingHTTPServer,), {
             "address_family": socket.AF_INET6 if ":" in bind else socket.AF_INET, "daemon_threads": True})
         self.httpd = server_cls((bind, port), Handler)
+        self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="revpers-health", daemon=True)
 
     def start(self) -> "HealthEndpoint":
