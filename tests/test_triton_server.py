@@ -24,9 +24,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import real_photo
+from revpers_client.protocol import (
+    ADMIN_KEY_HEADER,
+    API_KEY_HEADER,
+    GRPC_HEADER_PREFIX,
+    INPUT_IMAGE,
+    INPUT_PARAMS,
+    MODEL,
+    OUTPUT_REPORT,
+)
 
 from revpers.images import encode_image
-from revpers.launcher import install as launcher_install
 from revpers.launcher import (
     PortInUseError,
     Security,
@@ -40,17 +48,9 @@ from revpers.launcher import (
     port_in_use,
     prepare_backend_dir,
 )
+from revpers.launcher import install as launcher_install
 from revpers.launcher.serve import add_serve_arguments, run_serve
 from revpers.launcher.supervise import in_flight
-from revpers_client.protocol import (
-    ADMIN_KEY_HEADER,
-    API_KEY_HEADER,
-    GRPC_HEADER_PREFIX,
-    INPUT_IMAGE,
-    INPUT_PARAMS,
-    MODEL,
-    OUTPUT_REPORT,
-)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -492,7 +492,8 @@ LAUNCHER_MODELS = Path(__file__).resolve().parent / "launcher_models"
 
 
 def test_security_arguments_use_the_colon_form_and_split_inference_from_admin():
-    sec = Security(api_key="k1", admin_key="k2", tls_cert=Path("/c.pem"), tls_key=Path("/k.pem"), tls_ca=Path("/ca.pem"))
+    sec = Security(api_key="k1", admin_key="k2", tls_cert=Path("/c.pem"), tls_key=Path("/k.pem"),
+                   tls_ca=Path("/ca.pem"))
     args = sec.arguments()
     assert "--grpc-restricted-protocol=inference:x-api-key=k1" in args
     assert "--http-restricted-api=inference:x-api-key=k1" in args
@@ -520,9 +521,11 @@ def test_serve_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty.key"
     empty.write_text("\n")
     for argv, message in [
-        (["--repository", str(tmp_path), "--api-key-file", str(tmp_path / "missing.key")], "cannot read the API key file"),
+        (["--repository", str(tmp_path), "--api-key-file", str(tmp_path / "missing.key")],
+         "cannot read the API key file"),
         (["--repository", str(tmp_path), "--admin-key-file", str(empty)], "admin key file .* is empty"),
-        (["--repository", str(tmp_path), "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(empty)], "no such file"),
+        (["--repository", str(tmp_path), "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(empty)],
+         "no such file"),
     ]:
         assert run_serve(parser.parse_args(argv)) == 2
         err = capsys.readouterr().err
@@ -666,7 +669,8 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
             line = _wait_for(lambda: re.search(_RECOVERED.format(instance=f"{model}_0_0", pid=pid, model=model),
                                                log.read_text(errors="replace")), 60, f"the recovery of {model}")
             t_line = time.monotonic()
-            _wait_for(lambda: any(sent > t_line for sent, _ in ok_at), 30, f"a request sent after {model} recovered served")
+            _wait_for(lambda: any(sent > t_line for sent, _ in ok_at), 30,
+                      f"a request sent after {model} recovered served")
             first_ok = min(t for sent, t in ok_at if sent > t_kill)  # of the requests sent after the kill
             during = watch.between(t_kill, t_line)
             assert any(r == 503 for _, r, _ in during), f"/readyz never 503 while {model} was recovering"

@@ -30,7 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
 
-from revpers_client.protocol import ADMIN_KEY_ENV, ADMIN_KEY_HEADER, API_KEY_ENV, API_KEY_HEADER
+from revpers_client.protocol import (
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_HEADER,
+    API_KEY_ENV,
+    API_KEY_HEADER,
+)
 
 from .errors import PortInUseError, ServerUsageError, TritonServerError
 from .install import (
@@ -118,6 +123,10 @@ def http_request(url: str, data: bytes | None = None, timeout: float = 2.0,
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def _brief(body: bytes) -> str:
+    return body[:300].decode("utf-8", "replace")
 
 
 def tail(path: Path, offset: int = 0, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
@@ -471,7 +480,8 @@ class TritonServer:
         ports = {"gRPC": (self.grpc_port, self.host), "HTTP": (self.http_port, self.http_host),
                  "metrics": (self.metrics_port, self.http_host)}
         if len({p for p, _ in ports.values()}) != len(ports):
-            raise PortInUseError(f"the gRPC, HTTP and metrics ports must differ, got { {k: p for k, (p, _) in ports.items()} }")
+            given = {k: p for k, (p, _) in ports.items()}
+            raise PortInUseError(f"the gRPC, HTTP and metrics ports must differ, got {given}")
         for name, (port, host) in ports.items():
             if port_in_use(port, host):
                 raise PortInUseError(
@@ -569,7 +579,8 @@ class TritonServer:
                 pass
             if time.monotonic() > deadline:
                 raise TritonServerError(
-                    f"tritonserver not ready after {timeout:.0f} s (models still loading?)", self.log_tail(), self.log_path
+                    f"tritonserver not ready after {timeout:.0f} s (models still loading?)",
+                    self.log_tail(), self.log_path,
                 )
             time.sleep(0.1)
 
@@ -689,7 +700,8 @@ class TritonServer:
     # -- queries and model control (the admin key, when set, is sent)
 
     def _admin(self, path: str, data: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-        return http_request(f"{self.urls.http}{path}", data=data, timeout=timeout, headers=self.security.admin_headers())
+        return http_request(f"{self.urls.http}{path}", data=data, timeout=timeout,
+                            headers=self.security.admin_headers())
 
     def is_ready(self, timeout: float = 1.0) -> bool:
         """``GET /v2/health/ready`` answered 200 (strict readiness: every loaded model READY)."""
@@ -707,15 +719,15 @@ class TritonServer:
 
     def load_model(self, name: str, timeout: float = 600.0) -> None:
         """(Re)load ``name`` (explicit model control); returns once it is loaded, raises if it failed."""
-        status, body = self._admin(f"/v2/repository/models/{urllib.parse.quote(name)}/load", data=b"{}", timeout=timeout)
+        status, body = self._admin(f"/v2/repository/models/{urllib.parse.quote(name)}/load", b"{}", timeout)
         if status != 200:
-            raise TritonServerError(f"loading model '{name}' failed ({status}): {body[:300].decode(errors='replace')}")
+            raise TritonServerError(f"loading model '{name}' failed ({status}): {_brief(body)}")
 
     def unload_model(self, name: str, timeout: float = 10.0) -> None:
         """Ask for ``name`` to be unloaded; Triton returns at once and unloads once its requests finish."""
-        status, body = self._admin(f"/v2/repository/models/{urllib.parse.quote(name)}/unload", data=b"{}", timeout=timeout)
+        status, body = self._admin(f"/v2/repository/models/{urllib.parse.quote(name)}/unload", b"{}", timeout)
         if status != 200:
-            raise TritonServerError(f"unloading model '{name}' failed ({status}): {body[:300].decode(errors='replace')}")
+            raise TritonServerError(f"unloading model '{name}' failed ({status}): {_brief(body)}")
 
     def metrics_text(self, timeout: float = 2.0) -> str:
         status, body = http_request(self.urls.metrics, timeout=timeout)

@@ -137,15 +137,12 @@ def serve(
         os.close(fd)
         log_file = name
     drain_dir = Path(tempfile.mkdtemp(prefix="revpers-drain-"))
-    drain_file = drain_dir / "draining"
-    security = security or Security()
     server = TritonServer(
         repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, host=host,
-        http_host=http_host, security=security, log_verbose=log_verbose, log_file=log_file,
-        extra_args=extra_args, model_control_mode="explicit", env={DRAIN_FILE_ENV: str(drain_file)},
+        http_host=http_host, security=security or Security(), log_verbose=log_verbose, log_file=log_file,
+        extra_args=extra_args, model_control_mode="explicit", env={DRAIN_FILE_ENV: str(drain_dir / "draining")},
     )
-    health = Health()
-    supervisor = Supervisor(server, health, entry_models=entry_models, drain_file=drain_file)
+    supervisor = Supervisor(server, Health(), entry_models=entry_models, drain_file=drain_dir / "draining")
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -158,68 +155,82 @@ def serve(
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    follower: _LogFollower | None = None
-    endpoint: HealthEndpoint | None = None
-    clean_stop = False
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cleanup = contextlib.ExitStack()  # run in reverse: follower, endpoint, server, supervisor, stopping, ...
+    cleanup.callback(LOG.removeHandler, handler)
+    cleanup.callback(shutil.rmtree, drain_dir, ignore_errors=True)
+    for sig, old in previous.items():
+        cleanup.callback(signal.signal, sig, old)
+    cleanup.callback(stopping.set)
+    cleanup.callback(server.stop)
+    cleanup.callback(supervisor.stop)
+    cleanup.callback(stopping.set)
+    code = 1
     try:
         try:
-            try:
-                if health_port in (grpc_port, http_port, metrics_port):
-                    raise PortInUseError(f"the health port {health_port} must differ from the server's ports")
-                try:
-                    endpoint = HealthEndpoint(health, http_host, health_port).start()
-                except OSError as exc:
-                    raise PortInUseError(f"health port {health_port} on {http_host}: {exc.strerror or exc}; "
-                                         "choose another with --health-port") from None
-            except ServerUsageError as exc:
-                LOG.error("%s", exc)
-                return 2
-            if stream_log:
-                Path(log_file).touch()
-                follower = _LogFollower(Path(log_file), Path(log_file).stat().st_size, sys.stderr)
-                follower.start()
-            return _serve(server, supervisor, endpoint, startup_timeout, quiet_errors=stream_log)
+            code = _run(server, supervisor, cleanup, health_port, startup_timeout, stream_log, Path(log_file))
         except _StopRequested as req:
             stopping.set()
-            LOG.info("%s received: draining (new requests refused, up to %.0f s for those in flight)",
-                     signal.Signals(req.signum).name, drain_timeout)
-            # before the server was up (no supervisor yet) there is nothing to drain
-            drained = supervisor.drain(drain_timeout) if supervisor.ident is not None else True
-            supervisor.stop()
-            stuck = bool(supervisor.reloaded) and drained
-            code = server.stop(timeout=STUCK_EXIT_GRACE_S if stuck else None)
-            health.set(live=False, ready=False, state="stopped")
-            if drained and code != 0 and stuck:
-                LOG.warning("tritonserver did not exit by itself after the drain (exit %s): a version of %s "
-                            "whose stub died stays UNLOADING in Triton; every request had finished",
-                            code, ", ".join(f"'{m}'" for m in sorted(supervisor.reloaded)))
-            elif code not in (0, None):
-                LOG.error("tritonserver exited with code %s while stopping", code)
-                return 1
-            if not drained:
-                LOG.error("stopped without a complete drain")
-                return 1
-            LOG.info("stopped")
-            clean_stop = True
-            return 0
+            code = _drain_and_stop(server, supervisor, req.signum, drain_timeout)
         finally:
-            stopping.set()
-            supervisor.stop()
-            server.stop()
-            if endpoint is not None:
-                endpoint.close()
-            if follower is not None:
-                follower.finish()
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-            shutil.rmtree(drain_dir, ignore_errors=True)
-            if own_log and clean_stop:  # as TritonServer does with its own temp log
-                Path(log_file).unlink(missing_ok=True)
-            LOG.removeHandler(handler)
+            if own_log and code == 0:  # after a clean stop, as TritonServer does with its own temp log
+                cleanup.callback(Path(log_file).unlink, missing_ok=True)
+            cleanup.close()
     except _StopRequested:  # a signal landed in the cleanup above: it is done by now
         return 0
+    return code
+
+
+def _run(server: TritonServer, supervisor: Supervisor, cleanup: contextlib.ExitStack, health_port: int,
+         startup_timeout: float, stream_log: bool, log_file: Path) -> int:
+    """Health endpoint, log streaming, start, then serve until the server dies (a signal interrupts)."""
+    try:
+        endpoint = _start_health(supervisor.health, server.http_host, health_port,
+                                 (server.grpc_port, server.http_port, server.metrics_port))
+    except ServerUsageError as exc:
+        LOG.error("%s", exc)
+        return 2
+    cleanup.callback(endpoint.close)
+    if stream_log:
+        log_file.touch()
+        follower = _LogFollower(log_file, log_file.stat().st_size, sys.stderr)
+        follower.start()
+        cleanup.callback(follower.finish)
+    return _serve(server, supervisor, endpoint, startup_timeout, quiet_errors=stream_log)
+
+
+def _start_health(health: Health, host: str, port: int, server_ports: Sequence[int]) -> HealthEndpoint:
+    if port in server_ports:
+        raise PortInUseError(f"the health port {port} must differ from the server's ports")
+    try:
+        return HealthEndpoint(health, host, port).start()
+    except OSError as exc:
+        raise PortInUseError(f"health port {port} on {host}: {exc.strerror or exc}; "
+                             "choose another with --health-port") from None
+
+
+def _drain_and_stop(server: TritonServer, supervisor: Supervisor, signum: int, drain_timeout: float) -> int:
+    """The stop sequence after SIGTERM/SIGINT (docs/serving.md, "Drain"); returns serve's exit code."""
+    LOG.info("%s received: draining (new requests refused, up to %.0f s for those in flight)",
+             signal.Signals(signum).name, drain_timeout)
+    # before the server was up (no supervisor yet) there is nothing to drain
+    drained = supervisor.drain(drain_timeout) if supervisor.ident is not None else True
+    supervisor.stop()
+    stuck = bool(supervisor.reloaded) and drained
+    code = server.stop(timeout=STUCK_EXIT_GRACE_S if stuck else None)
+    supervisor.health.set(live=False, ready=False, state="stopped")
+    if drained and code != 0 and stuck:
+        LOG.warning("tritonserver did not exit by itself after the drain (exit %s): a version of %s "
+                    "whose stub died stays UNLOADING in Triton; every request had finished",
+                    code, ", ".join(f"'{m}'" for m in sorted(supervisor.reloaded)))
+    elif code not in (0, None):
+        LOG.error("tritonserver exited with code %s while stopping", code)
+        return 1
+    if not drained:
+        LOG.error("stopped without a complete drain")
+        return 1
+    LOG.info("stopped")
+    return 0
 
 
 def _serve(server: TritonServer, supervisor: Supervisor, endpoint: HealthEndpoint | None,
@@ -234,6 +245,24 @@ def _serve(server: TritonServer, supervisor: Supervisor, endpoint: HealthEndpoin
         LOG.error("%s", exc.summary if quiet_errors else exc)
         return 1
     supervisor.start()
+    _report_ready(server, endpoint)
+    proc = server.process
+    assert proc is not None
+    while True:
+        try:
+            code = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    supervisor.stop()
+    supervisor.health.set(live=False, ready=False, state="dead")
+    err = TritonServerError(*server.death_parts(code, "while serving"))
+    LOG.error("%s", err.summary if quiet_errors else err)
+    return 1
+
+
+def _report_ready(server: TritonServer, endpoint: HealthEndpoint | None) -> None:
+    """The start report: URLs, models, warnings; its last line holds every URL."""
     urls, sec = server.urls, server.security
     try:
         models = server.repository_index()
@@ -241,7 +270,8 @@ def _serve(server: TritonServer, supervisor: Supervisor, endpoint: HealthEndpoin
         models = []
         LOG.warning("repository index unavailable: %s", exc)
     ready = [f"{m['name']} (v{m.get('version', '?')})" for m in models if m.get("state") == "READY"]
-    not_ready = [f"{m['name']}: {m.get('state', '?')} {m.get('reason', '')}".strip() for m in models if m.get("state") != "READY"]
+    not_ready = [f"{m['name']}: {m.get('state', '?')} {m.get('reason', '')}".strip()
+                 for m in models if m.get("state") != "READY"]
     tls = "mutual TLS" if sec.tls_ca else "TLS" if sec.tls_cert else "plaintext"
     health_url = f"http://{client_host(server.http_host)}:{endpoint.port}" if endpoint else None
     LOG.info("tritonserver ready in %.1f s (pid %d)", server.startup_seconds or 0.0, server.pid)
@@ -256,26 +286,13 @@ def _serve(server: TritonServer, supervisor: Supervisor, endpoint: HealthEndpoin
         LOG.warning("  models not ready: %s", "; ".join(not_ready))
     if server.argv_hidden is False:
         LOG.warning("  the API keys could not be wiped from tritonserver's command line (ps shows them)")
-    for where, bind in (("gRPC", server.host), ("HTTP and metrics", server.http_host)):
-        if not _is_loopback(bind):
-            LOG.warning("  %s listen on %s, beyond this machine%s", where, bind,
-                        "" if where == "gRPC" and sec.tls_cert and sec.api_key else
-                        ": use TLS and an API key" if where == "gRPC" else ": put a TLS proxy in front (docs/serving.md)")
+    if not _is_loopback(server.host) and not (sec.tls_cert and sec.api_key):
+        LOG.warning("  gRPC listens on %s, beyond this machine, without TLS and an API key", server.host)
+    if not _is_loopback(server.http_host):
+        LOG.warning("  HTTP and metrics listen on %s, beyond this machine, in plaintext: put a TLS proxy in "
+                    "front instead (docs/serving.md)", server.http_host)
     LOG.info("  ready: grpc %s, http %s, metrics %s%s; Ctrl-C or SIGTERM drains and stops (log %s)",
              urls.grpc, urls.http, urls.metrics, f", health {health_url}/readyz" if health_url else "", server.log_path)
-    proc = server.process
-    assert proc is not None
-    while True:
-        try:
-            code = proc.wait(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    supervisor.stop()
-    supervisor.health.set(live=False, ready=False, state="dead")
-    err = TritonServerError(*server.death_parts(code, "while serving"))
-    LOG.error("%s", err.summary if quiet_errors else err)
-    return 1
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -344,7 +361,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m revpers.launcher.serve", description="Serve a Triton model repository.")
+    parser = argparse.ArgumentParser(prog="python -m revpers.launcher.serve",
+                                     description="Serve a Triton model repository.")
     return run_serve(add_serve_arguments(parser).parse_args(argv))
 
 
