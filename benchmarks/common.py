@@ -20,9 +20,9 @@ from revpers.faces.samples import insightface_photo
 from revpers.models.bundle import MANIFEST, load_bundle
 from revpers.models.smoke import write_smoke_bundle
 from revpers.service.images import FORMATS
+from revpers.serving.launcher import find_tritonserver
 from revpers.serving.repository import BACKENDS as REPOSITORY_BACKENDS
 from revpers.serving.repository import build_repository
-from revpers.triton_server import find_tritonserver
 from revpers_client.cli import faces_of
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 from benchmarks.common import anonymized_faces
-from revpers.triton_server import TritonServer, free_ports
+from revpers.serving.launcher import TritonServer, free_ports
 from revpers_client import RevpersClient
 from revpers_client.cli import latency_stats
 
 
 def triton_server(repository: Path):
-    """A ``revpers.triton_server.TritonServer`` for ``repository`` on free loopback ports; use it as
+    """A ``revpers.serving.launcher.TritonServer`` for ``repository`` on free loopback ports; use it as
     a context manager (started and ready inside the block, stopped after; ``startup_seconds`` is the
     time to ready)."""
     grpc, http, metrics = free_ports(3)

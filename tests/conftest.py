@@ -64,7 +64,7 @@ def start_triton(repository):
     stops it (``srv.stop()``)."""
     import importlib.util
 
-    from revpers.triton_server import TritonNotFoundError, TritonServer, find_tritonserver, free_ports
+    from revpers.serving.launcher import TritonNotFoundError, TritonServer, find_tritonserver, free_ports
 
     try:
         find_tritonserver()

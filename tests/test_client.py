@@ -349,7 +349,7 @@ def url(triton_server):
 def second(onnxruntime_repository):
     """A second tritonserver, started by the first test that needs it (the late-start retry test
     starts it while a client is already retrying against its port)."""
-    from revpers.triton_server import TritonServer, free_ports
+    from revpers.serving.launcher import TritonServer, free_ports
 
     pytest.importorskip("tritonclient.grpc")
     holder = {"ports": free_ports(3), "server": None}
@@ -623,7 +623,7 @@ def test_two_servers_both_receive_work(url, triton_server, second, tmp_path):
 
 @server_tests
 def test_dead_server_in_the_list_is_retried_elsewhere(url):
-    from revpers.triton_server import free_port
+    from revpers.serving.launcher import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     data = TOM.read_bytes()
@@ -657,7 +657,7 @@ def test_deadline_exceeded_is_retried_invalid_argument_is_not(url):
 
 @server_tests
 def test_health(url, capsys):
-    from revpers.triton_server import free_port
+    from revpers.serving.launcher import free_port
 
     assert run_cli("health", "--url", url) == 0
     text = capsys.readouterr().out

@@ -37,7 +37,7 @@ from referencing import Registry, Resource
 
 from revpers.cli import build_parser, main
 from revpers.service.images import encode_image
-from revpers.triton_server import free_ports
+from revpers.serving.launcher import free_ports
 from revpers_client import protocol
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,25 +1,35 @@
-"""revpers.triton_server: finding tritonserver, the Python-backend directory, and running a real
+"""revpers.serving.launcher: finding tritonserver, the Python-backend directory, and running a real
 server (Python backend, BLS, gRPC, health, metrics, clean stop, failed loads, `revpers serve`)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import ipaddress
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_photo
 
-from revpers import triton_server as ts
-from revpers.triton_server import (
+from revpers.service.images import encode_image
+from revpers.serving.launcher import (
     PortInUseError,
+    Security,
+    ServerUsageError,
     TritonInstall,
     TritonNotFoundError,
     TritonServer,
@@ -28,6 +38,18 @@ from revpers.triton_server import (
     free_ports,
     port_in_use,
     prepare_backend_dir,
+)
+from revpers.serving.launcher import install as launcher_install
+from revpers.serving.launcher.serve import add_serve_arguments, run_serve
+from revpers.serving.launcher.supervise import in_flight
+from revpers_client.protocol import (
+    ADMIN_KEY_HEADER,
+    API_KEY_HEADER,
+    GRPC_HEADER_PREFIX,
+    INPUT_IMAGE,
+    INPUT_PARAMS,
+    MODEL,
+    OUTPUT_REPORT,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +101,7 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        import revpers.triton_server  # noqa: F401  (fails the load if the path is wrong)
+        import revpers.serving.launcher.process  # noqa: F401  (fails the load if the path is wrong)
         import revpers_stub_probe  # noqa: F401
 
     def execute(self, requests):
@@ -257,8 +279,8 @@ def test_find_tritonserver_prefers_REVPERS_TRITONSERVER(tmp_path, monkeypatch):
 
 def test_find_tritonserver_missing_names_the_server_extra(monkeypatch, tmp_path):
     monkeypatch.delenv("REVPERS_TRITONSERVER", raising=False)
-    real_find_spec = ts.importlib.util.find_spec
-    monkeypatch.setattr(ts.importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
+    real_find_spec = launcher_install.importlib.util.find_spec
+    monkeypatch.setattr(launcher_install.importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(TritonNotFoundError, match=re.escape("pip install 'revpers[server]'")):
         find_tritonserver()
@@ -353,11 +375,15 @@ def test_model_failing_in_initialize_makes_start_raise(install, cache_dir, tmp_p
     assert _processes_mentioning(str(repo)) == []
 
 
-def _launch_serve(repo: Path, ports, cache_dir: Path, log: Path, probe_dir: Path) -> subprocess.Popen:
-    env = dict(os.environ, REVPERS_CACHE_DIR=str(cache_dir), PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{probe_dir}")
+def _launch_serve(repo: Path, ports, cache_dir: Path, log: Path, probe_dir: Path | None = None,
+                  extra=(), env=None) -> subprocess.Popen:
+    """`revpers serve` on ``ports`` (gRPC, HTTP, metrics, health) with no bind option (the default)."""
+    pythonpath = os.pathsep.join(str(p) for p in (REPO_ROOT, probe_dir) if p)
+    env = dict(os.environ, REVPERS_CACHE_DIR=str(cache_dir), PYTHONPATH=pythonpath, **(env or {}))
     cmd = [
-        sys.executable, "-m", "revpers.triton_server", "--repository", str(repo), "--host", "127.0.0.1",
+        sys.executable, "-m", "revpers.serving.launcher.serve", "--repository", str(repo),
         "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
+        "--health-port", str(ports[3]), *extra,
     ]
     with open(log, "wb") as err:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -386,7 +412,7 @@ def _wait_serving(proc: subprocess.Popen, log: Path, timeout: float = 60) -> int
 
 @pytest.mark.server
 def test_serve_stops_cleanly_on_sigterm(install, cache_dir, good_repo, probe_dir, tmp_path):
-    ports = free_ports(3)
+    ports = free_ports(4)
     log = tmp_path / "serve.log"
     proc = _launch_serve(good_repo, ports, cache_dir, log, probe_dir)
     try:
@@ -413,7 +439,7 @@ def test_serve_stops_cleanly_on_sigterm(install, cache_dir, good_repo, probe_dir
 
 @pytest.mark.server
 def test_serve_exits_nonzero_when_the_server_dies(install, cache_dir, good_repo, probe_dir, tmp_path):
-    ports = free_ports(3)
+    ports = free_ports(4)
     log = tmp_path / "serve.log"
     proc = _launch_serve(good_repo, ports, cache_dir, log, probe_dir)
     try:
@@ -432,7 +458,7 @@ def test_serve_exits_nonzero_when_the_server_dies(install, cache_dir, good_repo,
 def test_server_goes_away_when_its_python_process_is_killed(install, cache_dir, good_repo, probe_dir, tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from revpers.triton_server import TritonServer, free_ports
+        from revpers.serving.launcher import TritonServer, free_ports
         server = TritonServer({str(good_repo)!r}, *free_ports(3), cache_dir={str(cache_dir)!r}).start()
         print(server.pid, flush=True)
         time.sleep(120)
@@ -456,3 +482,511 @@ def test_server_goes_away_when_its_python_process_is_killed(install, cache_dir, 
             owner.kill()
         if server_pid is not None and not _group_gone(server_pid, wait=0):
             os.killpg(server_pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- production serving (issue 14)
+# `revpers serve` on the tiny models of tests/launcher_models: `front` (the entry, a BLS that keeps the
+# drain contract) calls `work`. Server-side facts these tests rely on: /work/shared/reference/triton-ops.md.
+
+LAUNCHER_MODELS = Path(__file__).resolve().parent / "launcher_models"
+
+
+def test_security_arguments_use_the_colon_form_and_split_inference_from_admin():
+    sec = Security(api_key="k1", admin_key="k2", tls_cert=Path("/c.pem"), tls_key=Path("/k.pem"),
+                   tls_ca=Path("/ca.pem"))
+    args = sec.arguments()
+    assert "--grpc-restricted-protocol=inference:x-api-key=k1" in args
+    assert "--http-restricted-api=inference:x-api-key=k1" in args
+    admin = "shared-memory,model-config,model-repository,statistics,trace,logging:x-admin-key=k2"
+    assert f"--grpc-restricted-protocol={admin}" in args and f"--http-restricted-api={admin}" in args
+    assert {"--grpc-use-ssl=true", "--grpc-server-cert=/c.pem", "--grpc-server-key=/k.pem",
+            "--grpc-use-ssl-mutual=true", "--grpc-root-cert=/ca.pem"} <= set(args)
+    assert Security().arguments() == []
+    assert sec.redact("a k1 b k2") == "a *** b ***"
+
+
+@pytest.mark.parametrize("sec, message", [
+    (Security(tls_cert=Path("/c.pem")), "--tls-cert and --tls-key go together"),
+    (Security(tls_ca=Path("/ca.pem")), "needs --tls-cert"),
+    (Security(api_key="a:b"), "API key must be"),
+    (Security(admin_key=""), "admin key must be"),
+])
+def test_security_check_refuses_unusable_settings(sec, message):
+    with pytest.raises(ServerUsageError, match=message):
+        sec.check()
+
+
+def test_serve_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n")
+    for argv, message in [
+        (["--repository", str(tmp_path), "--api-key-file", str(tmp_path / "missing.key")],
+         "cannot read the API key file"),
+        (["--repository", str(tmp_path), "--admin-key-file", str(empty)], "admin key file .* is empty"),
+        (["--repository", str(tmp_path), "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(empty)],
+         "no such file"),
+    ]:
+        assert run_serve(parser.parse_args(argv)) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_in_flight_sums_the_gauge_and_tells_absence():
+    page = "# HELP revpers_requests_in_flight x\nrevpers_requests_in_flight{model=\"a\"} 2\n" \
+           "revpers_requests_in_flight{model=\"b\"} 1\nrevpers_requests_in_flight_other 7\n"
+    assert in_flight(page) == 3
+    assert in_flight("nv_inference_count{model=\"a\"} 4\n") is None
+
+
+@pytest.fixture()
+def front_repo(tmp_path):
+    repo = tmp_path / "models"
+    shutil.copytree(LAUNCHER_MODELS, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
+
+
+def _stub(repo: Path, model: str) -> tuple[int, str]:
+    """(pid, shm region) of the live stub of ``model`` (its argv: stub, model.py, shm region, ...)."""
+    for pid in _processes_mentioning(str(repo / model / "1" / "model.py")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if argv[0].endswith(b"triton_python_backend_stub") and state != "Z":
+            return pid, argv[2].decode()
+    raise AssertionError(f"no live stub of {model}")
+
+
+def _shm_left(regions) -> list[str]:
+    return [r for r in regions if (Path("/dev/shm") / r).exists()]
+
+
+def _status(url: str) -> int:
+    try:
+        return _get(url, timeout=2)[0]
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return -1
+
+
+class _HealthWatch(threading.Thread):
+    """Polls serve's /readyz and /livez every 20 ms: [(t, ready status, live status)]."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.base, self.seen, self.done = f"http://127.0.0.1:{port}", [], threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.seen.append((time.monotonic(), _status(f"{self.base}/readyz"), _status(f"{self.base}/livez")))
+            time.sleep(0.02)
+
+    def between(self, t0: float, t1: float) -> list[tuple]:
+        return [s for s in self.seen if t0 <= s[0] <= t1]
+
+
+def _retryable(exc) -> bool:
+    """What a client retries while a server recovers: UNAVAILABLE, NOT_FOUND, and the INTERNAL
+    "Stub process ... is not healthy" that Triton gives a request already in the dead stub."""
+    return exc.status() in ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND") or "is not healthy" in exc.message()
+
+
+def _front(client, value: float, headers=None):
+    grpc = pytest.importorskip("tritonclient.grpc")
+    inp = grpc.InferInput("INPUT0", [1, 1], "FP32")
+    inp.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+    return float(client.infer("front", [inp], headers=headers).as_numpy("OUTPUT0")[0, 0])
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _stop_serve(proc: subprocess.Popen, log: Path, timeout: float = 60) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"serve did not stop:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+_RECOVERED = r"stub {instance} \(pid {pid}\) died; reloaded model '{model}'; serving again ([\d.]+) s"
+
+
+@pytest.mark.server
+def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_repo, tmp_path):
+    """kill -9 of the component stub, then of the entry (BLS) stub, under a steady stream of requests
+    from a client that retries: readiness and liveness go false while recovering, the model is
+    reloaded, no request fails, the dead stubs' shm files are gone and SIGTERM still exits 0."""
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    ports = free_ports(4)
+    log = tmp_path / "serve.log"
+    proc = _launch_serve(front_repo, ports, cache_dir, log, extra=["--entry-model", "front", "--quiet"])
+    client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    watch = _HealthWatch(ports[3])
+    done, failures, retried, ok_at = threading.Event(), [], [], []
+
+    def steady():
+        while not done.is_set():
+            sent = time.monotonic()
+            for _ in range(600):  # one request, retried every 50 ms for up to 30 s
+                try:
+                    assert _front(client, 0.0) == 2.0
+                    ok_at.append((sent, time.monotonic()))
+                    break
+                except InferenceServerException as exc:
+                    if not _retryable(exc):
+                        failures.append(f"{exc.status()}: {exc.message()}")
+                        break
+                    retried.append(exc.status())
+                    time.sleep(0.05)
+            time.sleep(0.02)
+
+    load = threading.Thread(target=steady, daemon=True)
+    try:
+        _wait_serving(proc, log)
+        watch.start()
+        load.start()
+        _wait_for(lambda: len(ok_at) >= 3, 30, "requests before the kill")
+        assert failures == []
+        figures = []
+        for model in ("work", "front"):
+            pid, region = _stub(front_repo, model)
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            line = _wait_for(lambda: re.search(_RECOVERED.format(instance=f"{model}_0_0", pid=pid, model=model),
+                                               log.read_text(errors="replace")), 60, f"the recovery of {model}")
+            t_line = time.monotonic()
+            _wait_for(lambda: any(sent > t_line for sent, _ in ok_at), 30,
+                      f"a request sent after {model} recovered served")
+            first_ok = min(t for sent, t in ok_at if sent > t_kill)  # of the requests sent after the kill
+            during = watch.between(t_kill, t_line)
+            assert any(r == 503 for _, r, _ in during), f"/readyz never 503 while {model} was recovering"
+            assert any(lv == 503 for _, _, lv in during), f"/livez never 503 while {model}'s stub was dead"
+            assert _status(f"http://127.0.0.1:{ports[3]}/readyz") == 200
+            assert _status(f"http://127.0.0.1:{ports[3]}/livez") == 200
+            assert _shm_left([region]) == []  # the dead stub's region was removed
+            assert _stub(front_repo, model)[0] != pid  # a new stub serves
+            figures.append(f"{model}: reloaded {float(line.group(1)):.2f} s after the death was seen; "
+                           f"kill -> first request sent after it served {first_ok - t_kill:.2f} s")
+        done.set()
+        load.join(timeout=60)
+        print("\n" + "\n".join(figures) + f"\nretried {len(retried)} times: {sorted(set(retried))}; ok {len(ok_at)}")
+        assert failures == []
+        regions = [_stub(front_repo, m)[1] for m in ("work", "front")]
+        assert _stop_serve(proc, log) == 0, log.read_text()[-3000:]
+        assert _shm_left(regions) == []
+    finally:
+        done.set()
+        watch.done.set()
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _gauge(metrics_port: int) -> float | None:
+    try:
+        return in_flight(_get(f"http://127.0.0.1:{metrics_port}/metrics")[1].decode())
+    except OSError:
+        return None
+
+
+@pytest.mark.server
+def test_sigterm_drains_four_requests_in_flight(install, cache_dir, front_repo, tmp_path):
+    """SIGTERM with 4 requests running in the entry model (each still has its child call to make):
+    readiness goes false, a new request gets UNAVAILABLE, the 4 complete, serve exits 0 and the
+    stubs' shm files are gone."""
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    gate = tmp_path / "release-front"
+    ports = free_ports(4)
+    log = tmp_path / "serve.log"
+    proc = _launch_serve(front_repo, ports, cache_dir, log, extra=["--entry-model", "front", "--drain-timeout", "120"],
+                         env={"FRONT_GATE_FILE": str(gate)})
+    client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    results: list = []
+    try:
+        server_pid = _wait_serving(proc, log)
+        regions = [_stub(front_repo, m)[1] for m in ("front", "work")]
+
+        def one():
+            try:
+                results.append(_front(client, -1.0))
+            except InferenceServerException as exc:
+                results.append(f"{exc.status()}: {exc.message()}")
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: _gauge(ports[2]) == 4, 30, "4 requests executing in front")
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: _status(f"http://127.0.0.1:{ports[3]}/readyz") == 503, 10, "/readyz 503 after SIGTERM")
+        with pytest.raises(InferenceServerException) as refused:
+            _front(client, 0.0)
+        assert refused.value.status() == "StatusCode.UNAVAILABLE" and "draining" in refused.value.message()
+        assert proc.poll() is None and results == []  # still waiting for the 4
+        gate.touch()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == [0.0] * 4, results  # (-1 + 1) * 2 each
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "SIGTERM received: draining" in text and "drain finished" in text and "stopped" in text
+    assert _group_gone(server_pid)
+    assert _shm_left(regions) == []
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses listening on ``port``, from /proc/net/tcp and tcp6."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state = fields[1], fields[3]
+                addr_hex, port_hex = local.split(":")
+                if state != "0A" or int(port_hex, 16) != port:
+                    continue
+                raw = bytes.fromhex(addr_hex)
+                if len(raw) == 4:
+                    out.append(str(ipaddress.IPv4Address(raw[::-1])))
+                else:  # four little-endian 32-bit words
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    a6 = ipaddress.IPv6Address(words)
+                    out.append(str(a6.ipv4_mapped or a6))
+    return out
+
+
+def _outward_address() -> str | None:
+    """A non-loopback address of this machine (the one it would route out from), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))  # UDP connect: no packet is sent
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(addr).is_loopback else addr
+
+
+@pytest.mark.server
+def test_serve_binds_loopback_by_default_prints_its_ready_line_quietly_and_closes_admin_apis(
+        install, cache_dir, front_repo, tmp_path):
+    """`revpers serve --quiet` through the CLI (whose root logger is at WARNING): its ready line still
+    prints; every port listens on 127.0.0.1 only; with no admin key given the admin APIs are shut."""
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    ports = free_ports(4)
+    log = tmp_path / "serve.log"
+    env = dict(os.environ, REVPERS_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO_ROOT))
+    env.pop("REVPERS_ADMIN_KEY", None)
+    env.pop("REVPERS_API_KEY", None)
+    cmd = [sys.executable, "-m", "revpers.cli", "serve", "--repository", str(front_repo), "--quiet",
+           "--entry-model", "front", "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
+           "--metrics-port", str(ports[2]), "--health-port", str(ports[3])]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    try:
+        _wait_serving(proc, log)
+        text = log.read_text()
+        assert re.search(rf"ready: grpc 127\.0\.0\.1:{ports[0]}, http http://127\.0\.0\.1:{ports[1]}, "
+                         rf"metrics http://127\.0\.0\.1:{ports[2]}/metrics, health http://127\.0\.0\.1:{ports[3]}/readyz",
+                         text), text
+        assert "successfully loaded" not in text  # --quiet: the server log is not streamed
+        for port in ports:
+            found = _listeners(port)
+            assert found and all(ipaddress.ip_address(a).is_loopback for a in found), (port, found)
+        outward = _outward_address()
+        if outward is not None:
+            for port in ports:
+                with socket.socket() as s, pytest.raises(OSError):
+                    s.settimeout(2)
+                    s.connect((outward, port))
+        else:
+            print("no non-loopback address on this machine: connect check skipped")
+        assert _front(client, 0.0) == 2.0  # inference is open (no API key given)
+        status, _ = _post_status(f"http://127.0.0.1:{ports[1]}/v2/repository/index")
+        assert status == 403  # model-repository needs the (random) admin key
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_model_config("front")
+        assert _stop_serve(proc, log) == 0, log.read_text()[-3000:]
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _post_status(url: str, headers=None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=b"{}", method="POST", headers=dict(headers or {}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _openssl(*args, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_certs(d: Path) -> None:
+    """ca.pem (+ server.pem/key signed by it, for 127.0.0.1 and localhost; client.pem/key) and an
+    unrelated other-ca.pem."""
+    d.mkdir(parents=True, exist_ok=True)
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=revpers test {ca}",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for who in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=revpers test {who}",
+                 "-keyout", f"{who}.key", "-out", f"{who}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", f"{who}.ext", "-out", f"{who}.pem", cwd=d)
+
+
+@pytest.mark.server
+def test_grpc_mutual_tls_and_api_keys(install, cache_dir, front_repo, tmp_path):
+    """gRPC with mutual TLS, an API key for inference (from the environment) and an admin key (from
+    a file): no key -> refused, the key -> served, no CA / wrong CA / no client certificate ->
+    refused; admin APIs need the admin key on gRPC and HTTP; neither key is in tritonserver's argv
+    or in anything serve prints."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make test certificates")
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    certs = tmp_path / "certs"
+    _make_certs(certs)
+    api_key, admin_key = "api-" + os.urandom(12).hex(), "adm-" + os.urandom(12).hex()
+    (tmp_path / "admin.key").write_text(admin_key + "\n")
+    ports = free_ports(4)
+    log = tmp_path / "serve.log"
+    proc = _launch_serve(front_repo, ports, cache_dir, log, env={"REVPERS_API_KEY": api_key},
+                         extra=["--entry-model", "front", "--admin-key-file", str(tmp_path / "admin.key"),
+                                "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
+                                "--tls-ca", str(certs / "ca.pem")])
+    url = f"127.0.0.1:{ports[0]}"
+
+    def tls_client(ca="ca.pem", cert=True):
+        return InferenceServerClient(url, ssl=True, root_certificates=str(certs / ca) if ca else None,
+                                     private_key=str(certs / "client.key") if cert else None,
+                                     certificate_chain=str(certs / "client.pem") if cert else None)
+
+    key = {GRPC_HEADER_PREFIX + API_KEY_HEADER: api_key}
+    admin = {GRPC_HEADER_PREFIX + ADMIN_KEY_HEADER: admin_key}
+    try:
+        server_pid = _wait_serving(proc, log)
+        good = tls_client()
+        assert _front(good, 1.0, headers=key) == 4.0
+        with pytest.raises(InferenceServerException, match="restricted"):
+            _front(good, 1.0)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            _front(good, 1.0, headers={GRPC_HEADER_PREFIX + API_KEY_HEADER: "wrong"})
+        for name, bad in [("no CA", tls_client(ca=None)), ("wrong CA", tls_client(ca="other-ca.pem")),
+                          ("no client certificate", tls_client(cert=False)),
+                          ("plaintext", InferenceServerClient(url))]:
+            with pytest.raises(InferenceServerException) as info:
+                _front(bad, 1.0, headers=key)
+            assert info.value.status() == "StatusCode.UNAVAILABLE", (name, info.value)
+            bad.close()
+        with pytest.raises(InferenceServerException, match="restricted"):
+            good.get_model_config("front", headers=key)
+        assert good.get_model_config("front", headers=admin, as_json=True)["config"]["name"] == "front"
+        http = f"http://127.0.0.1:{ports[1]}"
+        assert _post_status(f"{http}/v2/repository/index")[0] == 403
+        assert _post_status(f"{http}/v2/repository/index", {API_KEY_HEADER: api_key})[0] == 403
+        assert _post_status(f"{http}/v2/repository/index", {ADMIN_KEY_HEADER: admin_key})[0] == 200
+        infer_body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]})
+        req = f"{http}/v2/models/front/infer"
+        assert _post_status(req)[0] == 403
+        r = urllib.request.Request(req, data=infer_body.encode(), method="POST", headers={API_KEY_HEADER: api_key})
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(r, timeout=10) as resp:
+            assert json.loads(resp.read())["outputs"][0]["data"] == [4.0]
+        cmdline = Path(f"/proc/{server_pid}/cmdline").read_bytes()
+        assert b"--grpc-restricted-protocol=inference:x-api-key=" in cmdline  # the option is there ...
+        assert api_key.encode() not in cmdline and admin_key.encode() not in cmdline  # ... its key is not
+        good.close()
+        assert _stop_serve(proc, log) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()  # serve's lines and the streamed server log
+    assert api_key not in text and admin_key not in text
+    assert "mutual TLS; inference needs the API key" in text
+
+
+@pytest.mark.server
+def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxruntime_repository, tmp_path):
+    """The smoke bundle's real repository: kill -9 of the `revpers` BLS stub, then of the `unet` stub;
+    requests retried by the client all succeed and serve exits 0 on SIGTERM."""
+    grpc = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    data = encode_image(real_photo(), "PNG")
+    ports = free_ports(4)
+    log = tmp_path / "serve.log"
+    proc = _launch_serve(onnxruntime_repository, ports, tmp_path / "cache", log,
+                         extra=["--quiet", "-v", "--log-file", str(tmp_path / "tritonserver.log")])
+    client = grpc.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+
+    def request() -> tuple[dict, int]:
+        image = grpc.InferInput(INPUT_IMAGE, [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+        params = grpc.InferInput(INPUT_PARAMS, [1, 1], "BYTES")
+        params.set_data_from_numpy(np.array([[json.dumps({"mode": "aligned", "steps": 2, "seed": 1}).encode()]],
+                                            dtype=np.object_))
+        retries = 0
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = client.infer(MODEL, [image, params])
+                return json.loads(r.as_numpy(OUTPUT_REPORT)[0, 0]), retries
+            except InferenceServerException as exc:
+                # the real BLS reports a dead or reloading component as INTERNAL "... not ready/healthy"
+                if not (_retryable(exc) or "is not ready" in exc.message()) or time.monotonic() > deadline:
+                    raise
+                retries += 1
+                time.sleep(0.1)
+
+    try:
+        _wait_serving(proc, log, timeout=300)
+        assert request()[0]["verdict"]
+        figures = []
+        for model in (MODEL, "unet"):
+            pid, region = _stub(onnxruntime_repository, model)
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            report, retries = request()
+            served = time.monotonic() - t_kill
+            assert report["verdict"]
+            line = _wait_for(lambda: re.search(_RECOVERED.format(instance=rf"{model}_\d+_\d+", pid=pid, model=model),
+                                               log.read_text(errors="replace")), 120, f"the recovery of {model}")
+            assert _shm_left([region]) == []
+            figures.append(f"{model}: reloaded in {float(line.group(1)):.2f} s; request sent at the kill served "
+                           f"after {served:.2f} s with {retries} retries")
+        print("\n" + "\n".join(figures))
+        assert _stop_serve(proc, log, timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()

@@ -18,8 +18,8 @@ from revpers.export.onnx_export import export_bundle
 from revpers.faces.samples import demo_photos
 from revpers.models.bundle import MANIFEST, load_bundle
 from revpers.models.smoke import write_smoke_bundle
+from revpers.serving.launcher import TritonServer, free_ports
 from revpers.serving.repository import build_repository
-from revpers.triton_server import TritonServer, free_ports
 from revpers_client import RevpersClient
 
 

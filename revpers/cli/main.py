@@ -22,7 +22,7 @@ from revpers.cli.logs import quiet_libraries
 from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
 from revpers.core.errors import RevpersError
 from revpers.evaluate.cli import add_evaluate_parser, add_sweep_parser, run_evaluate, run_sweep
-from revpers.triton_server import add_serve_arguments, run_serve
+from revpers.serving.launcher.serve import add_serve_arguments, run_serve
 
 # exit status by error kind (revpers.core.errors); an image-level outcome gives 0 or 1 instead
 EXIT_CODES = {"input": 2, "parameter": 2, "limit": 2, "bundle": 2, "face_model": 2, "cancelled": 130,
