@@ -1,4 +1,4 @@
-"""`revpers` command line: smoke-model, anonymize, verify, reconstruct, export, repository, serve."""
+"""`revpers` command line: smoke-model, bundle, anonymize, verify, reconstruct, export, repository, serve."""
 
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-size", action="store_true", help="SDXL-size models (about 7.5 GB on disk)")
     p.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda is much faster "
                    "for --full-size)")
+
+    from .bundle_tools import add_bundle_parser
+
+    add_bundle_parser(sub)
 
     p = sub.add_parser("anonymize", help="anonymize images in process; writes IMAGE + IMAGE.json per input")
     p.add_argument("inputs", nargs="+", type=Path, help="image files (JPEG/PNG/WebP)")
@@ -204,13 +208,14 @@ def cmd_anonymize(args) -> int:
 
     from .anonymizer import Anonymizer
     from .audit import add_byte_hashes
+    from .bundle_tools import require_valid_bundle
     from .images import ImageError, encode_image, format_for, read_image_bytes
 
     params = params_from_args(args)
     verify = verify_policy_from_args(args)
     if args.inversion_batch < 1:
         raise SystemExit("error: --inversion-batch must be >= 1")
-    anon = Anonymizer(args.models, device=args.device, inversion_batch=args.inversion_batch)
+    anon = Anonymizer(require_valid_bundle(args.models), device=args.device, inversion_batch=args.inversion_batch)
     args.outdir.mkdir(parents=True, exist_ok=True)
     failures, rejected, used = 0, 0, set()
     faces_by_verdict, images_by_verdict = Counter(), Counter()
@@ -311,18 +316,19 @@ def cmd_reconstruct(args) -> int:
 def cmd_export(args) -> int:
     from export.onnx_export import export_bundle
 
-    from .bundle import load_bundle
+    from .bundle_tools import require_valid_bundle
 
     if args.fp8 and not args.tensorrt:
         print("revpers export: --fp8 needs --tensorrt (it is an engine option)", file=sys.stderr)
         return 2
-    export_bundle(load_bundle(args.models), args.out, args.inversion_batch, args.tensorrt, fp8=args.fp8,
+    export_bundle(require_valid_bundle(args.models), args.out, args.inversion_batch, args.tensorrt, fp8=args.fp8,
                   calibration_images=args.calibration)
     print(f"artifacts in {args.out}")
     return 0
 
 
 def cmd_repository(args) -> int:
+    from .bundle_tools import require_valid_bundle
     from .repository import build_repository
 
     if args.backend != "pytorch" and args.artifacts is None:
@@ -331,6 +337,12 @@ def cmd_repository(args) -> int:
     if args.backend == "pytorch" and args.artifacts is None and args.models is None:
         print("revpers repository: the pytorch target needs --models (or --artifacts)", file=sys.stderr)
         return 2
+    if args.models is not None:
+        require_valid_bundle(args.models)
+    else:  # the bundle the artifacts were exported from, which the server will load
+        from export.onnx_export import load_artifacts
+
+        require_valid_bundle(load_artifacts(args.artifacts)["bundle"]["path"])
     out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
                            args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
                            torch_compile=args.torch_compile, component_instances=args.component_instances)
@@ -345,20 +357,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     from .bundle import BundleError
+    from .bundle_tools import repository_bundle, require_valid_bundle, run_bundle
     from .faces.analysis import FaceModelError
     from .pipeline import ParameterError
 
-    handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
+    handlers = {"smoke-model": cmd_smoke_model, "bundle": run_bundle, "anonymize": cmd_anonymize, "verify": cmd_verify,
                 "reconstruct": cmd_reconstruct,
                 "export": cmd_export, "repository": cmd_repository}
     if args.command == "serve":
         from .triton_server import run_serve
 
-        handlers["serve"] = run_serve
+        def serve_checked(args):  # the bundle the repository's BLS model will load, checked first
+            bundle = repository_bundle(args.repository)
+            if bundle is not None:
+                require_valid_bundle(bundle)
+            return run_serve(args)
+
+        handlers["serve"] = serve_checked
     try:
         return handlers[args.command](args)
     except (BundleError, ParameterError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # the bundle check gives one line per problem
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except FaceModelError as exc:  # a broken bundle, not a verdict: exit 1 means "a face still matches"
         print(f"error: face models: {exc}", file=sys.stderr)

@@ -123,7 +123,8 @@ class TorchRunner:
         elif component in ("vae_encoder", "vae_decoder"):
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(bundle.sdxl_dir, subfolder="vae", local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(bundle.sdxl_dir, subfolder="vae", local_files_only=True,
+                                                variant=bundle.sdxl_variant_of("vae"))
             module = VaeEncoder(vae) if component == "vae_encoder" else VaeDecoder(vae)
             dtype = torch.float32  # SDXL's VAE overflows in fp16
         else:

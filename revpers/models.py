@@ -163,7 +163,7 @@ def load_sdxl_faceid(bundle: Bundle, device: str | None = None, unet_dtype: torc
     device = device or default_device()
     if unet_dtype is None:
         unet_dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, dtype=torch.float32,
+    pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, dtype=torch.float32, variant=bundle.sdxl_variant,
                                                      local_files_only=True, add_watermarker=False)
     state = torch.load(bundle.ip_adapter_file, map_location="cpu", weights_only=True)
     check_faceid_file(state, pipe.unet)
