@@ -105,11 +105,12 @@ FACES_KEYS = (
     Key("detector_file", "str", INSIGHTFACE_DETECTOR_FILE, "SCRFD ONNX file inside the pack", "insightface"),
     Key("det_thresh", "number", 0.1, "SCRFD score threshold, in (0, 1); lower finds more faces and more "
         "false positives", "insightface"),
-    Key("det_size", "int", 640, "SCRFD input size in pixels (the photo is letterboxed to it); a positive "
-        "multiple of 32", "insightface"),
+    Key("det_size", "int", 640, "SCRFD input size in pixels (the photo is scaled into it keeping its aspect "
+        "ratio); a positive multiple of 32", "insightface"),
     Key("landmarks", "path", "shape_predictor_68_face_landmarks.dat from face-recognition-models",
         "dlib 68-point landmark model", "dlib"),
-    Key("upsample", "int", 1, "extra 2x upsampled HOG passes for faces under ~80 px (0 disables)", "dlib"),
+    Key("upsample", "int", 1, "times (each 2x) the photo is upsampled for the extra HOG pass that finds faces "
+        "under ~80 px (0: no such pass)", "dlib"),
     Key("max_pixels", "number", 24e6, "upsampling is reduced so the upsampled image stays below this many "
         "pixels", "dlib"),
     Key("rotations", "number list", [-30.0, 30.0], "extra passes on the photo rotated by these angles "
