@@ -239,3 +239,22 @@ def test_every_manifest_key_is_documented():
     for section, keys in (("", MANIFEST_KEYS), ("faces.", FACES_KEYS), ("verify.", VERIFY_KEYS)):
         for key in keys:
             assert f"`{section}{key.name}`" in doc, f"{section}{key.name} is not in docs/real-weights.md"
+
+
+def test_export_repository_and_serve_check_the_bundle_first(tmp_path, smoke_bundle_dir):
+    from export.triton_config import bls_config
+
+    bundle = _damaged(smoke_bundle_dir, tmp_path)
+    (bundle / "face_models/smoke_arcface.onnx").write_bytes(HTML)
+    line = f"error: {bundle}/face_models/smoke_arcface.onnx: not an ONNX model"
+    repo = tmp_path / "repo"  # a repository whose BLS model would load the damaged bundle
+    (repo / "revpers").mkdir(parents=True)
+    (repo / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle), 1, 10))
+    for args in (("export", "--models", bundle, "--out", tmp_path / "artifacts"),
+                 ("repository", "--models", bundle, "--backend", "pytorch", "--out", tmp_path / "repo2"),
+                 ("serve", "--repository", repo)):
+        proc = revpers(*args)
+        assert proc.returncode == 2, (args, proc.stdout + proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), proc.stderr
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "repo2").exists()
