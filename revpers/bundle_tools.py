@@ -343,6 +343,9 @@ def _component(c: _Check, sdxl: Path, name: str, index: dict, variant: str | Non
         return None
     entry = index.get(name) if isinstance(index, dict) else None
     library, class_name = entry if isinstance(entry, list) and len(entry) == 2 else SDXL_CLASSES[name]
+    if library not in ("diffusers", "transformers"):
+        c.bad(sdxl / "model_index.json", f"{name}: library {library!r} is neither diffusers nor transformers")
+        return None
     try:
         model = _meta_model(library, class_name, folder, config)
     except Exception as exc:  # noqa: BLE001 - a config its class cannot build is the problem reported
@@ -770,12 +773,12 @@ def add_bundle_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bundle", help="build a model bundle from downloaded weights (init) or validate one "
                               "(check)", description="Build a model bundle from downloaded weights, or validate one. "
                               "docs/real-weights.md lists what to download and every manifest key.")
-    sub = p.add_subparsers(dest="bundle_command", required=True)
+    sub = p.add_subparsers(dest="bundle_command", required=True, metavar="{init,check}")
     i = sub.add_parser("init", help="write a bundle (links, or copies with --copy) and its manifest.json",
                        description="Write a model bundle from downloaded files: SDXL base 1.0 (diffusers folder or "
                        "Hugging Face cache, fp32 or fp16 variant), ip-adapter-faceid_sdxl.bin and a face model "
                        "folder (insightface buffalo_l: det_10g.onnx + w600k_r50.onnx). Checks it afterwards.")
-    i.add_argument("out", type=Path, help="the bundle folder to write")
+    i.add_argument("out", type=Path, metavar="OUT", help="the bundle folder to write")
     i.add_argument("--sdxl", type=Path, required=True, metavar="DIR_OR_HF_CACHE",
                    help="stable-diffusion-xl-base-1.0 in diffusers layout, or its Hugging Face cache folder "
                         f"({SDXL_CACHE_REPO} or one of its snapshots/<hash>)")
@@ -799,7 +802,7 @@ def add_bundle_parser(subparsers) -> argparse.ArgumentParser:
                        "(safetensors headers and shapes against the configs, the adapter's keys and shapes against the "
                        "UNet including its LoRA, ONNX graphs and their inputs, manifest values). Prints one "
                        "'path: problem' line per problem and exits 2, or a one-line OK summary and exits 0.")
-    c.add_argument("dir", type=Path)
+    c.add_argument("dir", type=Path, metavar="DIR")
     return p
 
 

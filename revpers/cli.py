@@ -300,10 +300,11 @@ def cmd_verify(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from .anonymizer import Anonymizer
+    from .bundle_tools import require_valid_bundle
     from .images import read_image
 
     params = params_from_args(args)
-    anon = Anonymizer(args.models, device=args.device)
+    anon = Anonymizer(require_valid_bundle(args.models), device=args.device)
     result = anon.reconstruction_error(read_image(args.image), params)
     print(json.dumps(result, indent=2))
     ok = result["latent_max_abs_error"] <= args.tolerance

@@ -258,3 +258,35 @@ def test_export_repository_and_serve_check_the_bundle_first(tmp_path, smoke_bund
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(line), proc.stderr
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "repo2").exists()
+
+
+def _scrfd_like(path: Path, outputs: int) -> None:
+    """A graph with SCRFD's interface (one (1, 3, H, W) image in; scores, boxes [and keypoints] per
+    stride out), to exercise the detector check; it detects nothing."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = [f"out{i}" for i in range(outputs)]
+    graph = helper.make_graph([helper.make_node("Identity", ["input.1"], [n]) for n in names], "scrfd",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+    onnx.save(helper.make_model(graph), path)
+
+
+def test_bundle_init_from_an_insightface_pack_and_the_detector_check(tmp_path, smoke_bundle_dir, capsys):
+    pack = tmp_path / "buffalo_l"
+    pack.mkdir()
+    shutil.copyfile(smoke_bundle_dir / "face_models/smoke_arcface.onnx", pack / "w600k_r50.onnx")
+    shutil.copyfile(smoke_bundle_dir / "face_models/smoke_arcface.onnx", pack / "genderage.onnx")  # not taken
+    _scrfd_like(pack / "det_10g.onnx", 9)
+    out = tmp_path / "bundle"
+    rc = main(["bundle", "init", str(out), "--sdxl", str(smoke_bundle_dir / "sdxl"), "--ip-adapter",
+               str(smoke_bundle_dir / "ip_adapter/ip-adapter-faceid_sdxl.bin"), "--faces", str(pack), "--smoke"])
+    assert rc == 0, capsys.readouterr()
+    assert json.loads((out / "manifest.json").read_text())["faces"] == {
+        "detector": "insightface", "pack": "face_models/buffalo_l", "recognizer": "face_models/buffalo_l/w600k_r50.onnx"}
+    assert sorted(p.name for p in (out / "face_models/buffalo_l").iterdir()) == ["det_10g.onnx", "w600k_r50.onnx"]
+    (out / "face_models/buffalo_l/det_10g.onnx").unlink()
+    _scrfd_like(out / "face_models/buffalo_l/det_10g.onnx", 6)
+    assert check_bundle(out) == [f"{out}/face_models/buffalo_l/det_10g.onnx: an SCRFD detector without 5-point "
+                                 "keypoints: alignment needs them (use buffalo_l's det_10g.onnx)"]
