@@ -299,7 +299,8 @@ def _weight_names(base: str, variant: str | None) -> list[str]:
 
 
 def _variant_files(folder: Path, base: str) -> list[str]:
-    pattern = re.compile(rf"{re.escape(base)}\.(\w+)\.(safetensors|bin)$|{re.escape(base)}\.safetensors\.index\.(\w+)\.json$")
+    b = re.escape(base)
+    pattern = re.compile(rf"{b}\.(\w+)\.(safetensors|bin)$|{b}\.safetensors\.index\.(\w+)\.json$")
     return sorted(p.name for p in folder.glob(f"{base}*") if pattern.match(p.name))
 
 
@@ -388,7 +389,8 @@ def _component(c: _Check, sdxl: Path, name: str, index: dict, variant: str | Non
         model._fix_state_dict_keys_on_load(shapes)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in shapes]
-    wrong = [f"{k}: file {list(shapes[k])} vs config {list(s)}" for k, s in want.items() if k in shapes and shapes[k] != s]
+    wrong = [f"{k}: file {list(shapes[k])} vs config {list(s)}" for k, s in want.items()
+             if k in shapes and shapes[k] != s]
     if missing:
         c.bad(found, f"{len(missing)} of the {len(want)} tensors {class_name} needs are missing "
                      f"(e.g. {', '.join(missing[:3])}); is this the {name} file?")
@@ -454,7 +456,8 @@ def _check_adapter(c: _Check, manifest: dict, unet) -> None:
         c.bad(path, "no FaceID LoRA weights (ip_adapter.N.to_q_lora.down.weight, ...): the method needs "
                     "ip-adapter-faceid_sdxl.bin, which carries them (plain IP-Adapter or FaceID Plus files do not fit)")
         want = {k: s for k, s in want.items() if "_lora." not in k}
-    wrong = [f"{k}: file {list(shapes[k])} vs UNet {list(s)}" for k, s in want.items() if k in shapes and shapes[k] != s]
+    wrong = [f"{k}: file {list(shapes[k])} vs UNet {list(s)}" for k, s in want.items()
+             if k in shapes and shapes[k] != s]
     missing = [k for k in want if k not in shapes]
     extra = [k for k in shapes if k not in want]
     if wrong or missing or extra:
@@ -658,7 +661,7 @@ def _pick_weights(folder: Path, base: str, variant: str) -> tuple[list[Path], st
                 return [f], v
     want = " or ".join(_weight_names(base, v)[0] for v in order)
     raise BundleError(f"{folder}: no {want} (download that folder's weights"
-                      f"{'' if variant == 'auto' else f', or use --variant auto'})")
+                      f"{'' if variant == 'auto' else ', or use --variant auto'})")
 
 
 def _sdxl_files(src: Path, variant: str) -> tuple[list[tuple[Path, str]], str | None]:
@@ -673,7 +676,8 @@ def _sdxl_files(src: Path, variant: str) -> tuple[list[tuple[Path, str]], str | 
     for name, base in SDXL_WEIGHTED.items():
         folder = src / name
         if not (folder / "config.json").is_file():
-            raise BundleError(f"{folder / 'config.json'}: {_absent(folder / 'config.json')} (download the {name} folder)")
+            config = folder / "config.json"
+            raise BundleError(f"{config}: {_absent(config)} (download the {name} folder)")
         weights, v = _pick_weights(folder, base, variant)
         used.add(v)
         files += [(folder / "config.json", f"{name}/config.json")] + [(w, f"{name}/{w.name}") for w in weights]

@@ -230,7 +230,7 @@ def test_bundle_check_names_each_problem_once(damage, expected, tmp_path, smoke_
     damage(bundle)
     problems = check_bundle(bundle)
     assert len(problems) == len(expected), problems
-    for line, pattern in zip(problems, expected):
+    for line, pattern in zip(problems, expected, strict=True):
         assert line.startswith(str(bundle) + "/") and re.search(pattern, line), (line, pattern)
 
 
@@ -284,7 +284,8 @@ def test_bundle_init_from_an_insightface_pack_and_the_detector_check(tmp_path, s
                str(smoke_bundle_dir / "ip_adapter/ip-adapter-faceid_sdxl.bin"), "--faces", str(pack), "--smoke"])
     assert rc == 0, capsys.readouterr()
     assert json.loads((out / "manifest.json").read_text())["faces"] == {
-        "detector": "insightface", "pack": "face_models/buffalo_l", "recognizer": "face_models/buffalo_l/w600k_r50.onnx"}
+        "detector": "insightface", "pack": "face_models/buffalo_l",
+        "recognizer": "face_models/buffalo_l/w600k_r50.onnx"}
     assert sorted(p.name for p in (out / "face_models/buffalo_l").iterdir()) == ["det_10g.onnx", "w600k_r50.onnx"]
     (out / "face_models/buffalo_l/det_10g.onnx").unlink()
     _scrfd_like(out / "face_models/buffalo_l/det_10g.onnx", 6)
