@@ -77,9 +77,10 @@ def test_installed_revpers_builds_a_repository_and_serves_a_request(fresh_venv):
         proc = subprocess.run([revpers, *args], capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not any(str(ROOT) in p.read_text() for p in repo.rglob("config.pbtxt"))  # nothing points at the checkout
-    grpc, http, metrics = _free_port(), _free_port(), _free_port()
+    grpc, http, metrics, health = _free_port(), _free_port(), _free_port(), _free_port()
     server = subprocess.Popen([revpers, "serve", "--repository", str(repo), "--grpc-port", str(grpc),
-                               "--http-port", str(http), "--metrics-port", str(metrics)], cwd=tmp, env=env,
+                               "--http-port", str(http), "--metrics-port", str(metrics), "--health-port", str(health)],
+                              cwd=tmp, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = RevpersClient(f"127.0.0.1:{grpc}", timeout=300)

@@ -14,11 +14,14 @@ from revpers.core.errors import InputError
 from revpers.export.onnx_export import export_bundle
 from revpers.gate.loop import verify_pair
 from revpers.gate.recognizers import Verifier, verifier_for_bundle
+from revpers.models.artifacts import load_artifacts
 from revpers.models.bundle import load_bundle
 from revpers.models.smoke import write_smoke_bundle
 from revpers.service.anonymizer import Anonymizer
+from revpers.service.bundle_tools import repository_bundle, require_valid_bundle
 from revpers.service.images import FORMATS, ImageError, format_for, read_file, read_image
 from revpers.service.request import RequestOptions, anonymize_bytes
+from revpers.serving.launcher.serve import run_serve
 from revpers.serving.repository import build_repository
 
 
@@ -47,7 +50,7 @@ def cmd_anonymize(args) -> int:
     verify = verify_policy_from_args(args)
     if args.inversion_batch < 1:
         raise SystemExit("error: --inversion-batch must be >= 1")
-    anon = Anonymizer(args.models, device=args.device, inversion_batch=args.inversion_batch)
+    anon = Anonymizer(require_valid_bundle(args.models), device=args.device, inversion_batch=args.inversion_batch)
     args.outdir.mkdir(parents=True, exist_ok=True)
     failures, rejected, used = 0, 0, set()
     faces_by_verdict, images_by_verdict = Counter(), Counter()
@@ -121,7 +124,7 @@ def cmd_verify(args) -> int:
 def cmd_reconstruct(args) -> int:
 
     params = params_from_args(args)
-    anon = Anonymizer(args.models, device=args.device)
+    anon = Anonymizer(require_valid_bundle(args.models), device=args.device)
     result = anon.reconstruction_error(read_image(args.image), params)
     print(json.dumps(result, indent=2))
     ok = result["latent_max_abs_error"] <= args.tolerance
@@ -135,7 +138,7 @@ def cmd_export(args) -> int:
     if args.fp8 and not args.tensorrt:
         print("revpers export: --fp8 needs --tensorrt (it is an engine option)", file=sys.stderr)
         return 2
-    export_bundle(load_bundle(args.models), args.out, args.inversion_batch, args.tensorrt, fp8=args.fp8,
+    export_bundle(require_valid_bundle(args.models), args.out, args.inversion_batch, args.tensorrt, fp8=args.fp8,
                   calibration_images=args.calibration)
     print(f"artifacts in {args.out}")
     return 0
@@ -148,6 +151,10 @@ def cmd_repository(args) -> int:
     if args.backend == "pytorch" and args.artifacts is None and args.models is None:
         print("revpers repository: the pytorch target needs --models (or --artifacts)", file=sys.stderr)
         return 2
+    if args.models is not None:
+        require_valid_bundle(args.models)
+    else:  # the bundle the artifacts were exported from, which the server will load
+        require_valid_bundle(load_artifacts(args.artifacts)["bundle_path"])
     out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
                            args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
                            torch_compile=args.torch_compile, component_instances=args.component_instances)
@@ -159,3 +166,11 @@ def cmd_review(args) -> int:
     index = write_review(args.run_dir, args.inputs)
     print(f"review of {args.run_dir}: {index}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    """`revpers serve`, after checking the bundle the repository's BLS model will load."""
+    bundle = repository_bundle(args.repository)
+    if bundle is not None:
+        require_valid_bundle(bundle)
+    return run_serve(args)

@@ -9,12 +9,14 @@ import traceback
 from pathlib import Path
 
 from revpers import __version__
+from revpers.cli.bundle import add_bundle_parser, run_bundle
 from revpers.cli.commands import (
     cmd_anonymize,
     cmd_export,
     cmd_reconstruct,
     cmd_repository,
     cmd_review,
+    cmd_serve,
     cmd_smoke_model,
     cmd_verify,
 )
@@ -22,7 +24,7 @@ from revpers.cli.logs import quiet_libraries
 from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
 from revpers.core.errors import RevpersError
 from revpers.evaluate.cli import add_evaluate_parser, add_sweep_parser, run_evaluate, run_sweep
-from revpers.serving.launcher.serve import add_serve_arguments, run_serve
+from revpers.serving.launcher.serve import add_serve_arguments
 
 # exit status by error kind (revpers.core.errors); an image-level outcome gives 0 or 1 instead
 EXIT_CODES = {"input": 2, "parameter": 2, "limit": 2, "bundle": 2, "face_model": 2, "cancelled": 130,
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-size", action="store_true", help="SDXL-size models (about 7.5 GB on disk)")
     p.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda is much faster "
                    "for --full-size)")
+
+    add_bundle_parser(sub)
 
     p = sub.add_parser("anonymize", help="anonymize images in process; writes IMAGE + IMAGE.json per input")
     p.add_argument("inputs", nargs="+", type=Path, help="image files (JPEG/PNG/WebP)")
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
                 "reconstruct": cmd_reconstruct, "export": cmd_export, "repository": cmd_repository,
-                "serve": run_serve, "review": cmd_review, "evaluate": run_evaluate, "sweep": run_sweep}
+                "serve": cmd_serve, "review": cmd_review, "bundle": run_bundle, "evaluate": run_evaluate, "sweep": run_sweep}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (RevpersError, OSError) as exc:
         kind = exc.kind if isinstance(exc, RevpersError) else "input"
-        print(f"error: {'face models: ' if kind == 'face_model' else ''}{exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # a bundle check gives one line per problem
+            print(f"error: {'face models: ' if kind == 'face_model' else ''}{line}", file=sys.stderr)
         return EXIT_CODES[kind]
     except Exception as exc:  # a bug: one line, the traceback with -v
         logging.getLogger("revpers").debug("internal error", exc_info=True)

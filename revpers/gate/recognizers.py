@@ -169,12 +169,10 @@ SMOKE_ARCFACE_NOTE = ("not used: the smoke bundle's ArcFace is a random network,
                       "independent dlib recognizer alone")
 
 
-def verifier_for_bundle(bundle, analyzer=None) -> Verifier:
-    """The gate's recognizers for a bundle: its detector and ArcFace (not for smoke bundles) plus dlib.
-    Thresholds can be overridden in the manifest: ``"verify": {"arcface_threshold": 0.3,
-    "dlib_threshold": 0.55}`` (after calibrating on your own data; docs/verification.md)."""
-
-    cfg = bundle.manifest.get("verify") or {}
+def verify_thresholds(manifest: dict) -> tuple[float, float]:
+    """(arcface_threshold, dlib_threshold) from a manifest's optional ``verify`` section; BundleError
+    naming the problem when it is not an object of numbers in range."""
+    cfg = manifest.get("verify") or {}
     if not isinstance(cfg, dict):
         raise BundleError(f"manifest 'verify' must be an object, got {cfg!r}")
     try:
@@ -185,6 +183,14 @@ def verifier_for_bundle(bundle, analyzer=None) -> Verifier:
     if not (-1.0 < arc < 1.0 and 0.0 < dl < 2.0):
         raise BundleError(f"manifest 'verify' thresholds out of range: arcface_threshold {arc} (cosine, in (-1, 1)), "
                           f"dlib_threshold {dl} (distance, in (0, 2))")
+    return arc, dl
+
+
+def verifier_for_bundle(bundle, analyzer=None) -> Verifier:
+    """The gate's recognizers for a bundle: its detector and ArcFace (not for smoke bundles) plus dlib.
+    Thresholds can be overridden in the manifest: ``"verify": {"arcface_threshold": 0.3,
+    "dlib_threshold": 0.55}`` (after calibrating on your own data; docs/verification.md)."""
+    arc, dl = verify_thresholds(bundle.manifest)
     if analyzer is None:
         analyzer = load_face_analyzer(bundle.faces, bundle.root)
     return Verifier(analyzer, use_arcface=not bundle.smoke, arcface_threshold=arc, dlib_threshold=dl,

@@ -89,15 +89,21 @@ def faceid_layout(unet, embed_dim: int = FACEID_EMBED_DIM, num_tokens: int = FAC
     return layout
 
 
+def faceid_layout_for(shapes: dict[str, tuple[int, ...]], unet) -> dict[str, tuple[int, ...]]:
+    """The layout ``faceid_layout`` gives for ``unet`` with the embedding size, projection width,
+    token count and LoRA rank read from a file's own shapes (flat ``group.key`` -> shape)."""
+    ctx = unet.config.cross_attention_dim
+    embed_dim = shapes.get("image_proj.proj.0.weight", (0, FACEID_EMBED_DIM))[1]
+    hidden = shapes.get("image_proj.proj.0.weight", (2 * embed_dim,))[0]
+    rank = next((s[0] for k, s in shapes.items() if k.endswith("to_q_lora.down.weight")), FACEID_LORA_RANK)
+    return faceid_layout(unet, embed_dim=embed_dim, lora_rank=rank, hidden_mult=max(1, hidden // max(embed_dim, 1)),
+                         num_tokens=shapes.get("image_proj.proj.2.weight", (FACEID_TOKENS * ctx,))[0] // ctx)
+
+
 def check_faceid_file(state: dict, unet) -> None:
     """Raise ValueError naming the first mismatches between a loaded FaceID file and the UNet."""
     flat = {f"{group}.{k}": tuple(v.shape) for group in ("image_proj", "ip_adapter") for k, v in state.get(group, {}).items()}
-    embed_dim = flat.get("image_proj.proj.0.weight", (0, FACEID_EMBED_DIM))[1]
-    hidden = flat.get("image_proj.proj.0.weight", (2 * embed_dim,))[0]
-    rank = next((s[0] for k, s in flat.items() if k.endswith("to_q_lora.down.weight")), FACEID_LORA_RANK)
-    want = faceid_layout(unet, embed_dim=embed_dim, lora_rank=rank, hidden_mult=max(1, hidden // max(embed_dim, 1)),
-                         num_tokens=flat.get("image_proj.proj.2.weight", (FACEID_TOKENS * unet.config.cross_attention_dim,))[0]
-                         // unet.config.cross_attention_dim)
+    want = faceid_layout_for(flat, unet)
     bad = [f"{k}: file {flat.get(k)} vs UNet {s}" for k, s in want.items() if flat.get(k) != s]
     extra = [k for k in flat if k not in want]
     if bad or extra:

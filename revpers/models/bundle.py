@@ -9,8 +9,8 @@ Layout (paths relative to the bundle root; see docs/bundle.md)::
     ip_adapter/ip-adapter-faceid_sdxl.bin   IP-Adapter FaceID SDXL (projection, IP K/V, LoRA)
     face_models/...                    face detector + ArcFace-contract recognizer
 
-``revpers bundle init`` is not needed for real weights: write manifest.json by hand or with
-``write_manifest`` next to folders you already have (see README).
+``revpers bundle init`` builds one from downloaded weights and ``revpers bundle check`` validates one
+(revpers/bundle_tools.py; docs/real-weights.md lists every manifest key).
 """
 
 from __future__ import annotations
@@ -60,6 +60,17 @@ class Bundle:
     @property
     def sdxl_dir(self) -> Path:
         return self.root / self.manifest["sdxl"]
+
+    @property
+    def sdxl_variant(self) -> str | None:
+        """diffusers weight-file variant of the SDXL folder (``"fp16"``: ``*.fp16.safetensors``), or None."""
+        return self.manifest.get("sdxl_variant") or None
+
+    def sdxl_variant_of(self, component: str) -> str | None:
+        """The variant to load one component with on its own (a model's ``from_pretrained`` does not
+        fall back to the plain file the way a pipeline's does): None when it has no variant file."""
+        v = self.sdxl_variant
+        return v if v and any(f".{v}." in p.name for p in (self.sdxl_dir / component).glob("*")) else None
 
     @property
     def ip_adapter_file(self) -> Path:

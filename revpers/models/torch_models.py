@@ -165,7 +165,7 @@ def load_sdxl_faceid(bundle: Bundle, device: str | None = None, unet_dtype: torc
     device = device or default_device()
     if unet_dtype is None:
         unet_dtype = module_dtype("unet", device)
-    pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, dtype=torch.float32,
+    pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, dtype=torch.float32, variant=bundle.sdxl_variant,
                                                      local_files_only=True, add_watermarker=False)
     state = torch.load(bundle.ip_adapter_file, map_location="cpu", weights_only=True)
     check_faceid_file(state, pipe.unet)
@@ -188,7 +188,8 @@ def load_vae(bundle: Bundle):
     """The bundle's SDXL VAE alone (the VAE components need nothing else)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(bundle.sdxl_dir, subfolder="vae", local_files_only=True)
+    return AutoencoderKL.from_pretrained(bundle.sdxl_dir, subfolder="vae", local_files_only=True,
+                                         variant=bundle.sdxl_variant_of("vae"))
 
 
 def build_module(bundle: Bundle, component: str, device: str = "cpu") -> nn.Module:

@@ -54,7 +54,7 @@ class TextEncoders:
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, unet=None, vae=None, local_files_only=True,
-                                                         add_watermarker=False,
+                                                         add_watermarker=False, variant=bundle.sdxl_variant,
                                                          torch_dtype=torch.float16 if device != "cpu" else None)
         pipe.to(device)
         self.cache = TextEncoderCache(pipe, device)
