@@ -170,6 +170,14 @@ def collect(inputs: Sequence[str], outdir: Path, fmt_choice: str = "keep", in_pl
             raise UsageError(f"{prev.src} and {src} would both be written to {outdir / out_rel}; "
                              "anonymize them in separate runs or to separate output folders")
         items[out_rel] = Item(src, rel, out_rel, fmt)
+    if exclude is not None and outdir.is_dir() and any(d in exclude.parents for d in dirs):
+        # the output folder lies in an input folder and is not walked: photos there that this tool
+        # did not write are not anonymized; say so
+        for f in _walk(outdir, None):
+            if supported(f) and not f.with_name(f.name + ".json").exists():
+                rel = f.relative_to(outdir).as_posix()
+                not_taken.setdefault(f"{outdir.as_posix()}/{rel}", NotTaken(
+                    f, f"{outdir.as_posix()}/{rel}", "inside the output folder, which is not searched"))
     if not items:
         raise UsageError("no input images found (taken: " + ", ".join(sorted(protocol.INPUT_SUFFIXES))
                          + (f"; not taken: {len(not_taken)} file(s), e.g. {next(iter(not_taken))}"
@@ -198,6 +206,9 @@ def check_outputs(collection: Collection, outdir: Path, in_place: bool = False) 
                              "overwritten; choose another -o, or give --in-place to replace them")
     inputs = {Path(os.path.realpath(i.src)): i for i in collection.items}
     protected = set(inputs) | {Path(os.path.realpath(n.src)) for n in collection.not_taken}
+    # an output folder inside an input folder is not walked; a file already there that this tool
+    # did not write (no report beside it) belongs to the inputs all the same
+    inside = any(d in out_real.parents for d in collection.input_dirs)
     targets = [(p, i) for i in collection.items for p in output_paths(i, outdir)]
     targets += [(outdir / name, None) for name in RUN_FILES]
     for path, item in targets:
@@ -207,6 +218,10 @@ def check_outputs(collection: Collection, outdir: Path, in_place: bool = False) 
             what = f"input {victim.src}" if victim is not None else f"input file {real}"
             raise UsageError(f"{path} would overwrite the {what}; choose an output folder outside the "
                              "inputs, or give --in-place to replace them")
+        if (inside and item is not None and path == outdir / item.out_rel and path.exists()
+                and not path.with_name(path.name + ".json").exists()):
+            raise UsageError(f"{path} would overwrite a file of the input folder that {outdir} lies in; "
+                             "choose an output folder outside the inputs, or give --in-place")
 
 
 def existing_outputs(collection: Collection, outdir: Path) -> list[Path]:

@@ -230,7 +230,6 @@ def _run(items: Sequence[Item], process: Callable, options: RunOptions) -> RunSu
             if isinstance(res.error, StopRun):
                 if stopped is None:
                     stopped, stop_code = str(res.error), res.error.exit_code
-                    progress.log(f"STOPPED: {stopped}", always=True)
                     pool.close()  # the items not started stay not done
                 continue
             _record(res, ledger, progress, options)
