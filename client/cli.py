@@ -24,6 +24,7 @@ from .collection import FORMAT_CHOICES, UsageError, check_outputs, collect, exis
 from .core import ConfigError, Security, server_health
 from .engine import RunOptions, run_collection
 from .ledger import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MANIFEST, REVIEW_CSV, REVIEW_JSON, SUMMARY
+from .ledger import faces_of, latency_stats  # noqa: F401 - the benchmarks import them from here
 from .remote import RemoteProcess
 from .report import PROGRESS_MODES
 

@@ -87,6 +87,7 @@ class RemoteProcess:
         if res.error is not None:
             stop = stop_for(res.error, res.url)
             if stop is not None:
+                self._stop = stop  # later images are not sent: they would be refused the same way
                 raise stop
             res.error.attempts, res.error.errors = res.attempts, res.errors
             raise res.error

@@ -1079,3 +1079,84 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
     # the library: a rejection is an answer (ok) without an image, and says so
     assert res.ok and res.rejected and res.image == b"" and res.report["verdict"] == "rejected"
     assert kept.ok and not kept.rejected and kept.image
+
+
+def make_certs(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost signed by it, and an unrelated CA
+    (openssl; the reference's recipe: triton-ops.md section 7)."""
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+         "-subj", "/CN=revpers test CA")
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days", "2",
+         "-subj", "/CN=another CA")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+         "-subj", "/CN=localhost")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return {n: d / n for n in ("ca.pem", "other.pem", "server.pem", "server.key")}
+
+
+@server_tests
+def test_tls_and_api_key(onnxruntime_repository, tmp_path, capsys, monkeypatch):
+    """A server with gRPC TLS and an API key on inference (tritonserver's own options). Without the
+    key: one clear line, exit 2, after ONE request (not retried: the refusal is UNAVAILABLE, which
+    would otherwise be retried for --max-wait). A wrong CA: one line about TLS, exit 2. A plaintext
+    client: no server can serve, with a hint. With CA and key (file or environment): exit 0;
+    `health` honours TLS and the key."""
+    from revpers.triton_server import TritonServer, free_ports
+    from revpers_client import protocol
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make test certificates")
+    certs = make_certs(tmp_path)
+    key = tmp_path / "api.key"
+    key.write_text("s3cret\n")
+    (tmp_path / "wrong.key").write_text("guess\n")
+    g, h, m = free_ports(3)
+    srv = TritonServer(onnxruntime_repository, grpc_port=g, http_port=h, metrics_port=m, extra_args=[
+        "--grpc-use-ssl=true", f"--grpc-server-cert={certs['server.pem']}", f"--grpc-server-key={certs['server.key']}",
+        f"--grpc-restricted-protocol=inference:{protocol.API_KEY_HEADER}=s3cret"]).start()
+    src = tmp_path / "photos"
+    src.mkdir()
+    for k in range(3):
+        (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
+    url = srv.urls.grpc
+    common = ["--url", url, "--mode", "aligned", "--steps", 2, "--concurrency", 1, "--progress", "none"]
+    tls = ["--tls", "--ca", certs["ca.pem"]]
+    monkeypatch.delenv(protocol.API_KEY_ENV, raising=False)
+
+    def run(out, *extra):
+        code = run_cli("anonymize", src, "-o", tmp_path / out, *common, *extra)
+        cap = capsys.readouterr()
+        errors = [line for line in cap.err.splitlines() if line.startswith("revpers-client: error: ")]
+        assert "Traceback" not in cap.err + cap.out
+        summary = json.loads((tmp_path / out / "run-summary.json").read_text())
+        return code, errors, summary
+
+    try:
+        code, errors, summary = run("nokey", *tls)
+        assert code == 2 and len(errors) == 1 and "requires an API key" in errors[0], errors
+        assert summary["requests_sent_per_url"] == {url: 1} and summary["counts"]["not_done"] == 3
+        code, errors, summary = run("wrongkey", *tls, "--api-key-file", tmp_path / "wrong.key")
+        assert code == 2 and "requires an API key" in errors[0] and summary["requests_sent_per_url"] == {url: 1}
+        code, errors, summary = run("wrongca", "--tls", "--ca", certs["other.pem"], "--api-key-file", key)
+        assert code == 2 and len(errors) == 1 and "TLS was refused" in errors[0], errors
+        assert summary["requests_sent_per_url"] == {url: 0}
+        code, errors, summary = run("plain", "--api-key-file", key)
+        assert code == 1 and len(errors) == 1 and "add --tls" in errors[0], errors
+        assert summary["requests_sent_per_url"] == {url: 0}
+        code, errors, summary = run("ok", *tls, "--api-key-file", key)
+        assert code == 0, errors
+        assert summary["counts"]["ok"] == 3 and summary["requests_sent_per_url"] == {url: 3}
+        monkeypatch.setenv(protocol.API_KEY_ENV, "s3cret")
+        code, errors, summary = run("env", *tls)
+        assert code == 0 and summary["counts"]["ok"] == 3
+        assert run_cli("health", "--url", url, *tls) == 0
+        assert "healthy" in capsys.readouterr().out
+        assert run_cli("health", "--url", url) == 1  # plaintext: not reachable
+        assert "NOT HEALTHY" in capsys.readouterr().out
+    finally:
+        srv.stop()
