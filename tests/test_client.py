@@ -408,6 +408,38 @@ def test_engine_no_face_policy_with_an_in_process_runner(tmp_path, on_no_face, s
     assert [(r["input"], r["status"]) for r in rows] == ([] if status == "ok" else [("none.png", status)])
 
 
+def test_in_place_run_and_resume_do_not_anonymize_outputs_again(tmp_path):
+    """--in-place (engine with an in-process ``process``): outputs replace the inputs; the reports
+    and run files written into the input folder are not taken as inputs by the next walk, and a
+    resumed run skips every image instead of anonymizing its own output again."""
+    from revpers_client.collection import check_outputs
+    from revpers_client.engine import RunOptions, run_collection
+
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.jpg").write_bytes(b"a")
+    (src / "sub" / "b.png").write_bytes(b"b")
+    sent = []
+
+    def process(item, data, params):
+        sent.append(data)
+        return b"anon-" + data, {"verdict": "passed"}
+
+    def run(resume):
+        c = collect([str(src)], src, in_place=True)
+        check_outputs(c, src, in_place=True)
+        return c, run_collection(c.items, process, RunOptions(src, {}, resume=resume, progress="none",
+                                                              printed=False, tool="test"))
+
+    c, summary = run(False)
+    assert summary.exit_code == 0 and sorted(sent) == [b"a", b"b"]
+    assert (src / "a.jpg").read_bytes() == b"anon-a" and (src / "sub" / "b.png").read_bytes() == b"anon-b"
+    c, summary = run(True)
+    assert c.not_taken == [] and [i.rel for i in c.items] == ["a.jpg", "sub/b.png"]
+    assert summary.counts.skipped == 2 and summary.counts.ok == 0 and sorted(sent) == [b"a", b"b"]
+    assert (src / "a.jpg").read_bytes() == b"anon-a"
+
+
 def test_security_options_are_checked(tmp_path):
     from revpers_client import protocol
     from revpers_client.core import ConfigError, Security
