@@ -162,13 +162,17 @@ class _Pool:
             res.latency_s = time.perf_counter() - t0
             self.done.put(res)
 
-    def close(self):
+    def close(self) -> int:
+        """Stop the workers after their current item; returns how many queued items were dropped."""
         self.stop.set()
+        dropped = 0
         with contextlib.suppress(queue.Empty):
             while True:
-                self.todo.get_nowait()
+                if self.todo.get_nowait() is not None:
+                    dropped += 1
         for _ in self.threads:
             self.todo.put(None)
+        return dropped
 
 
 def run_collection(items: Sequence[Item], process: Callable, options: RunOptions) -> RunSummary:
@@ -230,7 +234,7 @@ def _run(items: Sequence[Item], process: Callable, options: RunOptions) -> RunSu
             if isinstance(res.error, StopRun):
                 if stopped is None:
                     stopped, stop_code = str(res.error), res.error.exit_code
-                    pool.close()  # the items not started stay not done
+                    pending -= pool.close()  # the items not started stay not done
                 continue
             _record(res, ledger, progress, options)
     except KeyboardInterrupt:

@@ -440,6 +440,37 @@ def test_in_place_run_and_resume_do_not_anonymize_outputs_again(tmp_path):
     assert (src / "a.jpg").read_bytes() == b"anon-a"
 
 
+def test_engine_stop_leaves_the_rest_not_done_and_ends(tmp_path):
+    """A ``process`` that raises StopRun (as the server runner does when every server is down): the
+    images in flight finish and are recorded, the queued ones are dropped as not done, the run ends
+    (it does not wait for the dropped ones) with the StopRun's exit code."""
+    from revpers_client.engine import RunOptions, StopRun, run_collection
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(6):
+        (src / f"{k}.png").write_bytes(b"%d" % k)
+    release = threading.Event()
+
+    def process(item, data, params):
+        if item.rel == "0.png":
+            raise StopRun("servers gone", 1)
+        release.wait(2.0)  # in flight while the stop is handled
+        return b"out", {"verdict": "passed"}
+
+    items = collect([str(src)], tmp_path / "out").items
+    result = {}
+    t = threading.Thread(daemon=True, target=lambda: result.update(s=run_collection(
+        items, process, RunOptions(tmp_path / "out", {}, concurrency=2, progress="none", printed=False, tool="t"))))
+    t.start()
+    t.join(timeout=120)
+    release.set()
+    assert not t.is_alive(), "the run did not end after StopRun"
+    s = result["s"]
+    assert s.stopped == "servers gone" and s.exit_code == 1
+    assert s.counts.ok + s.counts.not_done == 6 and s.counts.not_done >= 3 and s.counts.failed == 0
+
+
 def test_security_options_are_checked(tmp_path):
     from revpers_client import protocol
     from revpers_client.core import ConfigError, Security
