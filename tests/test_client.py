@@ -1223,3 +1223,46 @@ def test_tls_and_api_key(onnxruntime_repository, tmp_path, capsys, monkeypatch):
         assert "NOT HEALTHY" in capsys.readouterr().out
     finally:
         srv.stop()
+
+
+@server_tests
+def test_client_run_across_a_server_restart_finishes_with_default_options(onnxruntime_repository, tmp_path):
+    """The server is stopped in the middle of a run and started again on the same ports: with default
+    options (--max-wait 300) the run waits for it and ends with 0 failures. The errors seen while it
+    was away are counted as retries."""
+    from revpers.triton_server import TritonServer, free_ports
+
+    g, h, m = free_ports(3)
+
+    def server():
+        return TritonServer(onnxruntime_repository, grpc_port=g, http_port=h, metrics_port=m).start()
+
+    srv = server()
+    src, out = tmp_path / "photos", tmp_path / "out"
+    src.mkdir()
+    n = 10
+    for k in range(n):
+        (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
+    cmd = [sys.executable, "-m", "revpers_client.cli", "anonymize", str(src), "-o", str(out), "--url", srv.urls.grpc,
+           "--concurrency", "2", "--steps", "3", "--mode", "aligned", "--progress", "lines", "-v"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.png.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        srv.stop()
+        done_before = len(list(out.glob("*.png.json")))
+        srv = server()
+        print(f"restart took {time.perf_counter() - t0:.1f} s; {done_before} of {n} done before it")
+        log = proc.communicate(timeout=400)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        srv.stop()
+    assert proc.returncode == 0, log
+    summary = json.loads((out / "run-summary.json").read_text())
+    print(f"retries {summary['retries']}, requests {summary['requests_sent_per_url']}")
+    assert done_before < n  # the restart happened during the run
+    assert summary["counts"]["ok"] == n and summary["counts"]["failed"] == 0
+    assert summary["retries"] >= 1 and "retry " in log
