@@ -167,6 +167,47 @@ class _Endpoint:
         self.down_streak = 0
 
 
+class _Workers:
+    """Daemon threads running ``run(job)`` for the jobs put in ``todo``; results in ``done``."""
+
+    def __init__(self, run: Callable[[Job], BatchResult], n: int):
+        self.run = run
+        self.todo: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"revpers-client-{i}")
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            job = self.todo.get()
+            if job is None:
+                return
+            try:
+                self.done.put(self.run(job))
+            except BaseException as exc:  # noqa: BLE001 - report, never lose a job silently
+                self.done.put(BatchResult(job.key, error=ServiceError(f"{type(exc).__name__}: {exc}", "CLIENT")))
+
+    def next_result(self) -> BatchResult:
+        while True:  # a timeout, so Ctrl-C reaches the caller's thread
+            try:
+                return self.done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:  # jobs not started yet are dropped
+            try:
+                self.todo.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self.threads:
+            self.todo.put(None)
+
+
 class BatchClient:
     """See the module docstring. Use as a context manager or call :meth:`close`."""
 
@@ -339,57 +380,25 @@ class BatchClient:
         (not in input order). ``jobs`` is consumed lazily (at most 2 x concurrency ahead), so it
         can be a generator over a million files. Closing the iterator early stops the workers
         (daemon threads: requests still in flight are abandoned, not waited for)."""
-        todo: queue.Queue = queue.Queue()
-        done: queue.Queue = queue.Queue()
-        stop = threading.Event()
-
-        def worker():
-            while not stop.is_set():
-                job = todo.get()
-                if job is None:
-                    return
-                try:
-                    done.put(self.run(job))
-                except BaseException as exc:  # noqa: BLE001 - report, never lose a job silently
-                    done.put(BatchResult(job.key, error=ServiceError(f"{type(exc).__name__}: {exc}", "CLIENT")))
-
-        threads = [threading.Thread(target=worker, daemon=True, name=f"revpers-client-{i}")
-                   for i in range(self.concurrency)]
-        for t in threads:
-            t.start()
+        workers = _Workers(self.run, self.concurrency)
         it = iter(jobs)
         window = 2 * self.concurrency
         pending = 0
-        exhausted = False
         try:
             while True:
-                while not exhausted and pending < window:
-                    try:
-                        job = next(it)
-                    except StopIteration:
-                        exhausted = True
+                while pending < window:
+                    job = next(it, None)
+                    if job is None:
                         break
-                    todo.put(job)
+                    workers.todo.put(job)
                     pending += 1
                 if pending == 0:
                     return
-                while True:
-                    try:
-                        res = done.get(timeout=0.5)
-                        break
-                    except queue.Empty:
-                        continue
+                res = workers.next_result()
                 pending -= 1
                 yield res
         finally:
-            stop.set()
-            while True:  # jobs not started yet are dropped
-                try:
-                    todo.get_nowait()
-                except queue.Empty:
-                    break
-            for _ in threads:
-                todo.put(None)
+            workers.close()
 
     def close(self) -> None:
         self._closing.set()

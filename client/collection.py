@@ -112,6 +112,29 @@ def out_name(rel: str, fmt_choice: str) -> tuple[str, str]:
     return p.with_suffix(protocol.OUTPUT_FORMATS[fmt_choice]).as_posix(), fmt_choice
 
 
+def _glob(arg: str, exclude: Path | None, dirs: list[Path]) -> list[tuple[Path, str]]:
+    """The files a glob pattern names (folders among its matches walked), relative to its leading folder."""
+    parts = Path(arg).parts
+    k = next(i for i, part in enumerate(parts) if _has_magic(part))
+    base = Path(*parts[:k]) if k else Path(".")
+    matches = sorted(glob.glob(arg, recursive=True))
+    if not matches:
+        raise UsageError(f"{arg}: the pattern matches nothing")
+    found: list[tuple[Path, str]] = []
+    for m in map(Path, matches):
+        if any(part.startswith(".") for part in m.relative_to(base).parts):
+            continue
+        real = m.resolve()
+        if exclude is not None and (real == exclude or exclude in real.parents):
+            continue
+        if m.is_dir():
+            dirs.append(real)
+            found += [(f, f.relative_to(base).as_posix()) for f in _walk(m, exclude)]
+        elif m.is_file() and m.name not in RUN_FILES and not _own_output(m):
+            found.append((m, m.relative_to(base).as_posix()))
+    return found
+
+
 def _found(inputs: Sequence[str], exclude: Path | None) -> tuple[list[tuple[Path, str]], list[Path]]:
     found: list[tuple[Path, str]] = []
     dirs: list[Path] = []
@@ -123,25 +146,7 @@ def _found(inputs: Sequence[str], exclude: Path | None) -> tuple[list[tuple[Path
         elif path.is_file():
             found.append((path, path.name))
         elif _has_magic(arg):
-            parts = path.parts
-            k = next(i for i, part in enumerate(parts) if _has_magic(part))
-            base = Path(*parts[:k]) if k else Path(".")
-            matches = sorted(glob.glob(arg, recursive=True))
-            if not matches:
-                raise UsageError(f"{arg}: the pattern matches nothing")
-            for m in matches:
-                mp = Path(m)
-                if any(part.startswith(".") for part in mp.relative_to(base).parts):
-                    continue
-                if mp.is_dir():
-                    if exclude is not None and mp.resolve() == exclude:
-                        continue
-                    dirs.append(mp.resolve())
-                    found += [(f, f.relative_to(base).as_posix()) for f in _walk(mp, exclude)]
-                elif mp.is_file() and (exclude is None or exclude not in mp.resolve().parents):
-                    if mp.name in RUN_FILES or _own_output(mp):
-                        continue
-                    found.append((mp, mp.relative_to(base).as_posix()))
+            found += _glob(arg, exclude, dirs)
         else:
             raise UsageError(f"{arg}: no such file or folder")
     return found, dirs

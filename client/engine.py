@@ -189,54 +189,17 @@ def run_collection(items: Sequence[Item], process: Callable, options: RunOptions
 
 
 def _run(items: Sequence[Item], process: Callable, options: RunOptions) -> RunSummary:
-    outdir = options.outdir
-    ledger = Ledger(outdir, items, options.not_taken, options.tool, options.model)
+    ledger = Ledger(options.outdir, items, options.not_taken, options.tool, options.model)
     progress = Progress(len(items), "none" if options.quiet else options.progress)
     started_at, t0 = now_iso(), time.perf_counter()
-    interrupted = stopped = stop_code = None
+    drive = _Drive(process, ledger, progress, options)
+    interrupted = None
     in_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
-    pool = None
     try:
         if options.before is not None:
             options.before(progress)
-        todo: list[_Work] = []
-        for item in items:
-            remove_parts(outdir, item)  # left by a killed run
-            params = request_for(options, item)
-            work = _Work(item, params)
-            if options.resume:
-                check = resume_check(outdir, item, params)
-                if check.report is not None:
-                    ledger.skipped(item, check.report, options.on_no_face)
-                    progress.item("skipped", item.rel)
-                    continue
-                work.data, work.input_sha256 = check.data, check.input_sha256
-            todo.append(work)
-        pool = _Pool(process, max(1, min(options.concurrency, len(todo) or 1)))
-        window, pending, it = 2 * options.concurrency, 0, iter(todo)
-        exhausted = False
-        while True:
-            while not exhausted and pending < window and stopped is None:
-                work = next(it, None)
-                if work is None:
-                    exhausted = True
-                    break
-                pool.todo.put(work)
-                pending += 1
-            if pending == 0:
-                break
-            try:
-                res = pool.done.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            pending -= 1
-            if isinstance(res.error, StopRun):
-                if stopped is None:
-                    stopped, stop_code = str(res.error), res.error.exit_code
-                    pending -= pool.close()  # the items not started stay not done
-                continue
-            _record(res, ledger, progress, options)
+        drive.run(_plan(items, ledger, progress, options))
     except KeyboardInterrupt:
         interrupted = "SIGINT"
     except _Terminated:
@@ -244,17 +207,75 @@ def _run(items: Sequence[Item], process: Callable, options: RunOptions) -> RunSu
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
-        if pool is not None:
-            pool.close()
+        drive.close()
         progress.close()
     runner = options.runner() if options.runner is not None else {}
     summary = ledger.finish(started_at=started_at, wall_s=time.perf_counter() - t0,
                             request=dict(options.params), fmt=options.fmt, on_no_face=options.on_no_face,
-                            resume=options.resume, interrupted=interrupted, stopped=stopped, stop_code=stop_code,
-                            runner={"concurrency": options.concurrency, **runner})
+                            resume=options.resume, interrupted=interrupted, stopped=drive.stopped,
+                            stop_code=drive.stop_code, runner={"concurrency": options.concurrency, **runner})
     if options.printed:
-        print_summary(summary, outdir, brief=options.quiet)
+        print_summary(summary, options.outdir, brief=options.quiet)
     return summary
+
+
+def _plan(items: Sequence[Item], ledger: Ledger, progress: Progress, options: RunOptions) -> list[_Work]:
+    """The work to do: stale temporary files removed; with resume, complete items recorded as skipped."""
+    todo: list[_Work] = []
+    for item in items:
+        remove_parts(options.outdir, item)  # left by a killed run
+        work = _Work(item, request_for(options, item))
+        if options.resume:
+            check = resume_check(options.outdir, item, work.params)
+            if check.report is not None:
+                ledger.skipped(item, check.report, options.on_no_face)
+                progress.item("skipped", item.rel)
+                continue
+            work.data, work.input_sha256 = check.data, check.input_sha256
+        todo.append(work)
+    return todo
+
+
+class _Drive:
+    """Feeds the pool (at most 2 x concurrency ahead) and records each result as it comes back."""
+
+    def __init__(self, process: Callable, ledger: Ledger, progress: Progress, options: RunOptions):
+        self.process, self.ledger, self.progress, self.options = process, ledger, progress, options
+        self.pool: _Pool | None = None
+        self.pending = 0
+        self.stopped: str | None = None
+        self.stop_code: int | None = None
+
+    def run(self, todo: list[_Work]) -> None:
+        self.pool = _Pool(self.process, max(1, min(self.options.concurrency, len(todo) or 1)))
+        it = iter(todo)
+        window = 2 * self.options.concurrency
+        while True:
+            while self.pending < window and self.stopped is None:
+                work = next(it, None)
+                if work is None:
+                    break
+                self.pool.todo.put(work)
+                self.pending += 1
+            if self.pending == 0:
+                return
+            try:
+                res = self.pool.done.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.pending -= 1
+            self._handle(res)
+
+    def _handle(self, res: _Done) -> None:
+        if not isinstance(res.error, StopRun):
+            _record(res, self.ledger, self.progress, self.options)
+        elif self.stopped is None:
+            self.stopped, self.stop_code = str(res.error), res.error.exit_code
+            self.pending -= self.pool.close()  # the items not started stay not done
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _record(res: _Done, ledger: Ledger, progress: Progress, options: RunOptions) -> None:

@@ -50,39 +50,44 @@ class Progress:
 
 
 def summary_lines(s: RunSummary, outdir: Path, brief: bool = False) -> list[str]:
-    c, lat = s.counts, s.latency_ms
+    c = s.counts
     head = (f"{c.inputs} image(s): {c.ok} passed, {c.review} to review, {c.failed} failed, {c.skipped} skipped"
             + (f", {c.not_done} not done" if c.not_done else "")
             + (f" (interrupted: {s.interrupted})" if s.interrupted else "")
             + (f"; {c.not_taken} file(s) not taken" if c.not_taken else "")
             + f" in {s.wall_s:.1f} s")
-    lines = [head]
-    if s.stopped:
-        lines.append(f"STOPPED: {s.stopped}")
-    if brief:
-        if s.review_list["rows"]:
-            lines.append(f"review list: {outdir / REVIEW_CSV} ({s.review_list['rows']} row(s))")
-        return lines
+    lines = [head] + ([f"STOPPED: {s.stopped}"] if s.stopped else [])
+    if not brief:
+        lines += _details(s, outdir)
+    if s.review_list["rows"]:
+        lines.append(f"review list ({s.review_list['rows']} row(s)): {outdir / REVIEW_CSV}")
+    if not brief:
+        lines.append(f"summary: {outdir / SUMMARY}; audit manifest: {outdir / MANIFEST}")
+    return lines
+
+
+def _first_line(text: str | None, limit: int = 300) -> str:
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def _details(s: RunSummary, outdir: Path) -> list[str]:
+    lat = s.latency_ms
+    lines = []
     if lat["n"]:
         lines.append(f"latency ms: p50 {lat['p50']}, p95 {lat['p95']}, max {lat['max']}; "
                      f"{s.throughput_images_per_s} images/s; retries {s.retries}"
                      + (f"; requests per server {s.requests_sent_per_url}" if s.requests_sent_per_url else ""))
     lines.append(f"faces: {s.faces} by verdict {s.faces_by_verdict}; images by verdict {s.images_by_verdict}")
-    for f in s.failures[:20]:
-        lines.append(f"FAILED {f.input}: {f.status}: {(f.message or '').splitlines()[0][:300] if f.message else ''}")
+    lines += [f"FAILED {f.input}: {f.status}: {_first_line(f.message)}" for f in s.failures[:20]]
     if len(s.failures) > 20:
         lines.append(f"... and {len(s.failures) - 20} more failures in {outdir / SUMMARY}")
-    for n in s.not_taken[:5]:
-        lines.append(f"not taken: {n['path']}: {n['reason']}")
+    lines += [f"not taken: {n['path']}: {n['reason']}" for n in s.not_taken[:5]]
     if len(s.not_taken) > 5:
         lines.append(f"... and {len(s.not_taken) - 5} more files not taken (see {outdir / REVIEW_CSV})")
     if s.write_errors:
         lines.append(f"{len(s.write_errors)} file(s) could not be written or removed, first: {s.write_errors[0]}")
     if s.warning:
         lines.append("WARNING: " + s.warning)
-    if s.review_list["rows"]:
-        lines.append(f"review list ({s.review_list['rows']} row(s)): {outdir / REVIEW_CSV}")
-    lines.append(f"summary: {outdir / SUMMARY}; audit manifest: {outdir / MANIFEST}")
     return lines
 
 
