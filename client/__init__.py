@@ -10,12 +10,17 @@
 ...         print(res.key, res.ok, res.rejected, res.error)
 
 The ``revpers-client`` command (``revpers_client.cli``) runs whole collections with progress, resume,
-reports, a run summary and an audit manifest.
+reports, a run summary, an audit manifest and a review list. Its parts: ``collection`` (inputs ->
+work items), ``engine`` (``run_collection(items, process, options)``, reusable by any runner),
+``ledger`` (per-image records, resume, summary, manifest, review list), ``report`` (progress and
+printed summary), ``remote`` (the BatchClient-based ``process``), ``cli`` (argparse).
 """
 
-from .attributes import attribute_prompt
-from .batch import BatchClient, BatchResult, Job, RetryPolicy
-from .core import RevpersClient, ServiceError
+__version__ = "0.1.0"  # keep equal to client/pyproject.toml (a test compares)
 
-__all__ = ["RevpersClient", "ServiceError", "BatchClient", "BatchResult", "Job", "RetryPolicy",
-           "attribute_prompt"]
+from .attributes import attribute_prompt  # noqa: E402
+from .batch import BatchClient, BatchResult, Job, RetryPolicy, ServersDown  # noqa: E402
+from .core import RevpersClient, Security, ServiceError  # noqa: E402
+
+__all__ = ["RevpersClient", "ServiceError", "Security", "BatchClient", "BatchResult", "Job", "RetryPolicy",
+           "ServersDown", "attribute_prompt", "__version__"]

@@ -19,11 +19,13 @@ OUTPUT_IMAGE = "IMAGE"  # encoded anonymized image; empty when the image was wit
 OUTPUT_REPORT = "REPORT"  # JSON report (docs/schemas/image-report.schema.json)
 
 # PARAMS keys, by what reads them on the server.
+REQUEST_KEYS = ("mode",)  # "photo" (every face of a photo; default) or "aligned" (the image is one face)
+MODES = ("photo", "aligned")
 METHOD_KEYS = ("guidance", "ip_scale", "id_scale", "steps", "skip", "seed", "prompt")
 GATE_KEYS = ("verify", "retries", "retry_mode", "guidance_step", "fallback")
 OUTPUT_KEYS = ("format", "quality")
 FACE_KEYS = ("det_thresh", "min_face", "on_no_face")
-PARAM_KEYS = METHOD_KEYS + GATE_KEYS + OUTPUT_KEYS + FACE_KEYS
+PARAM_KEYS = REQUEST_KEYS + METHOD_KEYS + GATE_KEYS + OUTPUT_KEYS + FACE_KEYS
 
 
 class FaceVerdict(str, Enum):
@@ -63,11 +65,14 @@ class OnNoFace(str, Enum):
 # Verdicts an image can be released with, unreviewed.
 RELEASED_AS_PASSED = frozenset({ImageVerdict.PASSED.value})
 
-# Encoded formats accepted as input, by file suffix (shared by both CLIs and the server).
+# Encoded formats accepted as input, by file suffix (shared by both CLIs and the server). HEIC/HEIF
+# is not listed: the server's decoder (Pillow) cannot read it without pillow-heif, which the server
+# does not register today; add ".heic"/".heif" here together with that decoder and a test.
 INPUT_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
-                  ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF", ".heic": "HEIF", ".heif": "HEIF"}
+                  ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF"}
 # Formats an output can be written in: name -> file suffix.
 OUTPUT_FORMATS = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+QUALITY_RANGE = (1, 100)  # PARAMS "quality" (JPEG/WebP encoder quality)
 
 # Limits a server enforces by default (the serve command can lower or raise them).
 MAX_GATE_RETRIES = 5
@@ -87,4 +92,6 @@ API_KEY_HEADER = "x-api-key"
 ADMIN_KEY_HEADER = "x-admin-key"
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 API_KEY_ENV = "REVPERS_API_KEY"
+# What tritonserver answers (status UNAVAILABLE) to a request without the right key: not retryable.
+RESTRICTED_MESSAGE = "This protocol is restricted"
 ADMIN_KEY_ENV = "REVPERS_ADMIN_KEY"
