@@ -126,6 +126,7 @@ class LedgerEntry:
     status: str                   # Status
     error: ErrorRecord | None
     audit: dict | None            # the report's audit record (server side)
+    source: str | None = None     # the input file as given on this machine (for `revpers review`)
 
 
 @dataclass
@@ -314,7 +315,8 @@ class Ledger:
         self.counts.skipped += 1
         self.reports[item.out_rel] = report
         self.entries[item.out_rel] = LedgerEntry(item.rel, meta["input_sha256"], item.out_rel,
-                                                 meta["output_sha256"], status.value, None, report.get("audit"))
+                                                 meta["output_sha256"], status.value, None, report.get("audit"),
+                                                 str(item.src))
         if status is not Status.OK:
             self.review[item.out_rel] = ReviewRow(item.rel, status.value, report.get("verdict"), item.out_rel,
                                                   f"{reason} (kept from an earlier run)")
@@ -330,7 +332,8 @@ class Ledger:
                                                   reason or "")
         self.reports[item.out_rel] = report
         self.entries[item.out_rel] = LedgerEntry(item.rel, meta["input_sha256"], item.out_rel,
-                                                 meta["output_sha256"], status.value, None, report.get("audit"))
+                                                 meta["output_sha256"], status.value, None, report.get("audit"),
+                                                 str(item.src))
         self.latencies.append(latency_s * 1e3)
         if isinstance(report.get("server_total_ms"), (int, float)):
             self.server_ms.append(float(report["server_total_ms"]))
@@ -344,7 +347,8 @@ class Ledger:
         if report is not None:
             self.reports[item.out_rel] = report
         self.entries[item.out_rel] = LedgerEntry(item.rel, input_sha256, item.out_rel, None, status.value,
-                                                 ErrorRecord(code, message), (report or {}).get("audit"))
+                                                 ErrorRecord(code, message), (report or {}).get("audit"),
+                                                 str(item.src))
         self.review[item.out_rel] = ReviewRow(item.rel, status.value, (report or {}).get("verdict"), None,
                                               f"{code}: {message.splitlines()[0] if message else ''}")
 

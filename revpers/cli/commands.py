@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
-from pathlib import Path
 
-from revpers.cli.options import params_from_args, verify_policy_from_args
+from revpers.cli.options import params_from_args
 from revpers.cli.review import write_review
-from revpers.core.errors import InputError
 from revpers.export.onnx_export import export_bundle
 from revpers.gate.loop import verify_pair
 from revpers.gate.recognizers import Verifier, verifier_for_bundle
@@ -19,8 +16,7 @@ from revpers.models.bundle import load_bundle
 from revpers.models.smoke import write_smoke_bundle
 from revpers.service.anonymizer import Anonymizer
 from revpers.service.bundle_tools import repository_bundle, require_valid_bundle
-from revpers.service.images import FORMATS, ImageError, format_for, read_file, read_image
-from revpers.service.request import RequestOptions, anonymize_bytes
+from revpers.service.images import ImageError, read_image
 from revpers.serving.launcher.serve import run_serve
 from revpers.serving.repository import build_repository
 
@@ -32,58 +28,6 @@ def cmd_smoke_model(args) -> int:
     print(f"wrote smoke bundle {root} in {time.perf_counter() - t0:.1f} s "
           f"({'SDXL-size' if args.full_size else 'tiny'} random models: outputs are noise, not faces)")
     return 0
-
-
-def _output_path(outdir: Path, src: Path, used: set) -> Path:
-    suffix = src.suffix.lower() if src.suffix.lower() in FORMATS else ".png"
-    out = outdir / (src.stem + suffix)
-    k = 1
-    while out in used:
-        out = outdir / f"{src.stem}-{k}{suffix}"
-        k += 1
-    used.add(out)
-    return out
-
-
-def cmd_anonymize(args) -> int:
-    params = params_from_args(args)
-    verify = verify_policy_from_args(args)
-    if args.inversion_batch < 1:
-        raise SystemExit("error: --inversion-batch must be >= 1")
-    anon = Anonymizer(require_valid_bundle(args.models), device=args.device, inversion_batch=args.inversion_batch)
-    args.outdir.mkdir(parents=True, exist_ok=True)
-    failures, rejected, used = 0, 0, set()
-    faces_by_verdict, images_by_verdict = Counter(), Counter()
-    for src in args.inputs:
-        out = _output_path(args.outdir, src, used)
-        options = RequestOptions(params=params, verify=verify, mode="aligned" if args.aligned else "photo",
-                                 format=format_for(out).lower())
-        try:
-            response = anonymize_bytes(anon, read_file(src), options, name=str(src))
-        except InputError as exc:
-            failures += 1
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        report = response.report
-        report.input, report.output = str(src), str(out) if response.image else None
-        if response.image:
-            tmp = out.with_name(out.name + ".part")
-            tmp.write_bytes(response.image)
-            tmp.replace(out)
-        out.with_name(out.name + ".json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        images_by_verdict[report.verdict.value] += 1
-        faces_by_verdict.update(str(f.verdict.value if hasattr(f.verdict, "value") else f.verdict) for f in report.faces)
-        if not response.image:
-            rejected += 1
-            print(f"{src}: REJECTED, no image written: {report.rejected_reason} "
-                  f"(report: {out.name}.json)", file=sys.stderr)
-            continue
-        note = " [SMOKE WEIGHTS: noise, not a face]" if anon.bundle.smoke else ""
-        print(f"{src} -> {out} [verdict: {report.verdict.value}]{note}")
-    if images_by_verdict:
-        fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
-        print(f"images by verdict: {fmt(images_by_verdict)}; faces by verdict: {fmt(faces_by_verdict)}")
-    return 1 if failures or rejected else 0
 
 
 def cmd_verify(args) -> int:

@@ -9,9 +9,9 @@ import traceback
 from pathlib import Path
 
 from revpers import __version__
+from revpers.cli.anonymize import add_anonymize_parser, run_anonymize
 from revpers.cli.bundle import add_bundle_parser, run_bundle
 from revpers.cli.commands import (
-    cmd_anonymize,
     cmd_export,
     cmd_reconstruct,
     cmd_repository,
@@ -21,7 +21,7 @@ from revpers.cli.commands import (
     cmd_verify,
 )
 from revpers.cli.logs import quiet_libraries
-from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
+from revpers.cli.options import DEFAULT_MODELS, add_param_arguments
 from revpers.core.errors import RevpersError
 from revpers.evaluate.cli import add_evaluate_parser, add_sweep_parser, run_evaluate, run_sweep
 from revpers.serving.launcher.serve import add_serve_arguments
@@ -74,16 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bundle_parser(sub)
 
-    p = sub.add_parser("anonymize", help="anonymize images in process; writes IMAGE + IMAGE.json per input")
-    p.add_argument("inputs", nargs="+", type=Path, help="image files (JPEG/PNG/WebP)")
-    p.add_argument("-o", "--outdir", type=Path, required=True)
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model bundle folder (env REVPERS_MODELS)")
-    p.add_argument("--aligned", action="store_true",
-                   help="treat each whole image as one aligned face crop (CelebA-HQ/FFHQ style), as in the paper")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--inversion-batch", type=int, default=10, help="inversion timesteps per UNet call (default 10)")
-    add_param_arguments(p)
-    add_verify_arguments(p)
+    add_anonymize_parser(sub)
 
     p = sub.add_parser("verify", help="check an (original, anonymized) pair after the fact: exit 0 when no face "
                        "still matches, 1 when any does, 2 when the pair cannot be checked",
@@ -164,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         quiet_libraries()
-    handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
+    handlers = {"smoke-model": cmd_smoke_model, "anonymize": run_anonymize, "verify": cmd_verify,
                 "reconstruct": cmd_reconstruct, "export": cmd_export, "repository": cmd_repository,
                 "serve": cmd_serve, "review": cmd_review, "bundle": run_bundle, "evaluate": run_evaluate, "sweep": run_sweep}
     try:

@@ -37,8 +37,9 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-step", type=float, default=d.guidance_step,
                    help=f"guidance change per retry, in (0, 20] (default {d.guidance_step})")
     g.add_argument("--fallback", choices=FALLBACKS, default=d.fallback,
-                   help=f"after the last failed attempt: blur or pixelate the face, or reject the image "
-                        f"(no image written; exit 1) (default {d.fallback})")
+                   help=f"after the last failed attempt: obscure the face, starting with this mode and "
+                        f"escalating (blur, pixelate, fill) while a recognizer still matches it, or reject the "
+                        f"image (no image written; exit 1) (default {d.fallback})")
 
 
 def verify_policy_from_args(args):

@@ -82,7 +82,7 @@ def read_run(run_dir: Path, inputs: Path | None = None) -> list[Entry]:
     review = {}
     review_json = run_dir / "review.json"
     if review_json.is_file():
-        review = {row["input"]: row for row in json.loads(review_json.read_text()).get("rows", [])}
+        review = {row["input"]: row for row in json.loads(review_json.read_text())}
     entries = []
     for f in manifest.get("files", []):
         out_rel = f.get("output")
@@ -117,7 +117,11 @@ def face_overlay(rgb: np.ndarray, report: dict | None, released: bool) -> Image.
         if check.get("arcface_cosine") is not None:
             sims.append(f"arc {check['arcface_cosine']:.2f}")
         label = f"#{face['index']} {face.get('verdict')}" + (f" ({', '.join(sims)})" if sims else "")
-        tx, ty = x0, max(0.0, y0 - font.size - 2 * width) if hasattr(font, "size") else max(0.0, y0 - 14)
+        ty = max(0.0, y0 - getattr(font, "size", 12) - 2 * width)
+        if draw.textlength(label, font=font) > img.width:  # a small image: index and verdict only
+            label = f"#{face['index']} {face.get('verdict')}"
+        text_w = draw.textlength(label, font=font)
+        tx = max(0.0, min(x0, img.width - text_w - 1))  # the whole label stays inside the image
         box = draw.textbbox((tx, ty), label, font=font)
         draw.rectangle(box, fill=(0, 0, 0))
         draw.text((tx, ty), label, fill=colour, font=font)
