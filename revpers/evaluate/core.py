@@ -37,6 +37,15 @@ def _thumb(rgb: np.ndarray, height: int) -> np.ndarray:
     return cv2.resize(rgb, (max(1, int(round(w * k))), height), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
 
 
+def _outline(thumb: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The thumbnail with the face region's border drawn in green (what is not background)."""
+    small = cv2.resize(region.astype(np.uint8), (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.ascontiguousarray(thumb.copy())
+    cv2.drawContours(out, contours, -1, (0, 220, 0), 1, cv2.LINE_AA)
+    return out
+
+
 @dataclass
 class Evaluator:
     """verifier: revpers.verify.Verifier (its detector and recognizers, dlib always; ArcFace when the
@@ -135,7 +144,7 @@ class Evaluator:
                "background_ssim": _r(quality.ssim(original, anonymized, background))}
         self.images.append(img)
         self.faces.extend(records)
-        self.image_thumbs[name] = (_thumb(original, IMAGE_THUMB), _thumb(anonymized, IMAGE_THUMB))
+        self.image_thumbs[name] = (_thumb(original, IMAGE_THUMB), _outline(_thumb(anonymized, IMAGE_THUMB), region))
         return {"image": img, "faces": records}
 
     def _mask_matrix(self, verify_matrix: np.ndarray) -> np.ndarray:
