@@ -189,7 +189,7 @@ def test_blurred_faces_keep_the_background_and_lower_the_reid(verifier, photos, 
     assert mb["per_image"][0]["background_psnr_db"] > ONE_LEVEL_PSNR
     assert mb["per_image"][0]["background_ssim"] > 0.999
     assert mb["identity"]["dlib"]["reid_rate"] < ms["identity"]["dlib"]["reid_rate"] == 1.0
-    for fs, fb in zip(ms["per_face"], mb["per_face"]):
+    for fs, fb in zip(ms["per_face"], mb["per_face"], strict=True):
         assert fb["scores"]["dlib"] > fs["scores"]["dlib"]
     # the bound discriminates: two grey levels added outside the faces fall below it
     region = Q.face_region(t1.shape, [_mask_matrix(verifier, f) for f in t1_faces])

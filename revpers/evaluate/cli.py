@@ -74,13 +74,14 @@ def _fail(msg: str) -> int:
 
 
 def _extras_and_inception(args):
+    from .core import EvaluationInputError
     from .identity import parse_recognizer
     from .quality import InceptionFeatures
 
     extras = [parse_recognizer(s) for s in args.recognizer]
     names = [e.name for e in extras]
     if len(set(names)) != len(names):
-        raise ValueError(f"--recognizer names must be unique, got {names}")
+        raise EvaluationInputError(f"--recognizer names must be unique, got {names}")
     return extras, (InceptionFeatures(args.inception) if args.inception is not None else None)
 
 
@@ -89,12 +90,14 @@ def _known_errors():
     from ..faces.analysis import FaceModelError
     from ..images import ImageError
     from ..pipeline import ParameterError
+    from .core import EvaluationInputError
     from .identity import RecognizerSpecError
     from .pairs import PairingError
     from .quality import InceptionError
 
     return (BundleError, FaceModelError, ImageError, ParameterError, RecognizerSpecError, PairingError,
-            InceptionError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+            InceptionError, EvaluationInputError, FileExistsError, FileNotFoundError, NotADirectoryError,
+            PermissionError)
 
 
 def run_evaluate(args) -> int:
@@ -144,6 +147,7 @@ def _evaluate(args) -> int:
 
 def _sweep_inputs(paths: list[Path], sample: int | None) -> list[Path]:
     from ..images import FORMATS
+    from .core import EvaluationInputError
 
     files = []
     for p in paths:
@@ -154,7 +158,7 @@ def _sweep_inputs(paths: list[Path], sample: int | None) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p} does not exist")
     if not files:
-        raise ValueError("no input images (JPEG/PNG/WebP files or folders holding them)")
+        raise EvaluationInputError("no input images (JPEG/PNG/WebP files or folders holding them)")
     files = sorted(dict.fromkeys(files))
     return files[:sample] if sample else files
 
@@ -170,14 +174,15 @@ def _sweep(args) -> int:
     from ..anonymizer import Anonymizer
     from ..images import read_image
     from ..pipeline import Params
+    from .core import EvaluationInputError
     from .sweep import grid, run_sweep_settings
 
     if not 0.0 <= args.target_reid <= 1.0:
-        raise ValueError(f"--target-reid must be a fraction in [0, 1], got {args.target_reid:g}")
+        raise EvaluationInputError(f"--target-reid must be a fraction in [0, 1], got {args.target_reid:g}")
     if args.sample is not None and args.sample < 1:
-        raise ValueError("--sample must be >= 1")
+        raise EvaluationInputError("--sample must be >= 1")
     if args.inversion_batch < 1:
-        raise ValueError("--inversion-batch must be >= 1")
+        raise EvaluationInputError("--inversion-batch must be >= 1")
     settings = grid(args.guidance, args.ip_scale, args.steps)
     for s in settings:  # refuse a bad value before loading any model
         Params.from_mapping({"guidance": s.guidance, "ip_scale": s.ip_scale, "steps": s.steps, "seed": args.seed,

@@ -27,6 +27,10 @@ FACE_IQA_SKIPPED = ("not measured: no face image-quality model (e.g. CR-FIQA, SE
 ROUND = 6
 
 
+class EvaluationInputError(ValueError):
+    """Inputs that cannot be evaluated together (the message says why)."""
+
+
 def _r(v):
     return None if v is None else round(float(v), ROUND)
 
@@ -96,7 +100,7 @@ class Evaluator:
     def add(self, name: str, original: np.ndarray, anonymized: np.ndarray) -> dict:
         original, anonymized = np.asarray(original), np.asarray(anonymized)
         if original.shape != anonymized.shape:
-            raise ValueError(f"{name}: the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
+            raise EvaluationInputError(f"{name}: the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
                              f"anonymized {anonymized.shape[1]}x{anonymized.shape[0]}")
         v = self.verifier
         sites = face_sites(v, original, self.aligned)
