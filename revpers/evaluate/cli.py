@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from revpers.core.params import ParameterError, Params
-from revpers.evaluate.core import SMOKE_NOTE, Evaluator
+from revpers.evaluate.core import SMOKE_NOTE, EvaluationInputError, Evaluator
 from revpers.evaluate.identity import RecognizerSpecError, parse_recognizer
 from revpers.evaluate.pairs import PairingError, collect_pairs
 from revpers.evaluate.quality import InceptionError, InceptionFeatures
@@ -89,14 +89,15 @@ def _extras_and_inception(args):
     extras = [parse_recognizer(s) for s in args.recognizer]
     names = [e.name for e in extras]
     if len(set(names)) != len(names):
-        raise ValueError(f"--recognizer names must be unique, got {names}")
+        raise EvaluationInputError(f"--recognizer names must be unique, got {names}")
     return extras, (InceptionFeatures(args.inception) if args.inception is not None else None)
 
 
 def _known_errors():
 
     return (BundleError, FaceModelError, ImageError, ParameterError, RecognizerSpecError, PairingError,
-            InceptionError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+            InceptionError, EvaluationInputError, FileExistsError, FileNotFoundError, NotADirectoryError,
+            PermissionError)
 
 
 def run_evaluate(args) -> int:
@@ -138,6 +139,7 @@ def _evaluate(args) -> int:
 
 
 def _sweep_inputs(paths: list[Path], sample: int | None) -> list[Path]:
+
     files = []
     for p in paths:
         if p.is_dir():
@@ -147,7 +149,7 @@ def _sweep_inputs(paths: list[Path], sample: int | None) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p} does not exist")
     if not files:
-        raise ValueError("no input images (JPEG/PNG/WebP files or folders holding them)")
+        raise EvaluationInputError("no input images (JPEG/PNG/WebP files or folders holding them)")
     files = sorted(dict.fromkeys(files))
     return files[:sample] if sample else files
 
@@ -162,11 +164,11 @@ def run_sweep(args) -> int:
 def _sweep(args) -> int:
 
     if not 0.0 <= args.target_reid <= 1.0:
-        raise ValueError(f"--target-reid must be a fraction in [0, 1], got {args.target_reid:g}")
+        raise EvaluationInputError(f"--target-reid must be a fraction in [0, 1], got {args.target_reid:g}")
     if args.sample is not None and args.sample < 1:
-        raise ValueError("--sample must be >= 1")
+        raise EvaluationInputError("--sample must be >= 1")
     if args.inversion_batch < 1:
-        raise ValueError("--inversion-batch must be >= 1")
+        raise EvaluationInputError("--inversion-batch must be >= 1")
     settings = grid(args.guidance, args.ip_scale, args.steps)
     for s in settings:  # refuse a bad value before loading any model
         Params.from_mapping({"guidance": s.guidance, "ip_scale": s.ip_scale, "steps": s.steps, "seed": args.seed,

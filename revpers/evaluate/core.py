@@ -28,6 +28,10 @@ FACE_IQA_SKIPPED = ("not measured: no face image-quality model (e.g. CR-FIQA, SE
 ROUND = 6
 
 
+class EvaluationInputError(ValueError):
+    """Inputs that cannot be evaluated together (the message says why)."""
+
+
 def _r(v):
     return None if v is None else round(float(v), ROUND)
 
@@ -36,6 +40,15 @@ def _thumb(rgb: np.ndarray, height: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     k = height / float(h)
     return cv2.resize(rgb, (max(1, int(round(w * k))), height), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+
+
+def _outline(thumb: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The thumbnail with the face region's border drawn in green (what is not background)."""
+    small = cv2.resize(region.astype(np.uint8), (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.ascontiguousarray(thumb.copy())
+    cv2.drawContours(out, contours, -1, (0, 220, 0), 1, cv2.LINE_AA)
+    return out
 
 
 @dataclass
@@ -86,7 +99,7 @@ class Evaluator:
     def add(self, name: str, original: np.ndarray, anonymized: np.ndarray) -> dict:
         original, anonymized = np.asarray(original), np.asarray(anonymized)
         if original.shape != anonymized.shape:
-            raise ValueError(f"{name}: the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
+            raise EvaluationInputError(f"{name}: the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
                              f"anonymized {anonymized.shape[1]}x{anonymized.shape[0]}")
         v = self.verifier
         sites = face_sites(v, original, self.aligned)
@@ -134,7 +147,7 @@ class Evaluator:
                "background_ssim": _r(quality.ssim(original, anonymized, background))}
         self.images.append(img)
         self.faces.extend(records)
-        self.image_thumbs[name] = (_thumb(original, IMAGE_THUMB), _thumb(anonymized, IMAGE_THUMB))
+        self.image_thumbs[name] = (_thumb(original, IMAGE_THUMB), _outline(_thumb(anonymized, IMAGE_THUMB), region))
         return {"image": img, "faces": records}
 
     def _mask_matrix(self, verify_matrix: np.ndarray) -> np.ndarray:

@@ -65,8 +65,12 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
-    """Mean SSIM over ``where`` eroded by the window radius (None when nothing is left)."""
-    from skimage.metrics import structural_similarity
+    """Mean SSIM over ``where`` eroded by the window radius (None when nothing is left, or when
+    scikit-image, an optional dependency, is not installed)."""
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        return None
 
     if min(a.shape[:2]) < SSIM_WINDOW:
         return None
@@ -133,7 +137,10 @@ class InceptionFeatures:
 
 def fid(x: np.ndarray, y: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two (N, D) feature sets."""
-    from scipy import linalg
+    try:
+        from scipy import linalg
+    except ImportError:
+        raise InceptionError("FID needs scipy (pip install scipy)") from None
 
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < 2 or len(y) < 2:

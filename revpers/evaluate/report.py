@@ -274,7 +274,8 @@ def write_report(metrics: dict, evaluator, out: Path, label: str = "revpers") ->
         cv2.imwrite(str(out / "worst_background.png"), cv2.cvtColor(contact_sheet(cells, smoke, cols=2),
                                                                     cv2.COLOR_RGB2BGR))
         sheets.append({"file": "worst_background.png",
-                       "caption": "largest change outside the faces (lowest background PSNR; left original)"})
+                       "caption": "largest change outside the faces (lowest background PSNR; left original, right "
+                       "anonymized with the excluded face region outlined in green)"})
     metrics = dict(metrics, outputs={"plots": [m["file"] for m in made], "contact_sheets": [s["file"] for s in sheets],
                                      **({"plots_skipped": skipped} if skipped else {})})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -146,7 +146,7 @@ def run_sweep_settings(anon, originals: list[tuple[str, np.ndarray]], settings: 
                 report = dict(result.report, input=str((sources or {}).get(name, name)), output=str(target_png))
                 target_png.with_name(target_png.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
         ev = Evaluator(anon.verifier, extras=extras, inception=inception, aligned=aligned, smoke=smoke)
-        for (name, rgb), (_, img) in zip(originals, outputs):
+        for (name, rgb), (_, img) in zip(originals, outputs, strict=True):
             ev.add(name, rgb, img)
         metrics = write_report(ev.metrics(), ev, sdir, label=s.tag)
         def per(v, n=generated):
