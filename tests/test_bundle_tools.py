@@ -91,6 +91,15 @@ def test_bundle_init_from_hf_cache_fp16_then_check_passes_and_anonymize_works(tm
     proc = revpers("bundle", "check", out)
     assert proc.returncode == 0 and proc.stdout.startswith(f"{out}: OK"), proc.stdout + proc.stderr
 
+    # the served components load the same files: the text encoders through the pipeline, the VAE on its own
+    from revpers.bundle import load_bundle
+    from revpers.component_models import TorchRunner
+    from revpers.serving import TextEncoders
+
+    assert load_bundle(out).sdxl_variant_of("vae") == "fp16"
+    assert TextEncoders(load_bundle(out))("a photo").text.dtype == torch.float32
+    assert TorchRunner(out, "vae_decoder").dtype == torch.float32
+
     photo = tmp_path / "face.png"
     Image.fromarray(real_photo()).save(photo)
     proc = revpers("anonymize", photo, "-o", tmp_path / "out", "--models", out, "--steps", 4)
