@@ -11,6 +11,9 @@ import pytest
 import torch
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
+
+
 def test_flop_counter_matches_analytic_counts_for_a_conv_and_a_linear():
     from benchmarks.flops import count_flops
     from benchmarks.fullsize import faceid_unet, tiny_configs

@@ -25,6 +25,9 @@ COMMIT = "462165984030d82259a11f4367a4eed129e94a7b"  # any 40-hex snapshot name
 HTML = b"<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>\n" * 40  # a failed download
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
+
+
 def revpers(*args):
     return subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)

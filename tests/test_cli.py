@@ -13,6 +13,9 @@ from tests.conftest import real_photo
 from tests.schema import validate_report
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
+
+
 def revpers(*args, check=False):
     proc = subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=600)

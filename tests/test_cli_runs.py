@@ -43,9 +43,11 @@ def photos(tmp_path):
     return src
 
 
-def test_output_over_the_inputs_is_refused_before_any_work(photos, smoke_bundle_dir):
+def test_output_over_the_inputs_is_refused_before_any_work(photos, smoke_bundle_dir, tmp_path):
     before = {p: sha(p) for p in photos.rglob("*") if p.is_file()}
-    for out in (photos, photos / "sub"):
+    link = tmp_path / "same-folder"
+    link.symlink_to(photos)  # symlinks are resolved: this is the input folder too
+    for out in (photos, link):
         proc = revpers("anonymize", photos, "-o", out, "--models", smoke_bundle_dir, "--steps", "2")
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

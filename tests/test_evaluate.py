@@ -24,6 +24,9 @@ from tests.conftest import real_photo
 ONE_LEVEL_PSNR = 10 * math.log10(255.0 ** 2)
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
+
+
 @pytest.fixture(scope="module")
 def verifier():
     from revpers.gate.recognizers import Verifier

@@ -19,6 +19,9 @@ from revpers.models.components import NUMPY_DTYPES, ComponentSpec
 FP32_TOL = 1e-4
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
+
+
 @pytest.fixture(scope="module")
 def exported(onnx_artifacts):
     return onnx_artifacts

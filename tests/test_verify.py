@@ -122,6 +122,7 @@ def test_dlib_same_person_is_closer_than_different_people(verifier):
     assert max(s) < DLIB_THRESHOLD < min(d)
 
 
+@pytest.mark.slow
 def test_unchanged_face_fails_and_a_blurred_face_passes(verifier):
     t1 = real_photo("t1.jpg")
     blurred = t1.copy()
@@ -206,6 +207,7 @@ def test_face_check_thresholds_and_the_pass_rule():
                             "redetected": True, "passed": False}
 
 
+@pytest.mark.slow
 def test_arcface_half_of_the_gate(smoke_bundle):
     """A bundle that is not flagged smoke gets the ArcFace half: the smoke bundle's random ArcFace-contract
     ONNX (a random network barely tells faces apart, so it still matches t1's blurred faces, cosine
@@ -305,6 +307,7 @@ def run_faces_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_unchanged_faces_are_retried_in_one_batch_then_blurred(unchanged, run_faces_calls):
     t1 = real_photo("t1.jpg")
     unchanged.models.calls.clear()
@@ -463,6 +466,7 @@ def test_a_fallback_that_still_matches_escalates_instead_of_rejecting(unchanged)
     assert res.image is not None and res.report["verdict"] == "fallback" and "rejected_reason" not in res.report
 
 
+@pytest.mark.slow
 def test_audit_is_byte_identical_across_runs(unchanged, smoke_bundle):
     """Twice with the gate's retries (unchanged generator), and twice with the real smoke models."""
     from revpers.service.anonymizer import Anonymizer
@@ -522,6 +526,7 @@ def _revpers(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_verify_exit_codes(tmp_path, smoke_bundle_dir):
     t1 = real_photo("t1.jpg")
     blurred = t1.copy()
@@ -548,6 +553,7 @@ def test_cli_verify_exit_codes(tmp_path, smoke_bundle_dir):
     assert missing.returncode == 2 and "cannot read file" in missing.stderr
 
 
+@pytest.mark.slow
 def test_cli_anonymize_writes_verdict_and_audit(tmp_path, smoke_bundle_dir):
     src = tmp_path / "hanks.png"
     src.write_bytes(encode_image(real_photo()))
@@ -589,6 +595,7 @@ def unchanged_cli(monkeypatch, smoke_bundle, torch_models, tmp_path):
     return _bundle_copy(smoke_bundle.root, tmp_path / "bundle256", native_size=256)
 
 
+@pytest.mark.slow
 def test_cli_anonymize_reject_writes_the_report_and_no_image(unchanged_cli, tmp_path, capsys):
     from revpers.cli import main
 
