@@ -93,6 +93,10 @@ class RunOptions:
     runner: Callable[[], dict] | None = None  # RunSummary fields of the runner, read at the end
     before: Callable[[Progress], None] | None = None  # called once the progress exists (health checks)
     printed: bool = True                     # print the summary
+    # called when the run stops early (Ctrl-C, SIGTERM): an in-process runner stops its current image
+    # at the next model call and the run waits for it (its threads must not die inside native code);
+    # None: the requests in flight are abandoned (a server finishes or cancels them)
+    on_stop: Callable[[], None] | None = None
 
 
 class _Terminated(Exception):
@@ -219,7 +223,9 @@ def _run(items: Sequence[Item], process: Callable, options: RunOptions) -> RunSu
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
-        drive.close()
+        if interrupted and options.on_stop is not None:
+            options.on_stop()
+        drive.close(wait=options.on_stop is not None)
         progress.close()
     runner = options.runner() if options.runner is not None else {}
     summary = ledger.finish(started_at=started_at, wall_s=time.perf_counter() - t0,
@@ -285,9 +291,12 @@ class _Drive:
             self.stopped, self.stop_code = str(res.error), res.error.exit_code
             self.pending -= self.pool.close()  # the items not started stay not done
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
         if self.pool is not None:
             self.pool.close()
+            if wait:
+                for t in self.pool.threads:
+                    t.join()
 
 
 def _record(res: _Done, ledger: Ledger, progress: Progress, options: RunOptions) -> None:

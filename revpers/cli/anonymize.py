@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,12 +40,17 @@ class ImageFailed(Exception):
 
 
 class StepBar:
-    """A progress bar of one image's UNet calls (on a terminal, for long images); fed by the
-    ``cancelled`` hook that the pipeline calls before every UNet call."""
+    """A progress bar of one image's UNet calls (on a terminal, for long images), fed by the
+    ``cancelled`` hook that the pipeline calls before every UNet call; ``stop()`` makes that hook
+    cancel the image at its next UNet call (a clean Ctrl-C)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
         self.bar = None
+        self.stopped = threading.Event()
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     def start(self, name: str) -> None:
         if self.enabled:
@@ -55,7 +61,7 @@ class StepBar:
     def tick(self) -> bool:
         if self.bar is not None:
             self.bar.update(1)
-        return False  # never cancels: Ctrl-C stops the run between images
+        return self.stopped.is_set()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -165,7 +171,9 @@ def _run(args) -> int:
     options = RunOptions(outdir=outdir, params=params, fmt=args.format, on_no_face=args.on_no_face,
                          resume=args.resume, concurrency=1, progress=args.progress, quiet=args.quiet, tool=TOOL,
                          not_taken=collection.not_taken)
-    summary = run_collection(collection.items, LocalProcess(anonymizer, StepBar(not args.quiet)), options)
+    steps = StepBar(not args.quiet)
+    options.on_stop = steps.stop
+    summary = run_collection(collection.items, LocalProcess(anonymizer, steps), options)
     if summary.stopped:
         print(f"revpers anonymize: error: {summary.stopped}", file=sys.stderr)
     return summary.exit_code
