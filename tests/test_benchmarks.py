@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-
 pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
 
 

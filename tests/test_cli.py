@@ -12,7 +12,6 @@ from PIL import Image
 from tests.conftest import real_photo
 from tests.schema import validate_report
 
-
 pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
 
 

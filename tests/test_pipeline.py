@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from revpers.core.params import ParameterError, Params
-from revpers.core.pipeline import run_faces
+from revpers.core.pipeline import run_faces, to_model_images
 from tests.conftest import real_photo
 
 
@@ -93,6 +93,41 @@ def test_ip_scale_zero_makes_identity_irrelevant(torch_models):
     c = run_faces(torch_models, [crop], np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32),
                   Params(steps=8, ip_scale=1.0), 64)
     assert not torch.equal(a.x_out, c.x_out)
+
+
+def test_null_identity_conditions_the_inversion_through_the_adapter(torch_models):
+    """The null identity is a zero vector passed through the FaceID projection, not zero tokens
+    (algorithm.md): with real weights the projection's biases and LayerNorm make its tokens non-zero,
+    so the IP-Adapter term is non-zero in both inversion branches and the IP scale changes the
+    inversion's noise maps. The smoke bundle must show the same (zero biases would make the term
+    exactly zero and the scale inert there)."""
+    from revpers.core import sampling
+    from revpers.core.conditioning import inversion_branches
+    from revpers.core.schedule import timesteps
+
+    m = torch_models
+    empty = m.text("")
+    x0 = m.encode(to_model_images([_crop()]))
+    ts = timesteps(4, 0.7)
+    noise = sampling.draw_noise(x0.shape, [0], ts)
+
+    def branches(ip_scale):
+        return inversion_branches(empty, 1, 512, (64, 64), ip_scale)
+
+    # the adapter's term at the null identity: with scale 0 it is exactly absent, so any difference is it
+    x = torch.cat([noise[0], noise[0]]) * m.schedule.sigma(ts[0]) + torch.cat([x0, x0]) * m.schedule.alpha(ts[0])
+    t = torch.full((2,), ts[0])
+    with_ip = m.denoise(x, t, sampling.concat_cond(*branches(1.0)))
+    without = m.denoise(x, t, sampling.concat_cond(*branches(0.0)))
+    assert (with_ip - without).abs().max() > 0
+
+    def noise_maps(ip_scale):
+        return sampling.invert(m.denoise, x0, ts, m.schedule, *branches(ip_scale), -10.0, noise)[1]
+
+    full, half = noise_maps(1.0), noise_maps(0.5)
+    change = max((a - b).abs().max().item() for a, b in zip(full, half))
+    print(f"noise maps, IP scale 1 vs 0.5: max change {change:.3g}")
+    assert change > 0
 
 
 def test_seed_determinism(torch_models):

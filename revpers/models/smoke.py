@@ -31,9 +31,14 @@ SMOKE_LORA_RANK = 4
 # A default-initialised random UNet is chaotic under w = -10 guidance: float rounding of 1e-7 in
 # its inputs grows to 0.6 in the latents over 100 steps (measured), whereas a trained epsilon model
 # contracts such perturbations. Scaling the random output layer by 0.1 gives the smoke UNet a small
-# Jacobian like a trained one (reconstruction error 4e-6 at the defaults, measured) while the
+# Jacobian like a trained one (reconstruction error 2e-6 at the defaults, measured) while the
 # identity still changes the output clearly.
 SMOKE_EPS_GAIN = 0.1
+# The FaceID projection gets non-zero biases (and a LayerNorm off its identity initialisation), as
+# trained weights have: the null identity (a zero vector) then projects to non-zero tokens, so the
+# IP-Adapter term and its scale act in the inversion too, as with the real adapter. With zero biases
+# the null identity gave exactly zero tokens and the IP scale had no effect on the noise maps.
+SMOKE_NORM_SPREAD = 0.1
 
 SMOKE_UNET = dict(
     sample_size=SMOKE_NATIVE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
@@ -175,14 +180,17 @@ def write_smoke_bundle(root: str | Path, seed: int = 0, overwrite: bool = False,
 
     gen = torch.Generator(device).manual_seed(seed + 1)
     state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, shape in faceid_layout(unet, embed_dim=SMOKE_EMBED_DIM, lora_rank=arch["lora_rank"]).items():
+    layout = faceid_layout(unet, embed_dim=SMOKE_EMBED_DIM, lora_rank=arch["lora_rank"])
+    for key, shape in layout.items():
         group, name = key.split(".", 1)
-        if name.endswith("norm.weight"):
-            value = torch.ones(shape)
-        elif name.endswith("bias"):
-            value = torch.zeros(shape)
-        else:
-            value = torch.randn(shape, generator=gen, device=device) * (shape[-1] ** -0.5)
+        value = torch.randn(shape, generator=gen, device=device)
+        if name == "norm.weight":  # the projection's LayerNorm: near its identity initialisation
+            value = 1.0 + SMOKE_NORM_SPREAD * value
+        elif name == "norm.bias":
+            value = SMOKE_NORM_SPREAD * value
+        else:  # Linear weights and biases at the scale of their layer's fan-in
+            fan_in = layout[key[:-len("bias")] + "weight"][-1] if key.endswith(".bias") else shape[-1]
+            value = value * fan_in ** -0.5
         state[group][name] = value.to("cpu", stored).contiguous()
     del pipe, unet, vae, text_encoder, text_encoder_2
     ip_path = root / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"

@@ -49,7 +49,7 @@ class ImageReport(Record):
 
     OMIT_NONE: ClassVar[frozenset[str]] = frozenset({
         "warning", "faces_found", "policy", "total_ms", "note", "rejected_reason", "resized", "faces_in_batch",
-        "seed_used", "identity_source", "batch_total_ms", "server_total_ms", "input", "output", "request_id",
+        "seed_used", "identity_source", "batch_total_ms", "server_total_ms", "server_interval", "input", "output", "request_id",
         "review", "client", "input_sha256", "output_sha256"})
 
     revpers_version: str
@@ -83,6 +83,7 @@ class ImageReport(Record):
     identity_source: str | None = None
     batch_total_ms: float | None = None
     server_total_ms: float | None = None
+    server_interval: dict | None = None  # {"pid", "start_ns", "end_ns"} (monotonic clock) of a served request
     request_id: str | None = None
     input: str | None = None
     output: str | None = None

@@ -134,7 +134,14 @@ class TorchRunner:
 
     @torch.inference_mode()
     def __call__(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
-        args = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in feeds]
+        # Always a fresh copy in torch's own (aligned) memory, never the request's buffer: on the CPU,
+        # MKL and oneDNN pick their kernels by the alignment of the operands, and a tensor Triton hands
+        # over sits in shared memory at whatever offset the tensors before it left. Served in place,
+        # a batch-2 UNet call came out up to 1.2e-7 off the same call in process (an `identity` 4 or
+        # 8 bytes off a 16-byte boundary, measured), which w = -10 guidance grows to 2 grey levels.
+        # Copied, the served modules compute exactly what the in-process ones do (same inputs, same
+        # torch, same thread count).
+        args = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype, copy=True) for t in feeds]
         out = self.forward(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.float() for o in outs]
