@@ -23,7 +23,7 @@ from .batch import BatchClient, RetryPolicy
 from .collection import FORMAT_CHOICES, UsageError, check_outputs, collect, existing_outputs
 from .core import ConfigError, Security, server_health
 from .engine import RunOptions, run_collection
-from .ledger import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MANIFEST, REVIEW_CSV, REVIEW_JSON, SUMMARY
+from .ledger import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, MANIFEST, REVIEW_CSV, REVIEW_JSON, SUMMARY
 from .ledger import faces_of, latency_stats  # noqa: F401 - the benchmarks import them from here
 from .remote import RemoteProcess
 from .report import PROGRESS_MODES
@@ -351,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # outside a run (a run writes its summary and returns 130 itself)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_SIGNAL["SIGINT"]
 
 
 if __name__ == "__main__":
