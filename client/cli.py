@@ -26,6 +26,7 @@ from .engine import RunOptions, run_collection
 from .ledger import (  # noqa: F401 - the benchmarks import them from here
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_SIGNAL,
     EXIT_USAGE,
     MANIFEST,
     REVIEW_CSV,
@@ -360,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # outside a run (a run writes its summary and returns 130 itself)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_SIGNAL["SIGINT"]
 
 
 if __name__ == "__main__":

@@ -199,7 +199,10 @@ def run_collection(items: Sequence[Item], process: Callable, options: RunOptions
     outdir = options.outdir
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"{outdir} exists and is not a folder")
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder {outdir}: {exc.strerror or exc}") from None
     with lock_folder(outdir, options.tool):
         return _run(items, process, options)
 

@@ -469,6 +469,15 @@ def test_engine_stop_leaves_the_rest_not_done_and_ends(tmp_path):
     assert s.counts.ok + s.counts.not_done == 6 and s.counts.not_done >= 3 and s.counts.failed == 0
 
 
+def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
+    from revpers.triton_server import free_port  # test-side only
+
+    (tmp_path / "file").write_text("not a folder")
+    code = run_cli("anonymize", TOM, "-o", tmp_path / "file" / "out", "--url", f"127.0.0.1:{free_port()}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("revpers-client: error: cannot create the output folder") and "Traceback" not in err
+
+
 def test_security_options_are_checked(tmp_path):
     from revpers_client import protocol
     from revpers_client.core import ConfigError, Security
