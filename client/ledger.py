@@ -130,6 +130,16 @@ class LedgerEntry:
 
 
 @dataclass
+class AuditManifest:
+    """``audit-manifest.json``: one entry per input, sorted by input path."""
+
+    tool: str
+    format: int
+    model: str
+    files: list[LedgerEntry]
+
+
+@dataclass
 class Failure:
     """One entry of the summary's ``failures``."""
 
@@ -377,10 +387,9 @@ class Ledger:
                runner: dict | None = None) -> RunSummary:
         """Write the manifest, the review list and the summary; returns the summary."""
         self.counts.not_done = len(self.items) - len(self.entries)
-        manifest = {"tool": self.tool, "format": MANIFEST_FORMAT, "model": self.model,
-                    "files": [asdict(self.entries[k]) for k in
-                              sorted(self.entries, key=lambda k: (self.entries[k].input, k))]}
-        write_json(self.outdir / MANIFEST, manifest, sort_keys=True)
+        manifest = AuditManifest(self.tool, MANIFEST_FORMAT, self.model,
+                                 [self.entries[k] for k in sorted(self.entries, key=lambda k: (self.entries[k].input, k))])
+        write_json(self.outdir / MANIFEST, asdict(manifest), sort_keys=True)
         rows = self.review_rows()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=REVIEW_FIELDS, lineterminator="\n")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from revpers.faces.samples import insightface_photo
 from revpers_client.protocol import FaceVerdict
-from tests.schema import validate_report
+from tests.schema import validate, validate_report
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,9 @@ def test_a_folder_run_mirrors_the_tree_and_lists_what_needs_review(photos, smoke
     assert review["noise.png"]["status"] == "review" and review["noise.png"]["verdict"] == "no_faces"
     assert set(review) == {"notes.txt", "noise.png"}  # the photos passed the gate
     summary = json.loads((out / "run-summary.json").read_text())
+    validate("run-summary", summary)
+    validate("audit-manifest", json.loads((out / "audit-manifest.json").read_text()))
+    validate("review-list", json.loads((out / "review.json").read_text()))
     assert summary["counts"]["ok"] == 3 and summary["counts"]["review"] == 1 and summary["counts"]["not_taken"] == 1
     assert summary["smoke"] and "smoke" in summary["warning"]
 

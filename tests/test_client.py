@@ -31,6 +31,7 @@ from revpers_client.cli import main  # noqa: E402
 from revpers_client.collection import UsageError, collect  # noqa: E402
 from revpers_client.core import RevpersClient, ServiceError  # noqa: E402
 from revpers_client.ledger import latency_stats  # noqa: E402
+from tests.schema import validate, validate_report  # noqa: E402
 
 
 def plan(inputs, outdir, fmt="keep"):
@@ -776,6 +777,7 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
         fmt = image_format(out / out_of[rel])
         assert fmt == ("PNG" if out_of[rel].endswith(".png") else "JPEG"), (rel, fmt)
         report = json.loads((out / (out_of[rel] + ".json")).read_text())
+        validate_report(report)  # the server's report with the client's block, as the schema publishes it
         assert report["params"]["steps"] == 2 and report["params"]["seed"] == 5
         assert report["client"]["input_sha256"] == hashlib.sha256(files[rel]).hexdigest()
         assert report["client"]["output_sha256"] == sha(out / out_of[rel])
@@ -796,6 +798,9 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
     assert summary["throughput_images_per_s"] > 0
     # the review list: every image not released as passed, the failure and the file not taken, with reasons
     rows = json.loads((out / "review.json").read_text())
+    validate("run-summary", summary)
+    validate("audit-manifest", json.loads((out / "audit-manifest.json").read_text()))
+    validate("review-list", rows)
     assert summary["review_list"] == {"csv": "review.csv", "json": "review.json", "rows": len(rows)}
     by_input = {r["input"]: r for r in rows}
     assert sorted(by_input) == sorted(list(files) + ["README.txt"])

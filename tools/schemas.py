@@ -8,32 +8,49 @@ the committed files differ from what the records say). The records are plain dat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 from pydantic import ConfigDict, TypeAdapter
 
 from revpers.gate.audit import AuditRecord, BundleRef
 from revpers.service.records import FaceReport, ImageReport
+from revpers_client.ledger import AuditManifest, ReviewRow, RunSummary
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "schemas"
-RECORDS = {"image-report": ImageReport, "audit-record": AuditRecord}
+RECORDS = {"image-report": ImageReport, "audit-record": AuditRecord, "run-summary": RunSummary,
+           "audit-manifest": AuditManifest, "review-list": list[ReviewRow]}
 NESTED = {"FaceReport": FaceReport, "AuditRecord": AuditRecord, "BundleRef": BundleRef}
 
 
 def schema(record_type) -> dict:
     """The JSON Schema of a record type: every field as declared, no property it does not declare."""
-    record_type.__pydantic_config__ = ConfigDict(extra="forbid")
+    for cls in _dataclasses(record_type):
+        cls.__pydantic_config__ = ConfigDict(extra="forbid")
     s = TypeAdapter(record_type).json_schema(mode="serialization")
     s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    s["$id"] = f"https://revpers.invalid/schemas/{record_type.__name__}.schema.json"
+    s["$id"] = f"https://revpers.invalid/schemas/{getattr(record_type, '__name__', 'list')}.schema.json"
     _drop_omitted(s, record_type)
     for name, sub in s.get("$defs", {}).items():
         nested = NESTED.get(name)
         if nested is not None:
             _drop_omitted(sub, nested)
     return s
+
+
+def _dataclasses(t) -> list:
+    """Every dataclass reachable from a record type's fields (so each refuses unknown properties)."""
+    seen, todo = [], [t]
+    while todo:
+        t = todo.pop()
+        todo.extend(typing.get_args(t))
+        if dataclasses.is_dataclass(t) and t not in seen:
+            seen.append(t)
+            todo.extend(typing.get_type_hints(t).values())
+    return seen
 
 
 def _drop_omitted(s: dict, record_type) -> None:
