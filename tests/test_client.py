@@ -471,7 +471,7 @@ def test_engine_stop_leaves_the_rest_not_done_and_ends(tmp_path):
 
 
 def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
-    from revpers.triton_server import free_port  # test-side only
+    from revpers.serving.launcher import free_port  # test-side only
 
     (tmp_path / "file").write_text("not a folder")
     code = run_cli("anonymize", TOM, "-o", tmp_path / "file" / "out", "--url", f"127.0.0.1:{free_port()}")

@@ -467,8 +467,6 @@ def test_init_commands_parse_with_the_revpers_cli(variant):
     assert bundle_mounts == {str(export.models)} == {str(repo.models)}  # the BLS reads the bundle there
 
 
-@pytest.mark.xfail(strict=True, reason="--drain-timeout, --tls-cert/--tls-key/--tls-ca, --http-host and --health-port "
-                                       "land with the production-server work; remove this mark when they do")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_serve_command_parses_with_the_revpers_cli(variant):
     args = container(rendered(variant))["args"]

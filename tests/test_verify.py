@@ -615,7 +615,8 @@ def test_cli_anonymize_reject_writes_the_report_and_no_image(unchanged_cli, tmp_
 
 
 def test_cli_anonymize_no_verify(unchanged_cli, tmp_path, capsys):
-    """--no-verify: the generated face is 'unverified', a photo without a face 'no_faces'; exit 0."""
+    """--no-verify: the generated face is 'unverified', a photo without a face 'no_faces'; exit 1, since
+    nothing was released as passed: both are on the review list."""
     from revpers.cli import main
 
     hanks, coffee = tmp_path / "hanks.png", tmp_path / "coffee.png"
@@ -624,15 +625,19 @@ def test_cli_anonymize_no_verify(unchanged_cli, tmp_path, capsys):
     out = tmp_path / "o"
     code = main(["anonymize", str(hanks), str(coffee), "-o", str(out), "--models", str(unchanged_cli),
                  "--steps", "2", "--no-verify"])
-    stdout = capsys.readouterr().out
-    assert code == 0
+    capsys.readouterr()
+    assert code == 1
+    review = {row["input"]: row for row in json.loads((out / "review.json").read_text())}
+    assert review["hanks.png"]["verdict"] == "unverified" and review["coffee.png"]["verdict"] == "no_faces"
     report = _known_verdicts(json.loads((out / "hanks.png.json").read_text()))
     assert report["verdict"] == "unverified" and [f["verdict"] for f in report["faces"]] == ["unverified"]
     assert report["verification"] == {"enabled": False, "policy": VerifyPolicy(verify=False).as_dict()}
     assert report["audit"]["verification"] is None and "verification" not in report["faces"][0]
     assert report["audit"]["output_sha256"] == hashlib.sha256((out / "hanks.png").read_bytes()).hexdigest()
     assert _known_verdicts(json.loads((out / "coffee.png.json").read_text()))["verdict"] == "no_faces"
-    assert "images by verdict: no_faces 1, unverified 1; faces by verdict: unverified 1" in stdout
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["images_by_verdict"] == {"no_faces": 1, "unverified": 1}
+    assert summary["faces_by_verdict"] == {"unverified": 1}
 
 
 def test_cli_anonymize_bad_face_models_exit_2(monkeypatch, smoke_bundle, torch_models, tmp_path, capsys):
@@ -646,7 +651,9 @@ def test_cli_anonymize_bad_face_models_exit_2(monkeypatch, smoke_bundle, torch_m
     src = tmp_path / "hanks.png"
     src.write_bytes(encode_image(real_photo()))
     code = main(["anonymize", str(src), "-o", str(tmp_path / "o"), "--models", str(broken), "--steps", "2"])
-    assert code == 2 and "unknown face detector 'haar'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and 'faces.detector: must be "insightface" or "dlib", got "haar"' in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o" / "hanks.png").exists()
 
 
