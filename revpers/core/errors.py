@@ -52,4 +52,10 @@ class Cancelled(RevpersError):
     kind = "cancelled"
 
 
-KINDS = ("input", "parameter", "limit", "bundle", "face_model", "cancelled", "internal")
+class Unavailable(RevpersError):
+    """The server takes no new work now (it is draining before a stop); try another or later."""
+
+    kind = "unavailable"
+
+
+KINDS = ("input", "parameter", "limit", "bundle", "face_model", "cancelled", "unavailable", "internal")
