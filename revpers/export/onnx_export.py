@@ -74,7 +74,8 @@ def export_bundle(bundle, out: Path, inversion_batch: int = 10, tensorrt: bool =
     models = TorchModels.load(bundle, device="cpu", unet_dtype=torch.float32)
     specs = [s for s in specs_from_bundle(bundle, inversion_batch) if s.name != "arcface"]  # ArcFace: copied
     modules = {"unet": models.unet, "vae_encoder": models.vae_encoder, "vae_decoder": models.vae_decoder}
-    record = {"bundle": bundle.describe(), "opset": OPSET, "inversion_batch": inversion_batch, "components": {}}
+    record = {"bundle": {**bundle.describe(), "path": str(bundle.root)},  # `revpers repository` reads the path
+              "opset": OPSET, "inversion_batch": inversion_batch, "components": {}}
     for spec in specs:
         t0 = time.perf_counter()
         path = export_module(modules[spec.name], spec, out / spec.name / "model.onnx")
