@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from revpers.cli.options import params_from_args, verify_policy_from_args
+from revpers.cli.options import limits_from_args, params_from_args, verify_policy_from_args
 from revpers.core.errors import InputError
 from revpers.export.onnx_export import export_bundle
 from revpers.gate.loop import verify_pair
@@ -149,6 +149,7 @@ def cmd_repository(args) -> int:
         return 2
     out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
                            args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
-                           torch_compile=args.torch_compile, component_instances=args.component_instances)
+                           torch_compile=args.torch_compile, component_instances=args.component_instances,
+                           limits=limits_from_args(args))
     print(f"model repository ({args.backend}) in {out}; start it with: revpers serve --repository {out}")
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from revpers.cli.commands import cmd_anonymize, cmd_export, cmd_reconstruct, cmd_repository, cmd_smoke_model, cmd_verify
 from revpers.cli.logs import quiet_libraries
-from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
+from revpers.cli.options import DEFAULT_MODELS, add_limit_arguments, add_param_arguments, add_verify_arguments
 from revpers.core.params import ParameterError
 from revpers.faces.analysis import FaceModelError
 from revpers.models.bundle import BundleError
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pytorch target without --artifacts: inversion timesteps per UNet call (default 10); "
                         "otherwise the exported value is used (a different one is refused)")
     p.add_argument("--force", action="store_true")
+    add_limit_arguments(p)
 
     try:
         p = sub.add_parser("serve", help="start the pip-installed Triton server on a model repository")
