@@ -59,9 +59,9 @@ def onnxruntime_repository(onnx_artifacts, smoke_bundle_dir, tmp_path_factory):
                             bundle=smoke_bundle_dir, bls_instances=1)
 
 
-def start_triton(repository):
+def start_triton(repository, env=None):
     """Start a real tritonserver on free loopback ports (skips where none is installed); the caller
-    stops it (``srv.stop()``)."""
+    stops it (``srv.stop()``). ``env``: extra environment for the server and its model stubs."""
     import importlib.util
 
     from revpers.triton_server import TritonNotFoundError, TritonServer, find_tritonserver, free_ports
@@ -73,7 +73,7 @@ def start_triton(repository):
             raise
         pytest.skip(f"tritonserver not available: {exc}")
     grpc_port, http_port, metrics_port = free_ports(3)
-    srv = TritonServer(repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
+    srv = TritonServer(repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, env=env)
     srv.start()
     print(f"tritonserver ready in {srv.startup_seconds:.1f} s")
     return srv

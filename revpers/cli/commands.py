@@ -17,7 +17,7 @@ from revpers.models.bundle import load_bundle
 from revpers.models.smoke import write_smoke_bundle
 from revpers.service.anonymizer import Anonymizer
 from revpers.service.images import FORMATS, ImageError, format_for, read_file, read_image
-from revpers.service.request import RequestOptions, anonymize_bytes
+from revpers.service.request import Limits, RequestOptions, anonymize_bytes
 from revpers.serving.repository import build_repository
 
 
@@ -55,7 +55,7 @@ def cmd_anonymize(args) -> int:
         options = RequestOptions(params=params, verify=verify, mode="aligned" if args.aligned else "photo",
                                  format=format_for(out).lower())
         try:
-            response = anonymize_bytes(anon, read_file(src), options, name=str(src))
+            response = anonymize_bytes(anon, read_file(src), options, name=str(src), limits=Limits.in_process())
         except InputError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)

@@ -77,6 +77,12 @@ class Limits:
         not limits and are ignored, absent limits keep their defaults."""
         return cls(**{k: coerce_number(k, values[k], int) for k in cls.BOUNDS if values.get(k) not in (None, "")})
 
+    @classmethod
+    def in_process(cls) -> "Limits":
+        """For the command line on the user's own machine: steps up to the method's own ceiling
+        (the server default protects a shared server, not the user's time)."""
+        return cls(max_steps=cls.BOUNDS["max_steps"][1])
+
     def as_parameters(self) -> dict[str, str]:
         return {name: str(getattr(self, name)) for name in self.BOUNDS}
 
