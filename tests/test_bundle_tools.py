@@ -95,9 +95,9 @@ def test_bundle_init_from_hf_cache_fp16_then_check_passes_and_anonymize_works(tm
     assert proc.returncode == 0 and proc.stdout.startswith(f"{out}: OK"), proc.stdout + proc.stderr
 
     # the served components load the same files: the text encoders through the pipeline, the VAE on its own
-    from revpers.bundle import load_bundle
-    from revpers.component_models import TorchRunner
-    from revpers.serving import TextEncoders
+    from revpers.models.bundle import load_bundle
+    from revpers.serving.bls import TextEncoders
+    from revpers.serving.components import TorchRunner
 
     assert load_bundle(out).sdxl_variant_of("vae") == "fp16"
     assert TextEncoders(load_bundle(out))("a photo").text.dtype == torch.float32

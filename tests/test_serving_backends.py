@@ -75,6 +75,7 @@ def _param(text: str, key: str) -> str | None:
 
 def test_repository_targets_and_their_configs(smoke_bundle_dir, smoke_bundle, onnx_artifacts, tmp_path):
     from revpers.models.components import specs_from_bundle
+    from revpers.service.request import Limits
     from revpers.serving.repository import build_repository
 
     repo = build_repository(None, tmp_path / "pt", "pytorch", bundle=smoke_bundle_dir)
@@ -93,9 +94,14 @@ def test_repository_targets_and_their_configs(smoke_bundle_dir, smoke_bundle, on
     specs = {s.name: s for s in specs_from_bundle(smoke_bundle, 10)}
     assert _param(bls, "inversion_batch") == "10"
     assert json.loads(_param(bls, "max_batch")) == {n: s.max_batch for n, s in specs.items()}
+    limit_keys = ("max_bytes", "max_pixels", "max_faces", "max_steps", "max_retries")
+    assert {k: _param(bls, k) for k in limit_keys} == Limits().as_parameters()  # the safe defaults, written out
 
+    mine = Limits(max_bytes=1000, max_pixels=4096, max_faces=2, max_steps=130, max_retries=3)
     gpu = build_repository(None, tmp_path / "gpu", "pytorch", bundle=smoke_bundle_dir, gpu=True, bls_threads=4,
-                           component_instances=3, torch_compile=True, inversion_batch=5)
+                           component_instances=3, torch_compile=True, inversion_batch=5, limits=mine)
+    read_back = {k: _param(_config(gpu, "revpers"), k) for k in ("bundle", "max_batch", *limit_keys)}
+    assert Limits.from_parameters(read_back) == mine  # what model.py reads is what was asked for
     unet, bls = _config(gpu, "unet"), _config(gpu, "revpers")
     assert "count: 3 kind: KIND_GPU" in unet and _param(unet, "torch_compile") == "yes"
     assert "max_batch_size: 40" in unet  # 2 CFG branches x 5 timesteps x 4 faces
@@ -181,24 +187,72 @@ def test_torch_runner_warms_up_at_the_preferred_batches_from_the_config(smoke_bu
         assert runner.warm_up(config) == [1, spec.max_batch] == calls
 
 
-def test_bls_execute_serves_the_requests_of_one_call_concurrently():
-    """Three requests in one execute call: each handler waits until all three are running, so a
-    sequential execute would break the barrier instead of answering."""
-    from concurrent.futures import ThreadPoolExecutor
+class _Request:
+    """A request as the response pool sees it: a name and a response sender that records sends."""
 
-    from revpers.serving.bls import BlsService
+    def __init__(self, name, sent, fail_send=False):
+        self.name, self.sent, self.fail_send = name, sent, fail_send
 
-    barrier = threading.Barrier(3, timeout=20)
+    def request_id(self):
+        return self.name
 
-    class Service:
-        pool = ThreadPoolExecutor(3)
+    def get_response_sender(self):
+        request = self
 
-        @staticmethod
-        def handle(request):
-            barrier.wait()
-            return request.upper()
+        class Sender:
+            def send(self, response, flags=0):
+                request.sent.append((request.name, response, flags))
+                if request.fail_send:
+                    raise RuntimeError("stub gone")
 
-    assert BlsService.execute(Service(), ["a", "b", "c"]) == ["A", "B", "C"]  # and in request order
+        return Sender()
+
+
+def test_response_pool_answers_each_request_when_done_and_bounds_concurrency():
+    """Three requests, two threads: the fast one is answered while the slow one still runs, the
+    third waits for a free slot (never more than two at once), submit returns before the slow one
+    is done (Triton may call execute again), and each request gets exactly one FINAL response, also
+    when its handler raises or the send itself fails."""
+    from revpers.serving.bls import ResponsePool
+
+    FINAL = 7
+    sent, running, peak, counts = [], set(), [0], []
+    lock = threading.Lock()
+    slow_may_finish = threading.Event()
+
+    def handle(request):
+        with lock:
+            running.add(request.name)
+            peak[0] = max(peak[0], len(running))
+        try:
+            if request.name == "slow":
+                assert slow_may_finish.wait(20)
+            if request.name == "bad":
+                raise ValueError("handler bug")
+            return f"response {request.name}"
+        finally:
+            with lock:
+                running.discard(request.name)
+
+    pool = ResponsePool(handle, lambda exc, request: f"error {type(exc).__name__}", FINAL, threads=2,
+                        on_count=counts.append)
+    submitter = threading.Thread(target=pool.submit, args=([_Request(n, sent) for n in ("slow", "fast", "third")],))
+    submitter.start()
+    submitter.join(20)
+    assert not submitter.is_alive()  # all three admitted while "slow" still runs
+    for _ in range(200):  # "third" got the slot "fast" left
+        if len(sent) == 2:
+            break
+        threading.Event().wait(0.05)
+    assert [(n, r) for n, r, _ in sent] == [("fast", "response fast"), ("third", "response third")]
+    slow_may_finish.set()
+    pool.submit([_Request("bad", sent), _Request("lost", sent, fail_send=True)])
+    pool.close()
+    assert sorted((n, r) for n, r, _ in sent) == [("bad", "error ValueError"), ("fast", "response fast"),
+                                                   ("lost", "response lost"), ("slow", "response slow"),
+                                                   ("third", "response third")]
+    assert all(flags == FINAL for _, _, flags in sent)
+    assert peak[0] == 2 and max(counts) == 2 and counts[-1] == 0 and pool.in_flight == 0
 
 
 def test_torch_runner_computes_on_aligned_copies_of_its_inputs(smoke_bundle_dir, smoke_bundle, torch_models):

@@ -17,7 +17,7 @@ from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_
 from revpers.core.errors import RevpersError
 from revpers.service.anonymizer import Anonymizer
 from revpers.service.bundle_tools import require_valid_bundle
-from revpers.service.request import RequestOptions, anonymize_bytes
+from revpers.service.request import Limits, RequestOptions, anonymize_bytes
 from revpers_client import protocol
 from revpers_client.collection import FORMAT_CHOICES, UsageError, check_outputs, collect, existing_outputs
 from revpers_client.engine import RunOptions, run_collection
@@ -80,7 +80,7 @@ class LocalProcess:
         t0 = time.perf_counter()
         try:
             response = anonymize_bytes(self.anonymizer, data, RequestOptions.from_mapping(params), name=item.rel,
-                                       cancelled=self.steps.tick)
+                                       limits=Limits.in_process(), cancelled=self.steps.tick)
         except RevpersError as exc:
             raise ImageFailed(exc) from None
         finally:

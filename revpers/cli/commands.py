@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from revpers.cli.options import params_from_args
+from revpers.cli.options import limits_from_args, params_from_args
 from revpers.cli.review import write_review
 from revpers.export.onnx_export import export_bundle
 from revpers.gate.loop import verify_pair
@@ -101,7 +101,8 @@ def cmd_repository(args) -> int:
         require_valid_bundle(load_artifacts(args.artifacts)["bundle_path"])
     out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
                            args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
-                           torch_compile=args.torch_compile, component_instances=args.component_instances)
+                           torch_compile=args.torch_compile, component_instances=args.component_instances,
+                           limits=limits_from_args(args))
     print(f"model repository ({args.backend}) in {out}; start it with: revpers serve --repository {out}")
     return 0
 

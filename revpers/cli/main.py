@@ -21,7 +21,7 @@ from revpers.cli.commands import (
     cmd_verify,
 )
 from revpers.cli.logs import quiet_libraries
-from revpers.cli.options import DEFAULT_MODELS, add_param_arguments
+from revpers.cli.options import DEFAULT_MODELS, add_limit_arguments, add_param_arguments
 from revpers.core.errors import RevpersError
 from revpers.evaluate.cli import add_evaluate_parser, add_sweep_parser, run_evaluate, run_sweep
 from revpers.serving.launcher.serve import add_serve_arguments
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pytorch target without --artifacts: inversion timesteps per UNet call (default 10); "
                         "otherwise the exported value is used (a different one is refused)")
     p.add_argument("--force", action="store_true")
+    add_limit_arguments(p)
 
     add_evaluate_parser(sub)
     add_sweep_parser(sub)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from revpers.core.params import Params
 from revpers.gate.policy import FALLBACKS, MAX_RETRIES, RETRY_MODES, VerifyPolicy
+from revpers.service.request import Limits
 
 DEFAULT_MODELS = Path(os.environ.get("REVPERS_MODELS", "models"))
 
@@ -50,3 +51,27 @@ def verify_policy_from_args(args):
 def params_from_args(args):
     return Params.from_mapping({"guidance": args.guidance, "ip_scale": args.ip_scale, "id_scale": args.id_scale,
                                 "steps": args.steps, "skip": args.skip, "seed": args.seed, "prompt": args.prompt})
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """What one request may cost on the server (written into the BLS model's config)."""
+    d = Limits()
+    lo, hi = Limits.BOUNDS["max_steps"]
+    g = p.add_argument_group("request limits (each refused request gets INVALID_ARGUMENT with the limit named)")
+    g.add_argument("--max-request-bytes", type=int, default=d.max_bytes, metavar="BYTES",
+                   help=f"largest encoded image, checked before decoding (default {d.max_bytes})")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"largest width x height, read from the image header before decoding (default {d.max_pixels}; "
+                        f"at most {Limits.BOUNDS['max_pixels'][1]}, Pillow's own limit)")
+    g.add_argument("--max-faces", type=int, default=d.max_faces,
+                   help=f"most faces detected in one photo (default {d.max_faces})")
+    g.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help=f"largest PARAMS steps ({lo}-{hi}; default {d.max_steps})")
+    g.add_argument("--max-retries", type=int, default=d.max_retries,
+                   help=f"largest PARAMS retries ({'-'.join(map(str, Limits.BOUNDS['max_retries']))}; "
+                        f"default {d.max_retries})")
+
+
+def limits_from_args(args) -> Limits:
+    return Limits(max_bytes=args.max_request_bytes, max_pixels=args.max_pixels, max_faces=args.max_faces,
+                  max_steps=args.max_steps, max_retries=args.max_retries)

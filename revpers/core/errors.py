@@ -58,4 +58,10 @@ class DependencyError(RevpersError):
     kind = "dependency"
 
 
-KINDS = ("input", "parameter", "limit", "bundle", "face_model", "cancelled", "dependency", "internal")
+class Unavailable(RevpersError):
+    """The server takes no new work now (it is draining before a stop); try another or later."""
+
+    kind = "unavailable"
+
+
+KINDS = ("input", "parameter", "limit", "bundle", "face_model", "cancelled", "dependency", "unavailable", "internal")

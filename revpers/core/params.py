@@ -30,15 +30,25 @@ def coerce_number(name: str, raw, kind: type) -> int | float:
     non-integral values for integers and non-finite values are refused with a ParameterError."""
     what = "an integer" if kind is int else "a number"
     if isinstance(raw, bool) or (kind is int and isinstance(raw, float) and not raw.is_integer()):
-        raise ParameterError(f"{name} must be {what}, got {raw!r}")
+        raise ParameterError(f"{name} must be {what}, got {_shown(raw)}")
     try:
         value = kind(raw) if not isinstance(raw, str) else kind(float(raw) if kind is float else int(raw))
-    except (TypeError, ValueError, OverflowError):
-        shown = raw if len(repr(raw)) <= 40 else f"{repr(raw)[:37]}..."
-        raise ParameterError(f"{name} must be {what} in range, got {shown}") from None
+    except (TypeError, ValueError):  # ValueError includes ints of more digits than Python converts
+        raise ParameterError(f"{name} must be {what}, got {_shown(raw)}") from None
+    except OverflowError:  # an integer too large for a float (float(10**400)), or int(inf)
+        raise ParameterError(f"{name} must be finite, got {_shown(raw)}") from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise ParameterError(f"{name} must be finite, got {raw!r}")
+        raise ParameterError(f"{name} must be finite, got {_shown(raw)}")
     return value
+
+
+def _shown(raw, limit: int = 40) -> str:
+    """A user's value for an error message, cut short (a 400-digit number is not echoed whole)."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw.bit_length() > 128:
+        # str() of a huge int is slow, and refused past 4300 digits: give its size instead
+        return f"an integer of about {int((raw.bit_length() - 1) * math.log10(2)) + 1} digits"
+    text = repr(raw)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class Params:
             value = coerce_number(name, raw, type(default))
             lo, hi = cls.LIMITS[name]
             if not lo <= value <= hi:
-                raise ParameterError(f"{name}={value} is out of range [{lo}, {hi}]")
+                raise ParameterError(f"{name}={_shown(value)} is out of range [{lo}, {hi}]")
             kwargs[name] = value
         params = cls(**kwargs)
         try:

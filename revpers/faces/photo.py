@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from revpers.core.errors import LimitError
 from revpers.faces.align import align_face, alignment_matrix, crop_scale, identities_of_crops
 from revpers.faces.analysis import Face
 from revpers.faces.blend import MIN_FEATHER_PX, OBSCURE_MODES, full_alpha, mask_geometry, obscure_face, paste_face
@@ -113,8 +114,10 @@ class PhotoPlan:
     identities: np.ndarray | None
 
 
-def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy | None = None) -> PhotoPlan:
-    """Steps 1-2 of ``anonymize_photo``: detect, decide, align, embed (no generation, no paste)."""
+def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy | None = None,
+               max_faces: int | None = None) -> PhotoPlan:
+    """Steps 1-2 of ``anonymize_photo``: detect, decide, align, embed (no generation, no paste).
+    More than ``max_faces`` detected faces is a LimitError, raised before any face is aligned or embedded."""
     policy = policy or FacePolicy()
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -123,6 +126,8 @@ def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy |
     faces = analyzer.detect(rgb)
     if policy.min_score is not None:
         faces = [f for f in faces if f.score >= policy.min_score]
+    if max_faces is not None and len(faces) > max_faces:
+        raise LimitError(f"{len(faces)} faces found; this server's limit is {max_faces} per image")
     reports: list[dict] = []
     crops, to_generate = [], []
     for i, face in enumerate(faces):

@@ -89,7 +89,9 @@ class Bundle:
         return self.manifest_sha256
 
     def describe(self) -> dict:
-        return {"path": str(self.root), "name": self.manifest.get("name", self.root.name), "smoke": self.smoke,
+        """The bundle as reports name it: by name and manifest hash, never by its path on disk (a
+        report travels to clients; where the server keeps its models is not theirs to know)."""
+        return {"name": self.manifest.get("name", self.root.name), "smoke": self.smoke,
                 "native_size": self.native_size, "manifest_sha256": self.digest()}
 
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from revpers import __version__
-from revpers.core.errors import LimitError
 from revpers.core.params import Params
 from revpers.core.pipeline import Timings, run_faces
 from revpers.faces import FacePolicy, compose_photo, identities_of_crops, load_face_analyzer, plan_photo
@@ -256,9 +255,7 @@ class Anonymizer:
         n = self.bundle.native_size
         timings = Timings()
         t0 = time.perf_counter()
-        plan = plan_photo(rgb, _TimedAnalyzer(self.analyzer, timings), n, policy)
-        if max_faces is not None and len(plan.faces) > max_faces:
-            raise LimitError(f"{len(plan.faces)} faces found; the limit is {max_faces} per image")
+        plan = plan_photo(rgb, _TimedAnalyzer(self.analyzer, timings), n, policy, max_faces=max_faces)
         rank = {i: r for r, i in enumerate(plan.to_generate)}
         generated: dict[int, np.ndarray] = {}
 

@@ -8,14 +8,19 @@ Output: PNG/JPEG/WebP bytes with no EXIF, GPS, ICC or embedded thumbnail.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from revpers.core.errors import InputError, ParameterError
+from revpers_client.protocol import MAX_PIXELS as PROTOCOL_MAX_PIXELS
 
-MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger inputs are refused before decoding
+MAX_PIXELS = PROTOCOL_MAX_PIXELS  # default limit, ~8000 x 8000; larger inputs are refused before decoding
+# Pillow refuses, on its own, images above twice its MAX_IMAGE_PIXELS (a decompression-bomb guard, read
+# from the header like ours); a configured limit above that could not be honoured.
+PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
 MIN_SIDE = 16
 
 
@@ -40,8 +45,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes | bytearray | memoryview, name: str = "input") -> np.ndarray:
-    """Decode image bytes to an (H, W, 3) uint8 RGB array, EXIF orientation applied."""
+def too_many_pixels(name: str, pixels: int | None, limit: int, size: tuple[int, int] | None = None) -> ImageError:
+    """The one message for an image over the pixel limit, whoever noticed it (us or Pillow)."""
+    dims = f"{size[0]}x{size[1]} = " if size else ""
+    count = f"{dims}{pixels} pixels" if pixels is not None else "too many pixels"
+    return ImageError(f"{name}: image is {count}; the limit is {limit} pixels")
+
+
+def decode_image(data: bytes | bytearray | memoryview, name: str = "input", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array, EXIF orientation applied. Images of more
+    than ``max_pixels`` pixels are refused from their header, before any pixel is decoded."""
     data = bytes(data)
     if not data:
         raise ImageError(f"{name}: empty input (0 bytes)")
@@ -50,8 +63,8 @@ def decode_image(data: bytes | bytearray | memoryview, name: str = "input") -> n
             w, h = img.size
             if w < MIN_SIDE or h < MIN_SIDE:
                 raise ImageError(f"{name}: image is {w}x{h}; both sides must be at least {MIN_SIDE} px")
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{name}: image is {w}x{h} = {w * h} pixels; the limit is {MAX_PIXELS}")
+            if w * h > max_pixels:
+                raise too_many_pixels(name, w * h, max_pixels, (w, h))
             img.load()
             img = ImageOps.exif_transpose(img)
             return np.ascontiguousarray(np.asarray(_to_rgb(img), dtype=np.uint8))
@@ -59,8 +72,9 @@ def decode_image(data: bytes | bytearray | memoryview, name: str = "input") -> n
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image format (expected JPEG, PNG or WebP)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: image too large: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own header check, above its limit
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise too_many_pixels(name, int(found.group(1)) if found else None, max_pixels) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image: {exc}") from None
 

@@ -11,18 +11,20 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 
-from revpers.core.errors import LimitError, ParameterError
+from revpers.core.errors import Cancelled, LimitError, ParameterError
 from revpers.core.params import Params, coerce_number
 from revpers.faces.photo import FacePolicy
 from revpers.gate.audit import add_byte_hashes, bytes_sha256
 from revpers.gate.policy import MAX_RETRIES, VerifyPolicy
 from revpers.service.anonymizer import Anonymizer
-from revpers.service.images import decode_image, encode_image
+from revpers.service.images import MIN_SIDE, PILLOW_PIXEL_LIMIT, decode_image, encode_image
 from revpers.service.records import ImageReport
 from revpers_client.protocol import (
     FACE_KEYS,
     GATE_KEYS,
+    MAX_GATE_RETRIES,
     MAX_PARAMS_BYTES,
+    MAX_PIXELS,
     MAX_REQUEST_BYTES,
     METHOD_KEYS,
     OUTPUT_FORMATS,
@@ -32,17 +34,56 @@ from revpers_client.protocol import (
 )
 
 MODES = ("photo", "aligned")
+# Server defaults not (yet) in the protocol module: protocol's MAX_STEPS (1000) is the method's own
+# ceiling; 250 steps is 2.5x the method's default and still bounds one request's UNet calls.
+DEFAULT_MAX_STEPS = 250
+DEFAULT_MAX_FACES = 64
 MAX_JSON_DEPTH = 4  # PARAMS is a flat object; anything nested deeper is refused before parsing
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost; the server's defaults are protocol's, ``revpers serve`` sets them."""
+    """What one request may cost. Defaults are protocol's; ``revpers repository --max-*`` writes
+    others into the BLS model's config (``as_parameters``), which reads them back (``from_parameters``).
+
+    max_bytes: the encoded image, checked before decoding; max_pixels: width x height, checked from
+    the image header before decoding; max_faces: faces detected in a photo, checked before any is
+    aligned or generated; max_steps and max_retries: the PARAMS ``steps`` and ``retries``.
+    """
 
     max_bytes: int = MAX_REQUEST_BYTES
-    max_steps: int = Params.LIMITS["steps"][1]
-    max_retries: int = MAX_RETRIES
-    max_faces: int = 64
+    max_pixels: int = MAX_PIXELS
+    max_faces: int = DEFAULT_MAX_FACES
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_retries: int = MAX_GATE_RETRIES
+
+    # what a server may be configured with: up to the method's own ranges, gRPC's 2 GiB message
+    # ceiling and Pillow's decompression-bomb limit (it refuses larger images by itself); steps and
+    # retries not below their defaults, which a request that leaves them unset gets
+    BOUNDS = {"max_bytes": (1, 2**31 - 1), "max_pixels": (MIN_SIDE * MIN_SIDE, PILLOW_PIXEL_LIMIT or 2**62),
+              "max_faces": (1, 10_000), "max_steps": (Params().steps, Params.LIMITS["steps"][1]),
+              "max_retries": (VerifyPolicy().retries, MAX_RETRIES)}
+
+    def __post_init__(self):
+        for name, (lo, hi) in self.BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ParameterError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+    @classmethod
+    def from_parameters(cls, values: dict) -> "Limits":
+        """From a model config's parameters (strings): its keys named like the fields; other keys are
+        not limits and are ignored, absent limits keep their defaults."""
+        return cls(**{k: coerce_number(k, values[k], int) for k in cls.BOUNDS if values.get(k) not in (None, "")})
+
+    @classmethod
+    def in_process(cls) -> "Limits":
+        """For the command line on the user's own machine: steps up to the method's own ceiling
+        (the server default protects a shared server, not the user's time)."""
+        return cls(max_steps=cls.BOUNDS["max_steps"][1])
+
+    def as_parameters(self) -> dict[str, str]:
+        return {name: str(getattr(self, name)) for name in self.BOUNDS}
 
     def check(self, options: "RequestOptions") -> None:
         if options.params.steps > self.max_steps:
@@ -162,14 +203,16 @@ def anonymize_bytes(anonymizer: Anonymizer, data: bytes, options: RequestOptions
     The image is withheld (``b""``) when the gate rejected it (verdict ``rejected``) or when no face
     was found and ``options.on_no_face`` is ``fail``. A photo with no face and ``on_no_face`` review
     (the default) is released unchanged in content but marked ``review`` in its report.
-    ``cancelled``: a callable polled between UNet calls; when it returns True the work stops with
-    ``revpers.core.pipeline.Cancelled``.
+    ``cancelled``: a callable polled once before any work and then before every UNet call; when it
+    returns True the work stops with ``revpers.core.errors.Cancelled``.
     """
     t0 = time.perf_counter()
+    if cancelled is not None and cancelled():  # e.g. its deadline passed while it waited in the queue
+        raise Cancelled("request cancelled before its work started")
     limits.check(options)
     if len(data) > limits.max_bytes:
         raise LimitError(f"{name}: {len(data)} bytes; this server's limit is {limits.max_bytes} bytes")
-    rgb = decode_image(data, name=name)
+    rgb = decode_image(data, name=name, max_pixels=limits.max_pixels)
     decode_ms = (time.perf_counter() - t0) * 1e3
     if options.mode == "aligned":
         result = anonymizer.anonymize_aligned(rgb, options.params, verify=options.verify, cancelled=cancelled)

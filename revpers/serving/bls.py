@@ -8,17 +8,23 @@ The ArcFace embedding of each face crop is computed by the served `arcface` mode
 (``ServedArcFace``); detection and landmarks run in this process. The prompt encoders run here
 too (prompts are cached).
 
-``BlsService`` turns Triton requests into ``Anonymizer.anonymize_photo``/``anonymize_aligned``
-and back, INVALID_ARGUMENT for bad input. It serves the requests of one ``execute`` call
-concurrently from a thread pool: their UNet calls reach the `unet` model's dynamic batcher together
-and are merged into larger batches there (the BLS model has its own dynamic batcher, so Triton
-hands it every request that is waiting).
+``BlsService`` turns Triton requests into ``revpers.service.request.anonymize_bytes`` calls and
+back: INVALID_ARGUMENT for bad input or a request over the configured ``Limits``, CANCELLED when
+its client went away (polled before every UNet call), UNAVAILABLE while draining, INTERNAL with a
+request id for anything else. Requests run concurrently on a thread pool (``ResponsePool``, at most
+``threads`` per instance) and each is answered through its response sender the moment it is done;
+their UNet calls reach the `unet` model's dynamic batcher together and are merged there. Every
+request is counted in revpers's metrics (``revpers.serving.metrics``) and logged as one JSON line
+(logger ``revpers.serving.requests``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
+import threading
 import time
 import traceback
 import uuid
@@ -29,7 +35,7 @@ import torch
 from torch.utils.dlpack import from_dlpack
 
 from revpers.core.conditioning import TextEmbedding
-from revpers.core.errors import InputError, RevpersError
+from revpers.core.errors import InputError, RevpersError, Unavailable
 from revpers.core.schedule import NoiseSchedule
 from revpers.faces import load_face_analyzer
 from revpers.faces.analysis import ArcFaceRecognizer
@@ -39,13 +45,17 @@ from revpers.models.torch_models import TextEncoderCache
 from revpers.service.anonymizer import Anonymizer
 from revpers.service.request import Limits, RequestOptions, anonymize_bytes, parse_params
 from revpers.serving.components import synchronize, use_device
+from revpers.serving.metrics import BlsMetrics, outcome_of
 from revpers_client.protocol import INPUT_IMAGE, INPUT_PARAMS, OUTPUT_IMAGE, OUTPUT_REPORT
 
 LOG = logging.getLogger("revpers.serving")
+REQUEST_LOG = logging.getLogger("revpers.serving.requests")  # one JSON line per request
+DRAIN_FILE_ENV = "REVPERS_DRAIN_FILE"  # while the file it names exists, new requests get UNAVAILABLE
 
 # gRPC status of a failed request, by the kind of its RevpersError (revpers.core.errors)
 GRPC_STATUS = {"input": "INVALID_ARG", "parameter": "INVALID_ARG", "limit": "INVALID_ARG",
-               "cancelled": "CANCELLED", "dependency": "INTERNAL", "bundle": "INTERNAL", "face_model": "INTERNAL", "internal": "INTERNAL"}
+               "cancelled": "CANCELLED", "unavailable": "UNAVAILABLE", "dependency": "INTERNAL", "bundle": "INTERNAL",
+               "face_model": "INTERNAL", "internal": "INTERNAL"}
 
 
 class TextEncoders:
@@ -76,6 +86,7 @@ class TritonComponents:
         self.text = TextEncoders(bundle, device)
         self.schedule = NoiseSchedule.from_scheduler_config(dict(self.text.cache.pipe.scheduler.config))
         self.device = f"triton ({device} BLS)"
+        self.on_call = None  # on_call(model, batch) after each BLS call (metrics)
         self._request_kwargs = {}
         if device.startswith("cuda") and hasattr(pb_utils, "PreferredMemory"):
             index = torch.device(device).index or 0
@@ -93,6 +104,8 @@ class TritonComponents:
             tensors = [self.pb.Tensor.from_dlpack(k, v) for k, v in values.items()]
             resp = self.pb.InferenceRequest(model_name=model, requested_output_names=[output], inputs=tensors,
                                             **self._request_kwargs).exec()
+            if self.on_call is not None:
+                self.on_call(model, int(next(iter(values.values())).shape[0]))
             if resp.has_error():
                 raise RuntimeError(f"{model}: {resp.error().message()}")
             # the capsule keeps the response's buffer alive; cat copies it into memory we own
@@ -128,38 +141,107 @@ class ServedArcFace(ArcFaceRecognizer):
         return out.cpu().numpy()
 
 
+class ResponsePool:
+    """Serves requests from a thread pool and answers each one with its own final response as soon
+    as it is done, so a fast image never waits for a slow one handed over in the same execute call.
+
+    ``submit`` returns once every request has a thread; Triton then calls execute again at once
+    (a non-decoupled model that returns None), so at most ``threads`` requests run per instance: the
+    next one waits in ``submit`` (and the rest in Triton's queue) until a slot is free. Every
+    request gets exactly one FINAL response, whatever happens: a request left unanswered would hang
+    its client and keep the model from unloading.
+    """
+
+    def __init__(self, handle, failure, final_flag, threads: int, device: str = "cpu", on_count=None):
+        """``handle(request)`` -> response (must not raise); ``failure(exc, request)`` -> the response
+        when it does anyway; ``on_count(n)``: the number of requests in flight, after each change."""
+        self.handle, self.failure, self.final = handle, failure, final_flag
+        self.threads = max(1, int(threads))
+        self.slots = threading.BoundedSemaphore(self.threads)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="revpers-request",
+                                       initializer=use_device, initargs=(device,))
+        self.on_count = on_count
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
+            n = self.in_flight
+        if self.on_count is not None:
+            self.on_count(n)
+
+    def submit(self, requests) -> None:
+        for request in requests:
+            self.slots.acquire()
+            self._count(+1)
+            try:
+                self.pool.submit(self._serve, request)
+            except RuntimeError:  # the pool is shut down (model unloading): answer it here, still once
+                self._serve(request)
+
+    def _serve(self, request) -> None:
+        response = None
+        try:
+            response = self.handle(request)
+        except BaseException as exc:  # handle answers its own errors; this is the last line
+            response = self.failure(exc, request)
+        finally:
+            try:
+                request.get_response_sender().send(response, flags=self.final)
+            except Exception:  # nothing else can be sent for it now; say so where someone can see it
+                LOG.exception("could not send the response of request %s", request_id_of(request))
+            finally:
+                self._count(-1)
+                self.slots.release()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 class BlsService:
     def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int],
-                 device: str = "cpu", threads: int = 8, limits: Limits = Limits()):
-        """``max_batch``: each served component's max batch (from the repository config)."""
+                 device: str = "cpu", threads: int = 8, limits: Limits = Limits(), metrics: BlsMetrics | None = None,
+                 drain_file: str | None = None):
+        """``max_batch``: each served component's max batch (from the repository config). ``limits``:
+        what one request may cost. ``metrics``: where requests are counted (None: nowhere).
+        ``drain_file``: while this file exists new requests are refused with UNAVAILABLE (the
+        launcher creates it to drain before a stop); default: the environment's REVPERS_DRAIN_FILE."""
 
         self.pb = pb_utils
         self.limits = limits
+        self.metrics = metrics
+        self.drain_file = drain_file if drain_file is not None else os.environ.get(DRAIN_FILE_ENV) or None
         bundle = load_bundle(bundle_path)
         self.components = TritonComponents(bundle, pb_utils, max_batch, device, inversion_batch)
+        if metrics is not None:
+            self.components.on_call = metrics.component_call
         analyzer = load_face_analyzer(bundle.faces, bundle.root)
         analyzer.recognizer = ServedArcFace(analyzer.recognizer, self.components)
         self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components,
                                      analyzer=analyzer)
         self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="revpers-request",
-                                       initializer=use_device, initargs=(device,))
+        self.responses = ResponsePool(self.handle, self._failure, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                                      threads, device, on_count=metrics.in_flight.set if metrics is not None else None)
 
-    def execute(self, requests) -> list:
-        """All requests of one execute call, concurrently; responses in request order."""
-        if len(requests) == 1:
-            return [self.handle(requests[0])]
-        return list(self.pool.map(self.handle, requests))
+    def execute(self, requests) -> None:
+        """Hands the requests to the response pool (each is answered through its response sender
+        when done) and returns None, as a non-decoupled model that sends its own responses must."""
+        self.responses.submit(requests)
+        return None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.responses.close()
+
+    def draining(self) -> bool:
+        return self.drain_file is not None and os.path.exists(self.drain_file)
 
     def _error(self, exc: BaseException, request_id: str):
         """The client's answer to a failed request: its status from the error's kind (one table,
         ``GRPC_STATUS``) and a message without server internals; anything that is not a
         RevpersError is logged here with its traceback and reaches the client as INTERNAL with the
         request id only."""
-        kind = exc.kind if isinstance(exc, RevpersError) else "internal"
+        kind = error_kind(exc)
         if kind == "internal":
             LOG.error("request %s failed: %s", request_id, "".join(traceback.format_exception(exc)).rstrip())
             message = f"internal error (request id {request_id}); the server log has the details"
@@ -168,16 +250,24 @@ class BlsService:
         code = getattr(self.pb.TritonError, GRPC_STATUS.get(kind, "INTERNAL"))
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
 
+    def _failure(self, exc: BaseException, request):
+        return self._error(exc, request_id_of(request))
+
     def handle(self, request):
+        """One request -> its response (never raises); counted in the metrics and logged as one JSON line."""
         t0, start_ns = time.perf_counter(), time.monotonic_ns()
         request_id = request_id_of(request)
+        size = report = None
         try:
+            if self.draining():
+                raise Unavailable("server is draining: it takes no new requests (retry on another server or later)")
             image_t = self.pb.get_input_tensor_by_name(request, INPUT_IMAGE)
             data = image_t.as_numpy().reshape(-1) if image_t is not None else np.array([])
             if data.size != 1:
                 raise InputError(f"{INPUT_IMAGE} must hold exactly one encoded image, got {data.size} elements")
             raw = data[0]
             raw = raw if isinstance(raw, (bytes, bytearray)) else bytes(raw)
+            size = len(raw)
             params_t = self.pb.get_input_tensor_by_name(request, INPUT_PARAMS)
             values = params_t.as_numpy().reshape(-1) if params_t is not None else np.array([])
             options = RequestOptions.from_mapping(parse_params(values[0] if values.size else None))
@@ -189,11 +279,52 @@ class BlsService:
             # when and where it was served: tests prove concurrency by overlapping intervals, not by timing
             report.server_interval = {"pid": os.getpid(), "start_ns": start_ns, "end_ns": time.monotonic_ns()}
             # a withheld image (gate rejection, or no face with on_no_face=fail) comes back as an empty IMAGE
-            return self.pb.InferenceResponse(output_tensors=[
+            result = self.pb.InferenceResponse(output_tensors=[
                 self.pb.Tensor(OUTPUT_IMAGE, np.array([[response.image]], dtype=np.object_)),
                 self.pb.Tensor(OUTPUT_REPORT, np.array([[report.to_json().encode()]], dtype=np.object_))])
+            outcome, kind = ("rejected" if response.withheld else "ok"), None
         except Exception as exc:  # one request's failure never takes down the model
-            return self._error(exc, request_id)
+            kind = error_kind(exc)
+            outcome, report = outcome_of(kind), None
+            result = self._error(exc, request_id)
+        self._account(request_id, outcome, kind, size, report, time.perf_counter() - t0)
+        return result
+
+    def _account(self, request_id, outcome, kind, size, report, seconds) -> None:
+        """The request's metrics and its log line; a failure here is logged, never the client's problem."""
+        try:
+            if self.metrics is not None:
+                self.metrics.request(outcome, seconds, report)
+            REQUEST_LOG.info(request_log_line(request_id, outcome, kind, size, report, seconds))
+        except Exception:
+            LOG.exception("request %s: could not record its metrics", request_id)
+
+
+def error_kind(exc: BaseException) -> str:
+    return exc.kind if isinstance(exc, RevpersError) else "internal"
+
+
+def request_log_line(request_id: str, outcome: str, kind: str | None, size: int | None, report, seconds: float) -> str:
+    """The one structured (JSON) log line of a request."""
+    line = {"event": "request", "request_id": request_id, "outcome": outcome, "bytes": size,
+            "faces": len(report.faces) if report is not None else None,
+            "verdict": report.verdict.value if report is not None else None, "ms": round(seconds * 1e3, 1)}
+    if kind is not None:
+        line["error"] = kind
+    return json.dumps(line, separators=(",", ":"))
+
+
+def configure_logging() -> None:
+    """Send revpers.serving's records (the per-request lines, errors with tracebacks) to stderr,
+    which reaches the server log; the stub's Python logging has no handler of its own."""
+    logger = logging.getLogger("revpers.serving")
+    if not any(getattr(h, "revpers", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.revpers = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def request_id_of(request) -> str:

@@ -24,6 +24,7 @@ from revpers.core.errors import ParameterError
 from revpers.models.artifacts import copy_recognizer, external_data_files, load_artifacts
 from revpers.models.bundle import load_bundle
 from revpers.models.components import ComponentSpec, specs_from_bundle
+from revpers.service.request import Limits
 from revpers.serving.triton_config import bls_config, component_config
 
 TEMPLATES = resources.files("revpers.serving") / "model_repository"  # package data: works from a wheel
@@ -33,10 +34,11 @@ BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: str | Path | None = None,
                      bls_instances: int = 2, inversion_batch: int | None = None, force: bool = False,
                      bls_threads: int = 8, gpu: bool | None = None, torch_compile: bool = False,
-                     component_instances: int = 1) -> Path:
+                     component_instances: int = 1, limits: Limits | None = None) -> Path:
     """``inversion_batch``: timesteps per inversion UNet call. With artifacts it is the exported one
     (the UNet's max batch and TensorRT profile were built for it; a different value is refused);
-    the pytorch target without artifacts takes it from here (default 10)."""
+    the pytorch target without artifacts takes it from here (default 10). ``limits``: what one
+    request may cost, written into the BLS config (default: ``Limits()``, the safe defaults)."""
     if backend not in BACKENDS:
         raise ParameterError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     out = Path(out).resolve()
@@ -57,7 +59,8 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
     _copy_template("revpers", out / "revpers" / "1")
     (out / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle_path), bls_instances, inversion_batch, gpu,
                                                               threads=bls_threads,
-                                                              max_batch={n: s.max_batch for n, s in specs.items()}))
+                                                              max_batch={n: s.max_batch for n, s in specs.items()},
+                                                              limits=(limits or Limits()).as_parameters()))
     return out
 
 
