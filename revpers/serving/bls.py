@@ -45,12 +45,12 @@ from revpers.models.torch_models import TextEncoderCache
 from revpers.service.anonymizer import Anonymizer
 from revpers.service.request import Limits, RequestOptions, anonymize_bytes, parse_params
 from revpers.serving.components import synchronize, use_device
+from revpers.serving.launcher.supervise import DRAIN_FILE_ENV  # while that file exists: UNAVAILABLE
 from revpers.serving.metrics import BlsMetrics, outcome_of
 from revpers_client.protocol import INPUT_IMAGE, INPUT_PARAMS, OUTPUT_IMAGE, OUTPUT_REPORT
 
 LOG = logging.getLogger("revpers.serving")
 REQUEST_LOG = logging.getLogger("revpers.serving.requests")  # one JSON line per request
-DRAIN_FILE_ENV = "REVPERS_DRAIN_FILE"  # while the file it names exists, new requests get UNAVAILABLE
 
 # gRPC status of a failed request, by the kind of its RevpersError (revpers.core.errors)
 GRPC_STATUS = {"input": "INVALID_ARG", "parameter": "INVALID_ARG", "limit": "INVALID_ARG",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 
+from revpers.serving.launcher.supervise import IN_FLIGHT_METRIC  # the drain waits for it to reach 0
 from revpers_client.protocol import FaceVerdict, ImageVerdict
 
 OUTCOMES = ("ok", "rejected", "invalid", "cancelled", "unavailable", "error")
@@ -79,7 +80,7 @@ class BlsMetrics:
         self._stages: dict = {}
         self.duration = one(family("revpers_request_duration_seconds", "server time per request", mf.HISTOGRAM),
                             buckets=SECONDS_BUCKETS)
-        self.in_flight = one(family("revpers_requests_in_flight", "requests admitted and not yet answered",
+        self.in_flight = one(family(IN_FLIGHT_METRIC, "requests admitted and not yet answered",
                                     mf.GAUGE))
 
     def stage(self, name: str):
