@@ -217,34 +217,6 @@ def anonymized_faces(report: dict) -> int:
     return sum(f.get("action") == "anonymized" for f in faces_of(report))
 
 
-class count_unet_calls:
-    """Counts the UNet calls a ``pipeline.Components`` object gets while the block runs (its
-    ``denoise`` is wrapped for the block, then restored): ``batches`` holds the batch of each call,
-    ``as_dict()`` the totals. The wrapper costs one Python call and a list append per UNet call."""
-
-    def __init__(self, models):
-        self.models, self.batches = models, []
-
-    def __enter__(self):
-        inner = self.models.denoise
-
-        def denoise(x, t, cond):
-            self.batches.append(int(x.shape[0]))
-            return inner(x, t, cond)
-
-        self.models.denoise = denoise  # an instance attribute shadows the method until __exit__
-        return self
-
-    def __exit__(self, *exc):
-        del self.models.denoise
-
-    def as_dict(self) -> dict:
-        by_batch: dict[str, int] = {}
-        for b in self.batches:
-            by_batch[str(b)] = by_batch.get(str(b), 0) + 1
-        return {"calls": len(self.batches), "samples": sum(self.batches), "by_batch": by_batch}
-
-
 # --------------------------------------------------------------------------------------- writing
 def md_table(headers: list[str], rows: list[list]) -> str:
     def cell(v):

@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, count_unet_calls, md_table, quiet, stamp, target, write_results
+from benchmarks.common import RESULTS, md_table, quiet, stamp, target, write_results
 from benchmarks.flops import face_time_at_peak, gpu_peak, model_flops, pipeline_counts
 from benchmarks.fullsize import faceid_unet, unet_inputs, vae
 from revpers.core.conditioning import TextEmbedding
 from revpers.core.params import Params
-from revpers.core.pipeline import Timings, run_faces
+from revpers.core.pipeline import Timings, count_unet_calls, run_faces
 from revpers.core.schedule import NoiseSchedule
 from revpers.models.smoke import _byte_level_vocab, _text_config, architecture
 from revpers.models.torch_models import TorchModels, VaeDecoder, VaeEncoder

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import count_unet_calls
 from revpers import faces as face_lib
-from revpers.core.pipeline import Timings, run_faces
+from revpers.core.pipeline import Timings, count_unet_calls, run_faces
 from revpers.faces import analysis
 from revpers.models.bundle import load_bundle
 from revpers.models.torch_models import TextEncoderCache, TorchModels
