@@ -53,7 +53,7 @@ def _outline(thumb: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Evaluator:
-    """verifier: revpers.verify.Verifier (its detector and recognizers, dlib always; ArcFace when the
+    """verifier: revpers.gate.recognizers.Verifier (its detector and recognizers, dlib always; ArcFace when the
     bundle is real). extras: identity.OnnxRecognizer list. inception: quality.InceptionFeatures or None."""
 
     verifier: object

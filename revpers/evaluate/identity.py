@@ -11,7 +11,7 @@ Recognizers (each at its documented operating point, docs/evaluation.md):
   Without a threshold only the similarity distribution is reported (no re-ID rate: a rate needs an
   operating point, and we do not invent one for an unknown model).
 
-The faces are read exactly as the verification gate reads them (``revpers.verify.Verifier``: the
+The faces are read exactly as the verification gate reads them (``revpers.gate.recognizers.Verifier``: the
 original face's whole-face alignment, re-detection near the expected points); the extra
 recognizers take their chip from the same crop at the same 5 points.
 

@@ -7,7 +7,7 @@ counts as withheld, not as missing); the other originals are paired by file stem
 (``photo.jpg`` with ``photo.png``). Originals without a partner are listed as unmatched.
 
 Faces. Every face the evaluator's detector finds in the original is measured at the same place in
-the anonymized image, with the verification gate's geometry (``revpers.verify.Verifier``): both
+the anonymized image, with the verification gate's geometry (``revpers.gate.recognizers.Verifier``): both
 images are warped with the original face's whole-face alignment to a 320 px crop, the face is
 re-detected in each crop near the expected 5 points, and a face that is not re-detected in the
 anonymized crop is measured at the original face's landmarks (``redetected`` False). With
