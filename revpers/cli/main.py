@@ -1,4 +1,4 @@
-"""`revpers` command line: smoke-model, anonymize, verify, reconstruct, export, repository, serve."""
+"""`revpers` command line: smoke-model, anonymize, verify, reconstruct, export, repository, batch, serve."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from revpers.batch.cli import add_batch_parser, run_batch
 from revpers.cli.commands import cmd_anonymize, cmd_export, cmd_reconstruct, cmd_repository, cmd_smoke_model, cmd_verify
 from revpers.cli.logs import quiet_libraries
 from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "otherwise the exported value is used (a different one is refused)")
     p.add_argument("--force", action="store_true")
 
+    add_batch_parser(sub)
+
     try:
         p = sub.add_parser("serve", help="start the pip-installed Triton server on a model repository")
         add_serve_arguments(p)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"smoke-model": cmd_smoke_model, "anonymize": cmd_anonymize, "verify": cmd_verify,
                 "reconstruct": cmd_reconstruct,
-                "export": cmd_export, "repository": cmd_repository}
+                "export": cmd_export, "repository": cmd_repository, "batch": run_batch}
     if args.command == "serve":
         handlers["serve"] = run_serve
     try:
