@@ -55,7 +55,8 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
                    help="start at most this many images in this run (the rest stay for the next run)")
     g = p.add_argument_group("engine")
     g.add_argument("--device", default=None, help="models: cpu or cuda (default: cuda with --num-gpus, else cpu)")
-    g.add_argument("--inversion-batch", type=_positive(int), default=10, help="models: inversion timesteps per UNet call")
+    g.add_argument("--inversion-batch", type=_positive(int), default=10,
+                   help="models: inversion timesteps per UNet call (default 10)")
     g.add_argument("--timeout", type=_positive(float), default=600.0, help="servers: seconds per request")
     g.add_argument("--max-attempts", type=_positive(int), default=4,
                    help="servers: attempts per image when the server is unavailable or too slow (default 4)")

@@ -27,6 +27,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.checkpoint import CheckpointConfig
@@ -86,10 +87,10 @@ def _now() -> str:
 
 
 def _read_images(fs, folder: str) -> pa.Table:
-    if fs.get_file_info(folder).type == 0:
+    if fs.get_file_info(folder).type == pafs.FileType.NotFound:
         return tables.IMAGE_SCHEMA.empty_table()
-    files = [i.path for i in fs.get_file_info(pa.fs.FileSelector(folder, recursive=True))
-             if i.path.endswith(".parquet") and i.type == pa.fs.FileType.File]
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+             if i.path.endswith(".parquet") and i.type == pafs.FileType.File]
     if not files:
         return tables.IMAGE_SCHEMA.empty_table()
     return pads.dataset(files, schema=tables.IMAGE_SCHEMA, filesystem=fs, format="parquet").to_table()

@@ -26,6 +26,7 @@ import socket
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 from revpers_client import BatchClient, Job, RetryPolicy
 from revpers_client.core import sha256_hex
@@ -121,7 +122,7 @@ class ImageWorker:
         if rel not in self.exit_on:
             return
         marker = posixpath.join(self.out_root, self.setup["state"], "faults", tables.sha256_text(rel))
-        if self.fs.get_file_info(marker).type == 0:  # NotFound
+        if self.fs.get_file_info(marker).type == pafs.FileType.NotFound:
             write_atomic(self.fs, marker, rel.encode())
             os._exit(1)
 

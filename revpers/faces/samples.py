@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 
 def insightface_photo(name: str) -> Path:
     """A real photo that ships inside the insightface wheel (``data/images``: t1.jpg with 6 faces,
@@ -17,14 +20,11 @@ def demo_photos() -> list[Path]:
     return [insightface_photo("t1.jpg"), insightface_photo("Tom_Hanks_54745.png")]
 
 
-def varied_photos(count: int = 40) -> list[tuple[str, "np.ndarray"]]:
+def varied_photos(count: int = 40) -> list[tuple[str, np.ndarray]]:
     """``count`` distinct real photos (relative file name, RGB uint8) made from the shipped ones by
     flips, scales and crops: a collection for batch tests and benchmarks. Names spread over three
     folders and two formats (``.jpg``, ``.png``); the masked-face photos mostly have no face the
     detector finds, the group photo several. scikit-image's astronaut is used when it is installed."""
-    import numpy as np
-    from PIL import Image
-
     def load(name):
         with Image.open(insightface_photo(name)) as img:
             return np.asarray(img.convert("RGB"))
