@@ -54,18 +54,26 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def reference(photos, smoke_bundle_dir, tmp_path_factory):
-    """`revpers anonymize` on the 40 photos (one torch thread, as in a 1-CPU actor): name -> bytes,
-    or None where the identity gate withheld the image (exit 1, "REJECTED" on stderr)."""
+    """`revpers anonymize` on the 40 photos: rel -> PNG bytes, or None where the identity gate withheld
+    the image (exit 1, "REJECTED" on stderr). Its inputs are lossless PNG copies of the photos' decoded
+    pixels (the same pixels the service decodes from the originals), so that it writes PNG (lossless)
+    like the batch runs with --format png; one torch thread, as in a 1-CPU actor."""
+    from revpers.service.images import decode_image, encode_image
+
     root, rels = photos
-    out = tmp_path_factory.mktemp("batch-ref")
+    copies, out = tmp_path_factory.mktemp("batch-ref-in"), tmp_path_factory.mktemp("batch-ref")
+    stems = {Path(r).stem: r for r in rels}
+    assert len(stems) == len(rels)
+    for stem, r in stems.items():
+        (copies / f"{stem}.png").write_bytes(encode_image(decode_image((root / r).read_bytes()), "PNG"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "revpers.cli", "anonymize", *[str(root / r) for r in rels], "-o", str(out),
+    cmd = [sys.executable, "-m", "revpers.cli", "anonymize", *sorted(str(p) for p in copies.iterdir()), "-o", str(out),
            "--models", str(smoke_bundle_dir), "--steps", STEPS, "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    withheld = {Path(line.split(": REJECTED")[0]).relative_to(root).as_posix()
+    withheld = {stems[Path(line.split(": REJECTED")[0]).stem]
                 for line in proc.stderr.splitlines() if ": REJECTED, no image written" in line}
     assert proc.returncode == (1 if withheld else 0), proc.stderr[-3000:]
-    return {r: None if r in withheld else (out / Path(r).name).read_bytes() for r in rels}
+    return {r: None if r in withheld else (out / f"{Path(r).stem}.png").read_bytes() for r in rels}
 
 
 def batch_args(*argv):
@@ -83,7 +91,8 @@ def run_interrupted_then_rest(engine_args, inp, out, rels):
     the actor doing one of them exits mid-image. Returns (summary 1, summary 2, the image killed on)."""
     from revpers.batch.run import run
 
-    common = [inp, "-o", out, *engine_args, "--concurrency", "2", "--steps", STEPS, "--max-failures", "3"]
+    common = [inp, "-o", out, *engine_args, "--concurrency", "2", "--steps", STEPS, "--max-failures", "3",
+              "--format", "png"]
     assert run(batch_args(*common, "--limit", LIMIT)) == 1
     s1 = summary_of(Path(str(out).removeprefix("file://")))
     assert s1["counts"]["done_this_run"] == LIMIT and s1["stopped"] == f"--limit {LIMIT} reached"
@@ -111,9 +120,11 @@ def check_run(out: Path, rels, s1, s2, victim):
                      and ".revpers-batch" not in p.parts)
     assert [p for p in written if p.endswith(".part")] == []
     images = [p for p in written if not p.endswith(".json") and p not in ("audit.parquet", "review.csv")]
-    reports = {r: json.loads((out / (r + ".json")).read_text()) for r in rels}  # a report for every photo
+    png = {r: str(Path(r).with_suffix(".png")) for r in rels}  # --format png
+    reports = {r: json.loads((out / (png[r] + ".json")).read_text()) for r in rels}  # a report for every photo
     released = [r for r in rels if reports[r]["output"]]
-    assert images == released  # every photo released once, at its mirrored path; the broken one has none
+    assert all(reports[r]["output"] == png[r] for r in released)
+    assert images == sorted(png[r] for r in released)  # each once, at its mirrored path; none for broken.jpg
     # the audit table: one row per face of every report, each face once
     audit = pq.read_table(out / "audit.parquet")
     faces = {r: reports[r]["faces"] for r in rels}
@@ -147,7 +158,7 @@ def test_models_mode_matches_anonymize_and_resumes_exactly_once(photos, referenc
     # byte-identical to `revpers anonymize` (same bundle, options and torch thread count), and
     # withheld where it withheld
     assert released == [r for r in rels if reference[r] is not None]
-    differ = [r for r in released if (out / r).read_bytes() != reference[r]]
+    differ = [r for r in released if (out / Path(r).with_suffix(".png")).read_bytes() != reference[r]]
     assert differ == []
 
 
@@ -164,9 +175,10 @@ def test_server_mode_matches_anonymize_and_resumes_exactly_once(photos, referenc
     released = check_run(out, rels, s1, s2, victim)
     assert released == [r for r in rels if reference[r] is not None]
     # pixels within the server's measured parity with the in-process pipeline (tests/test_server.py:
-    # ONNX Runtime vs torch, at most 2 levels on at most 0.01% of the values)
+    # ONNX Runtime vs torch, at most 2 levels on at most 0.01% of the values; PNG, so no lossy
+    # re-encoding widens it)
     for r in released:
-        got, want = decode_image((out / r).read_bytes()), decode_image(reference[r])
+        got, want = decode_image((out / Path(r).with_suffix(".png")).read_bytes()), decode_image(reference[r])
         diff = np.abs(got.astype(int) - want.astype(int))
         assert diff.max() <= 2 and (diff > 1).sum() <= got.size * 1e-4, r
 
