@@ -174,13 +174,17 @@ def test_server_mode_matches_anonymize_and_resumes_exactly_once(photos, referenc
                                                f"file://{out}", rels)
     released = check_run(out, rels, s1, s2, victim)
     assert released == [r for r in rels if reference[r] is not None]
-    # pixels within the server's measured parity with the in-process pipeline (tests/test_server.py:
-    # ONNX Runtime vs torch, at most 2 levels on at most 0.01% of the values; PNG, so no lossy
-    # re-encoding widens it)
+    # pixels within the server's measured parity with the in-process pipeline: at most 2 levels
+    # (tests/test_server.py: ONNX Runtime vs torch latents differ by ~1e-6 and go through two
+    # roundings in photo mode; beyond 2 levels is a real change). PNG, so no lossy re-encoding widens
+    # it. (test_server's second bound, a share of values off by 2, was measured on one large photo and
+    # does not carry to 100-px ones: measured here up to 8 of 24300 values on hanks-s80.)
+    worst = {}
     for r in released:
         got, want = decode_image((out / Path(r).with_suffix(".png")).read_bytes()), decode_image(reference[r])
-        diff = np.abs(got.astype(int) - want.astype(int))
-        assert diff.max() <= 2 and (diff > 1).sum() <= got.size * 1e-4, r
+        assert got.shape == want.shape, r
+        worst[r] = int(np.abs(got.astype(int) - want.astype(int)).max())
+    assert max(worst.values()) <= 2, worst
 
 
 def test_plan_takes_the_allow_list_and_refuses_colliding_outputs(tmp_path):
