@@ -193,8 +193,8 @@ def run(args, exit_on: tuple[str, ...] = ()) -> int:
                    "done_this_run": now.num_rows, "done_before": images.num_rows - now.num_rows},
         "duplicate_rows": duplicates,
         "throughput_images_per_s": round(now.num_rows / wall, 3) if wall > 0 else None,
-        "faces": tables.audit_table(images).num_rows,
-        "faces_by_verdict": tables.faces_by(images, "verdict"),
+        "faces": audit.num_rows,
+        "faces_by_verdict": dict(sorted(Counter(audit["verdict"].to_pylist()).items())),
         "images_by_verdict": dict(sorted(Counter(v for v in images["verdict"].to_pylist() if v).items())),
         "failures": [{"path": r["rel"], "reason": r["reason"]} for r in images.filter(pc.equal(
             images["status"], tables.FAILED)).select(["rel", "reason"]).to_pylist()],

@@ -149,8 +149,3 @@ def review_csv(rows: list[dict]) -> bytes:
 
 def counts(images: pa.Table) -> dict:
     return dict(sorted(Counter(images["status"].to_pylist()).items()))
-
-
-def faces_by(images: pa.Table, field: str) -> dict:
-    audit = audit_table(images)
-    return dict(sorted(Counter(str(v) for v in audit[field].to_pylist()).items()))
