@@ -1,4 +1,4 @@
-"""`revpers` command line: smoke-model, anonymize, verify, reconstruct, export, repository, serve."""
+"""`revpers` command line: smoke-model, anonymize, verify, reconstruct, export, repository, batch, serve."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from revpers import __version__
 from revpers.cli.anonymize import add_anonymize_parser, run_anonymize
+from revpers.cli.batch import add_batch_parser, run_batch
 from revpers.cli.bundle import add_bundle_parser, run_bundle
 from revpers.cli.commands import (
     cmd_export,
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_arguments(p)
 
     add_evaluate_parser(sub)
+    add_batch_parser(sub)
     add_sweep_parser(sub)
 
     p = sub.add_parser("review", help="contact sheets and per-face overlays of a run folder (index.html)",
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     handlers = {"smoke-model": cmd_smoke_model, "anonymize": run_anonymize, "verify": cmd_verify,
                 "reconstruct": cmd_reconstruct, "export": cmd_export, "repository": cmd_repository,
-                "serve": cmd_serve, "review": cmd_review, "bundle": run_bundle, "evaluate": run_evaluate, "sweep": run_sweep}
+                "serve": cmd_serve, "review": cmd_review, "bundle": run_bundle, "batch": run_batch, "evaluate": run_evaluate, "sweep": run_sweep}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
