@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[server,dev]"
+	$(BIN)/python -m pip install -q -e ".[server,dev,batch,eval]"
 	touch $(STAMP)
 
 test: install
