@@ -179,7 +179,7 @@ def _bad_cases():
         ("guidance huge", good, {"guidance": 1e9}, r"guidance=.*out of range"),
         ("unknown param", good, {"stepz": 4}, r"unknown parameter.*stepz"),
         ("mode bogus", good, {"mode": "bogus"}, r"mode must be 'photo' or 'aligned'"),
-        ("fallback bogus", good, {"fallback": "burn"}, r"fallback must be one of blur, pixelate, reject"),
+        ("fallback bogus", good, {"fallback": "burn"}, r"fallback must be one of blur, pixelate, (fill, )?reject"),
         ("retries too many", good, {"retries": 99}, r"retries must be an integer in \[0, 5\]"),
         ("verify not bool", good, {"verify": "maybe"}, r"verify must be true or false"),
     ]

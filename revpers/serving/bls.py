@@ -46,7 +46,7 @@ from revpers.service.anonymizer import Anonymizer
 from revpers.service.request import Limits, RequestOptions, anonymize_bytes, parse_params
 from revpers.serving.components import synchronize, use_device
 from revpers.serving.launcher.supervise import DRAIN_FILE_ENV  # while that file exists: UNAVAILABLE
-from revpers.serving.metrics import BlsMetrics, outcome_of
+from revpers.serving.metrics import STUB_MESSAGE_LOCK, BlsMetrics, outcome_of
 from revpers_client.protocol import INPUT_IMAGE, INPUT_PARAMS, OUTPUT_IMAGE, OUTPUT_REPORT
 
 LOG = logging.getLogger("revpers.serving")
@@ -188,7 +188,8 @@ class ResponsePool:
             response = self.failure(exc, request)
         finally:
             try:
-                request.get_response_sender().send(response, flags=self.final)
+                with STUB_MESSAGE_LOCK:  # see revpers.serving.metrics: one stub message at a time
+                    request.get_response_sender().send(response, flags=self.final)
             except Exception:  # nothing else can be sent for it now; say so where someone can see it
                 LOG.exception("could not send the response of request %s", request_id_of(request))
             finally:
@@ -222,7 +223,7 @@ class BlsService:
                                      analyzer=analyzer)
         self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread
         self.responses = ResponsePool(self.handle, self._failure, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                                      threads, device, on_count=metrics.in_flight.set if metrics is not None else None)
+                                      threads, device, on_count=metrics.set_in_flight if metrics is not None else None)
 
     def execute(self, requests) -> None:
         """Hands the requests to the response pool (each is answered through its response sender
@@ -272,7 +273,7 @@ class BlsService:
             values = params_t.as_numpy().reshape(-1) if params_t is not None else np.array([])
             options = RequestOptions.from_mapping(parse_params(values[0] if values.size else None))
             response = anonymize_bytes(self.anonymizer, raw, options, name=INPUT_IMAGE, limits=self.limits,
-                                       cancelled=request.is_cancelled if hasattr(request, "is_cancelled") else None)
+                                       cancelled=cancelled_of(request))
             report = response.report
             report.request_id = request_id
             report.server_total_ms = round((time.perf_counter() - t0) * 1e3, 3)
@@ -298,6 +299,18 @@ class BlsService:
             REQUEST_LOG.info(request_log_line(request_id, outcome, kind, size, report, seconds))
         except Exception:
             LOG.exception("request %s: could not record its metrics", request_id)
+
+
+def cancelled_of(request):
+    """The request's ``is_cancelled`` (a message to the server), one thread at a time; None without one."""
+    if not hasattr(request, "is_cancelled"):
+        return None
+
+    def cancelled() -> bool:
+        with STUB_MESSAGE_LOCK:
+            return request.is_cancelled()
+
+    return cancelled
 
 
 def error_kind(exc: BaseException) -> str:

@@ -31,6 +31,11 @@ import threading
 from revpers.serving.launcher.supervise import IN_FLIGHT_METRIC  # the drain waits for it to reach 0
 from revpers_client.protocol import FaceVerdict, ImageVerdict
 
+# Metric updates and response sends are messages from the stub to the server that tritonserver 2.51's
+# python backend does not take from several threads at once: concurrent ones crashed the server
+# (SIGSEGV, boost::interprocess::lock_exception) with 4 requests in flight. Every one holds this lock.
+STUB_MESSAGE_LOCK = threading.RLock()
+
 OUTCOMES = ("ok", "rejected", "invalid", "cancelled", "unavailable", "error")
 # the outcome of a failed request, by its error kind (revpers.core.errors.KINDS)
 OUTCOME_OF_KIND = {"input": "invalid", "parameter": "invalid", "limit": "invalid", "cancelled": "cancelled",
@@ -52,7 +57,7 @@ class BlsMetrics:
         mf = pb_utils.MetricFamily
         self.labels = dict(labels)
         self._families = []  # a Metric fails once its family is garbage collected: keep them all here
-        self._lock = threading.Lock()
+        self._lock = STUB_MESSAGE_LOCK
 
         def family(name: str, description: str, kind):
             f = mf(name=name, description=description, kind=kind)
@@ -94,11 +99,20 @@ class BlsMetrics:
 
     def component_call(self, model: str, batch: int) -> None:
         if model == "unet":
-            self.unet_calls.increment(1)
-            self.unet_batch.observe(batch)
+            with self._lock:
+                self.unet_calls.increment(1)
+                self.unet_batch.observe(batch)
+
+    def set_in_flight(self, n: int) -> None:
+        with self._lock:
+            self.in_flight.set(n)
 
     def request(self, outcome: str, seconds: float, report=None) -> None:
         """One finished request; ``report`` (an ImageReport) when it produced one."""
+        with self._lock:
+            self._request(outcome, seconds, report)
+
+    def _request(self, outcome: str, seconds: float, report) -> None:
         self.requests[outcome].increment(1)
         self.duration.observe(seconds)
         if report is None:
