@@ -15,7 +15,9 @@ each (parameters, bundle) lives in ``OUTPUT/.revpers-batch/<namespace>/`` (``ima
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
 import posixpath
 import sys
 import time
@@ -24,6 +26,8 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.checkpoint import CheckpointConfig
@@ -66,6 +70,32 @@ class Budget:
 
     def state(self) -> dict:
         return {"started": self.started, "failures": self.failures, "stopped": self.stopped}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_images(fs, folder: str) -> pa.Table:
+    if fs.get_file_info(folder).type == pafs.FileType.NotFound:
+        return tables.IMAGE_SCHEMA.empty_table()
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+             if i.path.endswith(".parquet") and i.type == pafs.FileType.File]
+    if not files:
+        return tables.IMAGE_SCHEMA.empty_table()
+    return pads.dataset(files, schema=tables.IMAGE_SCHEMA, filesystem=fs, format="parquet").to_table()
+
+
+def init_ray(args) -> bool:
+    """Start (or join) Ray unless this process already did; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    if args.address:
+        ray.init(address=args.address, log_to_driver=args.verbose)
+    else:
+        ray.init(num_cpus=args.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=args.verbose)
+    return True
 
 
 def run(args, request: dict, exit_on: tuple[str, ...] = ()) -> int:

@@ -81,32 +81,6 @@ def request_from_args(args) -> dict:
     return req
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _read_images(fs, folder: str) -> pa.Table:
-    if fs.get_file_info(folder).type == pafs.FileType.NotFound:
-        return tables.IMAGE_SCHEMA.empty_table()
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-             if i.path.endswith(".parquet") and i.type == pafs.FileType.File]
-    if not files:
-        return tables.IMAGE_SCHEMA.empty_table()
-    return pads.dataset(files, schema=tables.IMAGE_SCHEMA, filesystem=fs, format="parquet").to_table()
-
-
-def init_ray(args) -> bool:
-    """Start (or join) Ray unless this process already did; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    if args.address:
-        ray.init(address=args.address, log_to_driver=args.verbose)
-    else:
-        ray.init(num_cpus=args.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=args.verbose)
-    return True
-
-
 def run_batch(args, exit_on: tuple[str, ...] = ()) -> int:
     """``revpers batch``; ``exit_on`` (tests): fault injection, see ``revpers.batch.workers.ImageWorker``."""
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("pyarrow") is None:
