@@ -54,13 +54,60 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
 
 
-def collect_pairs(originals: Path, anonymized: Path) -> Pairing:
-    originals, anonymized = Path(originals), Path(anonymized)
+def _check_inputs(originals: Path, anonymized: Path) -> None:
     for p in (originals, anonymized):
         if not p.exists():
             raise PairingError(f"{p} does not exist")
     if originals.is_file() != anonymized.is_file():
         raise PairingError("ORIGINALS and ANONYMIZED must both be image files or both be folders")
+
+
+def _read_report(rp: Path, anonymized: Path) -> tuple[dict, Path | None] | None:
+    """One anonymize report and its output file in ``anonymized`` (None when missing); None if not a report."""
+    try:
+        rep = json.loads(rp.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rep, dict) or "input" not in rep or "verdict" not in rep:
+        return None
+    out = rep.get("output")
+    out_path = None
+    if out:
+        cand = anonymized / Path(out).name
+        out_path = cand if cand.is_file() else None
+    return rep, out_path
+
+
+def _read_reports(anonymized: Path, result: Pairing) -> dict[str, tuple[dict, Path | None]]:
+    """The anonymize reports in ``anonymized`` by input file name; marks ``result.smoke``."""
+    reports: dict[str, tuple[dict, Path | None]] = {}
+    for rp in sorted(anonymized.glob("*.json")):
+        found = _read_report(rp, anonymized)
+        if found is None:
+            continue
+        rep = found[0]
+        reports[Path(rep["input"]).name] = found
+        result.smoke |= bool(rep.get("smoke"))
+    return reports
+
+
+def _pair_original(orig: Path, reports: dict[str, tuple[dict, Path | None]], by_stem: dict[str, Path],
+                   result: Pairing) -> None:
+    if orig.name in reports:
+        rep, out = reports[orig.name]
+        if out is None and rep.get("verdict") != "rejected":
+            result.unmatched.append(orig.name)
+            return
+        result.pairs.append(ImagePair(orig.stem, orig, out, rep))
+    elif orig.stem in by_stem:
+        result.pairs.append(ImagePair(orig.stem, orig, by_stem[orig.stem]))
+    else:
+        result.unmatched.append(orig.name)
+
+
+def collect_pairs(originals: Path, anonymized: Path) -> Pairing:
+    originals, anonymized = Path(originals), Path(anonymized)
+    _check_inputs(originals, anonymized)
     if originals.is_file():
         return Pairing([ImagePair(originals.stem, originals, anonymized)])
     result = Pairing()
@@ -68,32 +115,9 @@ def collect_pairs(originals: Path, anonymized: Path) -> Pairing:
     originals_list = _images(originals)
     if not originals_list:
         raise PairingError(f"{originals} holds no image files ({', '.join(sorted(FORMATS))})")
-    reports: dict[str, tuple[dict, Path | None]] = {}
-    for rp in sorted(anonymized.glob("*.json")):
-        try:
-            rep = json.loads(rp.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(rep, dict) or "input" not in rep or "verdict" not in rep:
-            continue
-        out = rep.get("output")
-        out_path = None
-        if out:
-            cand = anonymized / Path(out).name
-            out_path = cand if cand.is_file() else None
-        reports[Path(rep["input"]).name] = (rep, out_path)
-        result.smoke |= bool(rep.get("smoke"))
+    reports = _read_reports(anonymized, result)
     for orig in originals_list:
-        if orig.name in reports:
-            rep, out = reports[orig.name]
-            if out is None and rep.get("verdict") != "rejected":
-                result.unmatched.append(orig.name)
-                continue
-            result.pairs.append(ImagePair(orig.stem, orig, out, rep))
-        elif orig.stem in by_stem:
-            result.pairs.append(ImagePair(orig.stem, orig, by_stem[orig.stem]))
-        else:
-            result.unmatched.append(orig.name)
+        _pair_original(orig, reports, by_stem, result)
     if not result.pairs:
         raise PairingError(f"no anonymized file in {anonymized} matches an original in {originals} "
                            "(pairs are found by revpers anonymize reports or by file stem)")

@@ -192,58 +192,68 @@ def _series(rows: list[dict], x: str, group: tuple[str, ...]) -> dict:
     return {k: sorted(v, key=lambda r: r["setting"][x]) for k, v in out.items()}
 
 
-def sweep_plots(summary: dict, out: Path) -> tuple[list[str], str | None]:
-    plt = _pyplot()
-    if plt is None:
-        return [], "matplotlib is not installed; plots skipped"
+def _nan(v):
+    return np.nan if v is None else v
+
+
+_CURVES = (("guidance", ("ip_scale", "steps"), "guidance w"),
+           ("ip_scale", ("guidance", "steps"), "IP-Adapter scale"),
+           ("steps", ("guidance", "ip_scale"), "steps N"))
+
+
+def _plot_series(plt, axes, ax2, rows: list[dict], x: str, group: tuple[str, ...], names: list[str]) -> None:
+    """One curve per ``group`` setting: re-ID per recognizer left, background PSNR and pose distance right."""
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", "-.", ":"]
+    for k, (key, rs) in enumerate(_series(rows, x, group).items()):
+        color = colors[k % len(colors)]  # one colour per curve, the same in both panels
+        lab = ", ".join(f"{g} {v:g}" for g, v in zip(group, key))
+        xs = [r["setting"][x] for r in rs]
+        for j, n in enumerate(names):
+            ys = [100 * r["reid"][n] if r["reid"][n] is not None else np.nan for r in rs]
+            axes[0].plot(xs, ys, marker="o", color=color, ls=styles[j % len(styles)],
+                         label=f"{LABELS.get(n, n)} ({lab})")
+        axes[1].plot(xs, [_nan(r["background_psnr_db"]) for r in rs], marker="o", color=color, ls="-")
+        ax2.plot(xs, [_nan(r["pose_distance_rad"]) for r in rs], marker="s", color=color, ls=":")
+
+
+def _curve_plot(plt, summary: dict, out: Path, x: str, group: tuple[str, ...], xlabel: str) -> str:
+    """``curve_X.png``: the metrics against setting ``x``; returns the file name."""
     rows, smoke = summary["settings"], summary["smoke"]
     target = summary["recommendation"]["target_reid"]
     names = list(rows[0]["reid"]) if rows else []
-    made = []
-    for x, group, xlabel in (("guidance", ("ip_scale", "steps"), "guidance w"),
-                             ("ip_scale", ("guidance", "steps"), "IP-Adapter scale"),
-                             ("steps", ("guidance", "ip_scale"), "steps N")):
-        if len({r["setting"][x] for r in rows}) < 2:
-            continue
-        series = _series(rows, x, group)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        ax2 = axes[1].twinx()
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        styles = ["-", "--", "-.", ":"]
-        for k, (key, rs) in enumerate(series.items()):
-            color = colors[k % len(colors)]  # one colour per curve, the same in both panels
-            lab = ", ".join(f"{g} {v:g}" for g, v in zip(group, key))
-            xs = [r["setting"][x] for r in rs]
-            for j, n in enumerate(names):
-                ys = [100 * r["reid"][n] if r["reid"][n] is not None else np.nan for r in rs]
-                axes[0].plot(xs, ys, marker="o", color=color, ls=styles[j % len(styles)],
-                             label=f"{LABELS.get(n, n)} ({lab})")
-            nan = lambda v: np.nan if v is None else v
-            axes[1].plot(xs, [nan(r["background_psnr_db"]) for r in rs], marker="o", color=color, ls="-")
-            ax2.plot(xs, [nan(r["pose_distance_rad"]) for r in rs], marker="s", color=color, ls=":")
-        axes[0].axhline(100 * target, color="red", ls="--", label=f"target {100 * target:g} %")
-        axes[0].set_ylabel("re-identification rate (%)")
-        axes[0].set_ylim(-3, 103)
-        axes[0].legend(fontsize=7)
-        axes[1].set_ylabel("background PSNR (dB), solid")
-        ax2.set_ylabel("pose distance (rad), dotted")
-        if all(r["pose_distance_rad"] is None for r in rows):
-            ax2.text(0.5, 0.6, "pose: no face re-detected in both crops", ha="center", transform=ax2.transAxes,
-                     color="#666", fontsize=8)
-        from matplotlib.lines import Line2D
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    ax2 = axes[1].twinx()
+    _plot_series(plt, axes, ax2, rows, x, group, names)
+    axes[0].axhline(100 * target, color="red", ls="--", label=f"target {100 * target:g} %")
+    axes[0].set_ylabel("re-identification rate (%)")
+    axes[0].set_ylim(-3, 103)
+    axes[0].legend(fontsize=7)
+    axes[1].set_ylabel("background PSNR (dB), solid")
+    ax2.set_ylabel("pose distance (rad), dotted")
+    if all(r["pose_distance_rad"] is None for r in rows):
+        ax2.text(0.5, 0.6, "pose: no face re-detected in both crops", ha="center", transform=ax2.transAxes,
+                 color="#666", fontsize=8)
+    from matplotlib.lines import Line2D
 
-        axes[1].legend([Line2D([], [], color="k", marker="o", ls="-"), Line2D([], [], color="k", marker="s", ls=":")],
-                       ["background PSNR (left axis)", "pose distance (right axis)"], fontsize=7, loc="lower left")
-        values = sorted({r["setting"][x] for r in rows})
-        for ax in axes:
-            ax.set_xlabel(xlabel + " (colours as in the left legend)" if ax is axes[1] else xlabel)
-            ax.set_xticks(values)
-        _smoke_title(fig, smoke)
-        fig.tight_layout()
-        fn = f"curve_{x}.png"
-        fig.savefig(out / fn, dpi=100)
-        plt.close(fig)
-        made.append(fn)
+    axes[1].legend([Line2D([], [], color="k", marker="o", ls="-"), Line2D([], [], color="k", marker="s", ls=":")],
+                   ["background PSNR (left axis)", "pose distance (right axis)"], fontsize=7, loc="lower left")
+    values = sorted({r["setting"][x] for r in rows})
+    for ax in axes:
+        ax.set_xlabel(xlabel + " (colours as in the left legend)" if ax is axes[1] else xlabel)
+        ax.set_xticks(values)
+    _smoke_title(fig, smoke)
+    fig.tight_layout()
+    fn = f"curve_{x}.png"
+    fig.savefig(out / fn, dpi=100)
+    plt.close(fig)
+    return fn
+
+
+def _cost_plot(plt, summary: dict, out: Path) -> str:
+    """``cost_vs_reid.png``: highest re-ID rate against UNet samples per face; returns the file name."""
+    rows, smoke = summary["settings"], summary["smoke"]
+    target = summary["recommendation"]["target_reid"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     points: dict = {}  # settings at the same (cost, re-ID) share one point and one stacked label
     for r in rows:
@@ -262,7 +272,17 @@ def sweep_plots(summary: dict, out: Path) -> tuple[list[str], str | None]:
     fig.tight_layout()
     fig.savefig(out / "cost_vs_reid.png", dpi=100)
     plt.close(fig)
-    made.append("cost_vs_reid.png")
+    return "cost_vs_reid.png"
+
+
+def sweep_plots(summary: dict, out: Path) -> tuple[list[str], str | None]:
+    plt = _pyplot()
+    if plt is None:
+        return [], "matplotlib is not installed; plots skipped"
+    rows = summary["settings"]
+    made = [_curve_plot(plt, summary, out, x, group, xlabel) for x, group, xlabel in _CURVES
+            if len({r["setting"][x] for r in rows}) >= 2]
+    made.append(_cost_plot(plt, summary, out))
     return made, None
 
 

@@ -163,37 +163,50 @@ def _range_problem(key: str, value) -> str | None:
     return None
 
 
+def _unknown_keys(values: dict, known: dict, prefix: str) -> list[str]:
+    out = []
+    for name in values:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            out.append(f"{prefix}{name}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else
+                                                          f"; known: {', '.join(known)}"))
+    return out
+
+
+def _key_problem(k: Key, values: dict, prefix: str, detector: str | None) -> str | None:
+    """The problem of key ``k`` in ``values`` (missing, wrong type or range, other detector's), or None."""
+    if k.name not in values:
+        if k.default is REQUIRED and (k.detector is None or k.detector == detector):
+            return f"{prefix}{k.name}: missing (required)"
+        return None
+    value = values[k.name]
+    problem = _type_problem(k.kind, value) or _range_problem(prefix + k.name, value)
+    if problem:
+        return f"{prefix}{k.name}: {problem}"
+    if k.detector and detector in DETECTORS and k.detector != detector:
+        return (f"{prefix}{k.name}: only used by the {k.detector} detector; this bundle's detector is "
+                f"{detector} (remove it or change the detector)")
+    return None
+
+
+def _section_problems(values: dict, keys: tuple[Key, ...], prefix: str, detector: str | None = None) -> list[str]:
+    out = _unknown_keys(values, {k.name: k for k in keys}, prefix)
+    for k in keys:
+        problem = _key_problem(k, values, prefix, detector)
+        if problem:
+            out.append(problem)
+    return out
+
+
 def manifest_problems(manifest: dict) -> list[str]:
     """Type, range and name problems of manifest values, each ``key: problem``."""
-    out = []
-
-    def section(values: dict, keys: tuple[Key, ...], prefix: str, detector: str | None = None):
-        known = {k.name: k for k in keys}
-        for name in values:
-            if name not in known:
-                close = difflib.get_close_matches(name, list(known), n=1)
-                out.append(f"{prefix}{name}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else
-                                                              f"; known: {', '.join(known)}"))
-        for k in keys:
-            if k.name not in values:
-                if k.default is REQUIRED and (k.detector is None or k.detector == detector):
-                    out.append(f"{prefix}{k.name}: missing (required)")
-                continue
-            value = values[k.name]
-            problem = _type_problem(k.kind, value) or _range_problem(prefix + k.name, value)
-            if problem:
-                out.append(f"{prefix}{k.name}: {problem}")
-            elif k.detector and detector in DETECTORS and k.detector != detector:
-                out.append(f"{prefix}{k.name}: only used by the {k.detector} detector; this bundle's detector is "
-                           f"{detector} (remove it or change the detector)")
-
-    section(manifest, MANIFEST_KEYS, "")
+    out = _section_problems(manifest, MANIFEST_KEYS, "")
     faces = manifest.get("faces")
     if isinstance(faces, dict):
-        section(faces, FACES_KEYS, "faces.", faces.get("detector"))
+        out += _section_problems(faces, FACES_KEYS, "faces.", faces.get("detector"))
     verify = manifest.get("verify")
     if isinstance(verify, dict):
-        section(verify, VERIFY_KEYS, "verify.")
+        out += _section_problems(verify, VERIFY_KEYS, "verify.")
         try:
             verify_thresholds(manifest)
         except BundleError as exc:
@@ -336,8 +349,9 @@ def _meta_model(library: str, class_name: str, folder: Path, config: dict):
         return cls(cls.config_class.from_pretrained(folder))
 
 
-def _component(c: _Check, sdxl: Path, name: str, index: dict, variant: str | None):
-    """Config, weight files and their shapes against the config's module; returns the meta module."""
+def _component_model(c: _Check, sdxl: Path, name: str, index: dict):
+    """(meta module, class name) built from ``name``/config.json with the class model_index.json names; None
+    (reported) when the config is unreadable or its class cannot build it."""
     folder = sdxl / name
     config = c.json_file(folder / "config.json", f"the {name} configuration")
     if not isinstance(config, dict):
@@ -348,10 +362,14 @@ def _component(c: _Check, sdxl: Path, name: str, index: dict, variant: str | Non
         c.bad(sdxl / "model_index.json", f"{name}: library {library!r} is neither diffusers nor transformers")
         return None
     try:
-        model = _meta_model(library, class_name, folder, config)
+        return _meta_model(library, class_name, folder, config), class_name
     except Exception as exc:  # noqa: BLE001 - a config its class cannot build is the problem reported
         c.bad(folder / "config.json", f"{library}.{class_name} cannot be built from it ({str(exc)[:160]})")
         return None
+
+
+def _find_weights(c: _Check, folder: Path, name: str, variant: str | None) -> Path | None:
+    """The component's weight file (or shard index), preferring ``variant``; None (reported) when there is none."""
     base = SDXL_WEIGHTED[name]
     names = _weight_names(base, variant) + (_weight_names(base, None) if variant else [])
     found = next((folder / n for n in names if (folder / n).is_file() or (folder / n).is_symlink()), None)
@@ -363,28 +381,42 @@ def _component(c: _Check, sdxl: Path, name: str, index: dict, variant: str | Non
             hint = (f"; the folder has {', '.join(others)}: set \"sdxl_variant\": \"{v}\" in {MANIFEST} "
                     "(or rebuild it with `revpers bundle init`)")
         c.bad(folder / names[0], f"missing ({name} weights){hint}")
-        return model
+        return None
     if not found.exists():
         c.bad(found, _absent(found))
-        return model
-    files = [found]
-    if found.name.endswith(".json"):
-        weight_map = c.json_file(found, "the shard index")
-        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
-            if weight_map is not None:
-                c.bad(found, "not a shard index (no weight_map object)")
-            return model
-        files = [folder / f for f in sorted(set(weight_map["weight_map"].values()))]
+        return None
+    return found
+
+
+def _weight_files(c: _Check, folder: Path, found: Path) -> list[Path] | None:
+    """``found`` itself, or the shards its index lists; None (reported) for an unusable index."""
+    if not found.name.endswith(".json"):
+        return [found]
+    weight_map = c.json_file(found, "the shard index")
+    if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+        if weight_map is not None:
+            c.bad(found, "not a shard index (no weight_map object)")
+        return None
+    return [folder / f for f in sorted(set(weight_map["weight_map"].values()))]
+
+
+def _files_shapes(c: _Check, files: list[Path]) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape over all ``files``; None (reported) at the first missing or unreadable one."""
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         if not f.is_file():
             c.bad(f, _absent(f))
-            return model
+            return None
         try:
             shapes.update(tensor_shapes(f))
         except BadFile as exc:
             c.bad(f, str(exc))
-            return model
+            return None
+    return shapes
+
+
+def _compare_shapes(c: _Check, found: Path, name: str, class_name: str, model, shapes: dict) -> int:
+    """Reports tensors the module needs that the files lack or hold in another shape; returns how many it needs."""
     if hasattr(model, "_fix_state_dict_keys_on_load"):  # diffusers renames pre-0.14 attention keys on load
         model._fix_state_dict_keys_on_load(shapes)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -396,8 +428,28 @@ def _component(c: _Check, sdxl: Path, name: str, index: dict, variant: str | Non
                      f"(e.g. {', '.join(missing[:3])}); is this the {name} file?")
     if wrong:
         c.bad(found, f"{len(wrong)} tensors differ in shape from {name}/config.json (e.g. {'; '.join(wrong[:3])})")
+    return len(want)
+
+
+def _component(c: _Check, sdxl: Path, name: str, index: dict, variant: str | None):
+    """Config, weight files and their shapes against the config's module; returns the meta module."""
+    folder = sdxl / name
+    built = _component_model(c, sdxl, name, index)
+    if built is None:
+        return None
+    model, class_name = built
+    found = _find_weights(c, folder, name, variant)
+    if found is None:
+        return model
+    files = _weight_files(c, folder, found)
+    if files is None:
+        return model
+    shapes = _files_shapes(c, files)
+    if shapes is None:
+        return model
+    n = _compare_shapes(c, found, name, class_name, model, shapes)
     c.facts.setdefault("sdxl_tensors", 0)
-    c.facts["sdxl_tensors"] += len(want)
+    c.facts["sdxl_tensors"] += n
     c.facts.setdefault("sdxl_files", []).append(str(found.relative_to(sdxl)))
     return model
 
@@ -542,6 +594,29 @@ def _check_detector(c: _Check, path: Path) -> None:
         c.bad(path, "an SCRFD detector without 5-point keypoints: alignment needs them (use buffalo_l's det_10g.onnx)")
 
 
+def _check_pack(c: _Check, faces: dict) -> None:
+    pack = c.root / faces["pack"]
+    if not pack.is_dir():
+        c.bad(pack, f"{_absent(pack)} (the insightface model pack folder)")
+    else:
+        det = faces.get("detector_file", INSIGHTFACE_DETECTOR_FILE)
+        _check_detector(c, pack / (det if isinstance(det, str) else INSIGHTFACE_DETECTOR_FILE))
+
+
+def _check_landmarks(c: _Check, faces: dict) -> None:
+    landmarks = faces.get("landmarks")
+    if isinstance(landmarks, str) and landmarks:
+        if not (c.root / landmarks).is_file():
+            c.bad(c.root / landmarks, f"{_absent(c.root / landmarks)} (the dlib 68-point landmark model)")
+    else:
+        try:
+            default = face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
+            if not default.is_file():
+                c.bad(default, "missing (dlib's 68-point landmark model of face-recognition-models)")
+        except FaceModelError as exc:
+            c.bad(c.root / MANIFEST, f"faces.detector dlib: {exc}")
+
+
 def _check_faces(c: _Check, manifest: dict) -> None:
     faces = manifest.get("faces")
     if not isinstance(faces, dict):
@@ -550,24 +625,9 @@ def _check_faces(c: _Check, manifest: dict) -> None:
         _check_recognizer(c, c.root / faces["recognizer"], manifest.get("embedding_dim"))
     detector = faces.get("detector")
     if detector == "insightface" and isinstance(faces.get("pack"), str) and faces["pack"]:
-        pack = c.root / faces["pack"]
-        if not pack.is_dir():
-            c.bad(pack, f"{_absent(pack)} (the insightface model pack folder)")
-        else:
-            det = faces.get("detector_file", INSIGHTFACE_DETECTOR_FILE)
-            _check_detector(c, pack / (det if isinstance(det, str) else INSIGHTFACE_DETECTOR_FILE))
+        _check_pack(c, faces)
     elif detector == "dlib":
-        landmarks = faces.get("landmarks")
-        if isinstance(landmarks, str) and landmarks:
-            if not (c.root / landmarks).is_file():
-                c.bad(c.root / landmarks, f"{_absent(c.root / landmarks)} (the dlib 68-point landmark model)")
-        else:
-            try:
-                default = face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
-                if not default.is_file():
-                    c.bad(default, "missing (dlib's 68-point landmark model of face-recognition-models)")
-            except FaceModelError as exc:
-                c.bad(c.root / MANIFEST, f"faces.detector dlib: {exc}")
+        _check_landmarks(c, faces)
     if detector in DETECTORS:
         c.facts["detector"] = detector
 
@@ -713,6 +773,55 @@ def _faces_files(faces: Path, detector: str, recognizer: str | None) -> tuple[li
                                                                 "recognizer": f"face_models/{recognizer}"}
 
 
+def _check_output(out: Path, sources: tuple[Path, ...], force: bool) -> None:
+    """``out`` must not hold a source, and must be empty or absent unless ``force``."""
+    out_r = out.resolve()
+    for s in sources:
+        if out_r == s.resolve() or out_r in s.resolve().parents:
+            raise BundleError(f"{out}: it holds the source {s}; choose another output folder")
+    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise BundleError(f"{out}: exists and is not empty (use --force to replace it)")
+
+
+def _native_size(src: Path) -> int:
+    """The face size SDXL generates natively: the UNet's sample size times the VAE's downsampling."""
+    try:
+        unet_cfg = json.loads((src / "unet" / "config.json").read_text())
+        vae_cfg = json.loads((src / "vae" / "config.json").read_text())
+        return int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{src}: cannot read the face size from unet/vae config.json ({exc})") from None
+
+
+def _adapter_embedding_dim(ip_adapter: Path) -> int:
+    try:
+        proj = tensor_shapes(ip_adapter).get("image_proj.proj.0.weight")
+        return int(proj[1]) if proj and len(proj) == 2 else FACEID_EMBED_DIM
+    except BadFile:
+        return FACEID_EMBED_DIM  # `bundle check` names the file's problem below
+
+
+def _place_files(tmp: Path, files: list[tuple[Path, str]], copy: bool) -> None:
+    for f, rel in files:
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not f.exists():
+            raise BundleError(f"{f}: {_absent(f)}")
+        if copy:
+            shutil.copyfile(f, dst)
+        else:
+            dst.symlink_to(f.resolve())
+
+
+def _replace_with(out: Path, tmp: Path) -> None:
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def init_bundle(out: str | Path, sdxl: str | Path, ip_adapter: str | Path, faces: str | Path, *, copy: bool = False,
                 force: bool = False, variant: str = "auto", detector: str = "auto", recognizer: str | None = None,
                 name: str | None = None, smoke: bool = False) -> Path:
@@ -726,47 +835,21 @@ def init_bundle(out: str | Path, sdxl: str | Path, ip_adapter: str | Path, faces
     sdxl_files, used_variant = _sdxl_files(src, variant)
     face_files, faces_spec = _faces_files(Path(faces).expanduser(), detector, recognizer)
     out_r = out.resolve()
-    for s in (src, ip_adapter, Path(faces).expanduser()):
-        if out_r == s.resolve() or out_r in s.resolve().parents:
-            raise BundleError(f"{out}: it holds the source {s}; choose another output folder")
-    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise BundleError(f"{out}: exists and is not empty (use --force to replace it)")
+    _check_output(out, (src, ip_adapter, Path(faces).expanduser()), force)
     files = [(f, f"sdxl/{rel}") for f, rel in sdxl_files] + face_files + [(ip_adapter, f"ip_adapter/{ip_adapter.name}")]
-    try:
-        unet_cfg = json.loads((src / "unet" / "config.json").read_text())
-        vae_cfg = json.loads((src / "vae" / "config.json").read_text())
-        native = int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"{src}: cannot read the face size from unet/vae config.json ({exc})") from None
-    try:
-        proj = tensor_shapes(ip_adapter).get("image_proj.proj.0.weight")
-        embedding_dim = int(proj[1]) if proj and len(proj) == 2 else FACEID_EMBED_DIM
-    except BadFile:
-        embedding_dim = FACEID_EMBED_DIM  # `bundle check` names the file's problem below
+    native = _native_size(src)
+    embedding_dim = _adapter_embedding_dim(ip_adapter)
     tmp = out_r.parent / f".{out_r.name}.init-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for f, rel in files:
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if not f.exists():
-                raise BundleError(f"{f}: {_absent(f)}")
-            if copy:
-                shutil.copyfile(f, dst)
-            else:
-                dst.symlink_to(f.resolve())
+        _place_files(tmp, files, copy)
         extra = {"sources": {"sdxl": str(src.resolve()), "ip_adapter": str(ip_adapter.resolve()),
                              "faces": str(Path(faces).expanduser().resolve())}}
         if used_variant:
             extra["sdxl_variant"] = used_variant
         write_manifest(tmp, native_size=native, embedding_dim=embedding_dim, smoke=smoke, faces=faces_spec,
                        name=name or out_r.name, ip_adapter=f"ip_adapter/{ip_adapter.name}", extra=extra)
-        if out.is_symlink() or out.is_file():
-            out.unlink()
-        elif out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _replace_with(out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

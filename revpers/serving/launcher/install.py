@@ -195,6 +195,50 @@ def _manifest(sources: Mapping[str, Path]) -> dict:
     return out
 
 
+def _backend_sources(install: TritonInstall) -> dict[str, Path]:
+    """File name in ``python/`` -> the wheel's file: the backend files and the stub for this Python."""
+    stub = install.stub_for(sys.version_info)
+    sources = {name: install.backends_dir / "python" / name for name in _BACKEND_FILES}
+    sources[STUB] = stub
+    for src in sources.values():
+        if not src.is_file():
+            raise TritonServerError(f"the tritonserver install lacks {src}; reinstall with `{INSTALL_HINT}`")
+    return sources
+
+
+def _up_to_date(target: Path, expected: dict, sources: Mapping[str, Path]) -> bool:
+    try:
+        found = json.loads((target / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return found == expected and all((target / "python" / name).is_file() for name in sources)
+
+
+def _fill_backend_dir(tmp: Path, sources: Mapping[str, Path], expected: dict) -> None:
+    (tmp / "python").mkdir()
+    for name, src in sources.items():
+        shutil.copy2(src, tmp / "python" / name)
+    (tmp / "python" / STUB).chmod(0o755)
+    with open(tmp / "python" / "triton_python_backend_utils.py", "a") as fh:
+        fh.write(_BOOTSTRAP)
+    (tmp / _MANIFEST).write_text(json.dumps(expected, indent=1))
+    tmp.chmod(0o755)
+
+
+def _move_into_place(tmp: Path, target: Path, base: Path, expected: dict, sources: Mapping[str, Path]) -> None:
+    """Rename ``tmp`` to ``target``; if ``target`` exists and is stale, swap it out first."""
+    try:
+        os.rename(tmp, target)
+    except OSError as exc:  # target exists: another builder won, or it is stale
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        if not _up_to_date(target, expected, sources):
+            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=base))
+            os.rename(target, stale / "old")
+            os.rename(tmp, target)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def prepare_backend_dir(install: TritonInstall, cache_dir: str | os.PathLike | None = None) -> Path:
     """The directory to pass as ``--backend-directory``.
 
@@ -209,50 +253,21 @@ def prepare_backend_dir(install: TritonInstall, cache_dir: str | os.PathLike | N
         if not install.backends_dir.is_dir():
             raise TritonServerError(f"backends directory {install.backends_dir} does not exist")
         return install.backends_dir
-    stub = install.stub_for(sys.version_info)
-    sources = {name: install.backends_dir / "python" / name for name in _BACKEND_FILES}
-    sources[STUB] = stub
-    for src in sources.values():
-        if not src.is_file():
-            raise TritonServerError(f"the tritonserver install lacks {src}; reinstall with `{INSTALL_HINT}`")
+    sources = _backend_sources(install)
     expected = _manifest(sources)
 
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = base / f"{install.version}-py{sys.version_info[0]}{sys.version_info[1]}"
-
-    def up_to_date() -> bool:
-        try:
-            found = json.loads((target / _MANIFEST).read_text())
-        except (OSError, ValueError):
-            return False
-        return found == expected and all((target / "python" / name).is_file() for name in sources)
-
-    if up_to_date():
+    if _up_to_date(target, expected, sources):
         return target
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=base))
     try:
-        (tmp / "python").mkdir()
-        for name, src in sources.items():
-            shutil.copy2(src, tmp / "python" / name)
-        (tmp / "python" / STUB).chmod(0o755)
-        with open(tmp / "python" / "triton_python_backend_utils.py", "a") as fh:
-            fh.write(_BOOTSTRAP)
-        (tmp / _MANIFEST).write_text(json.dumps(expected, indent=1))
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError as exc:  # target exists: another builder won, or it is stale
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            if not up_to_date():
-                stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=base))
-                os.rename(target, stale / "old")
-                os.rename(tmp, target)
-                shutil.rmtree(stale, ignore_errors=True)
+        _fill_backend_dir(tmp, sources, expected)
+        _move_into_place(tmp, target, base, expected, sources)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not up_to_date():
+    if not _up_to_date(target, expected, sources):
         raise TritonServerError(f"could not prepare the Python backend in {target}")
     LOG.debug("prepared Triton Python backend in %s", target)
     return target
