@@ -15,7 +15,7 @@ from pathlib import Path
 
 from revpers.cli.options import DEFAULT_MODELS, add_param_arguments, add_verify_arguments
 from revpers.core.errors import RevpersError
-from revpers.service.anonymizer import Anonymizer
+from revpers.service.anonymizer import SMOKE_WARNING, Anonymizer
 from revpers.service.bundle_tools import require_valid_bundle
 from revpers.service.request import Limits, RequestOptions, anonymize_bytes
 from revpers_client import protocol
@@ -167,6 +167,8 @@ def _run(args) -> int:
         raise UsageError("no image to anonymize among the inputs"
                          + (f" ({len(collection.not_taken)} file(s) not taken)" if collection.not_taken else ""))
     bundle = require_valid_bundle(args.models)
+    if bundle.smoke:  # said before the work, in the summary, and in every report
+        print(f"{TOOL}: {SMOKE_WARNING}", flush=True)
     anonymizer = Anonymizer(bundle, device=args.device, inversion_batch=args.inversion_batch)
     options = RunOptions(outdir=outdir, params=params, fmt=args.format, on_no_face=args.on_no_face,
                          resume=args.resume, concurrency=1, progress=args.progress, quiet=args.quiet, tool=TOOL,

@@ -143,7 +143,8 @@ def run_sweep_settings(anon, originals: list[tuple[str, np.ndarray]], settings: 
                 outputs.append((name, result.image))
                 target_png = sdir / "images" / f"{name}.png"
                 target_png.write_bytes(encode_image(result.image, "PNG"))
-                report = dict(result.report, input=str((sources or {}).get(name, name)), output=str(target_png))
+                report = dict(result.report.to_dict(), input=str((sources or {}).get(name, name)),
+                              output=str(target_png))
                 target_png.with_name(target_png.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
         ev = Evaluator(anon.verifier, extras=extras, inception=inception, aligned=aligned, smoke=smoke)
         for (name, rgb), (_, img) in zip(originals, outputs, strict=True):

@@ -50,6 +50,9 @@ from revpers.serving.metrics import STUB_MESSAGE_LOCK, BlsMetrics, outcome_of
 from revpers_client.protocol import INPUT_IMAGE, INPUT_PARAMS, OUTPUT_IMAGE, OUTPUT_REPORT
 
 LOG = logging.getLogger("revpers.serving")
+# what a component model's error says while its stub is dead, reloading or the server is stopping:
+# the request is answered UNAVAILABLE (retryable), not INTERNAL
+CHILD_UNAVAILABLE = ("is not healthy", "is not ready", "not ready", "unknown model", "no available versions")
 REQUEST_LOG = logging.getLogger("revpers.serving.requests")  # one JSON line per request
 
 # gRPC status of a failed request, by the kind of its RevpersError (revpers.core.errors)
@@ -107,7 +110,10 @@ class TritonComponents:
             if self.on_call is not None:
                 self.on_call(model, int(next(iter(values.values())).shape[0]))
             if resp.has_error():
-                raise RuntimeError(f"{model}: {resp.error().message()}")
+                message = resp.error().message()
+                if any(sign in message for sign in CHILD_UNAVAILABLE):  # restarting or reloading: try again
+                    raise Unavailable(f"{model} is not available right now ({message.splitlines()[0][:200]})")
+                raise RuntimeError(f"{model}: {message}")
             # the capsule keeps the response's buffer alive; cat copies it into memory we own
             parts.append(from_dlpack(self.pb.get_output_tensor_by_name(resp, output).to_dlpack()))
         out = torch.cat(parts, dim=0).to(self.math_device)
