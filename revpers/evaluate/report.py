@@ -323,18 +323,22 @@ def index_html(metrics: dict, md: str, plots_made: list, sheets: list, skipped: 
     if skipped:
         figs = f"<p>{html.escape(skipped)}</p>"
     sh = "".join(f'<h3>{html.escape(s["caption"])}</h3><img src="{html.escape(s["file"])}">' for s in sheets)
+    body = (f"{_md_tables_to_html(md)}\n{extra_sections}\n<h2>Plots</h2>{figs}\n"
+            f"<h2>Worst cases</h2>{sh or '<p>no faces</p>'}\n"
+            '<p><a href="metrics.json">metrics.json</a> · <a href="table.md">table.md</a></p>')
+    return html_page("revpers evaluation", banner, body)
+
+
+def html_page(title: str, banner: str, body: str) -> str:
+    """A report page: the smoke banner (when there is one) above and below the body."""
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>revpers evaluation</title>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1400px;margin:1em auto}} table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #aaa;padding:3px 8px;text-align:right}} th{{background:#eee}}
 .smoke{{background:#fdd;color:#a00;font-weight:bold;padding:.6em;border:2px solid #a00}}
 figure{{display:inline-block;margin:4px}} img{{max-width:100%}}</style></head><body>
 {banner}
-{_md_tables_to_html(md)}
-{extra_sections}
-<h2>Plots</h2>{figs}
-<h2>Worst cases</h2>{sh or "<p>no faces</p>"}
-<p><a href="metrics.json">metrics.json</a> · <a href="table.md">table.md</a></p>
+{body}
 {banner}
 </body></html>
 """

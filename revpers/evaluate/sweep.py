@@ -20,6 +20,7 @@ takes the fewest seconds per face.
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import time
@@ -36,6 +37,7 @@ from revpers.evaluate.report import (
     _md_tables_to_html,
     _pyplot,
     _smoke_title,
+    html_page,
     md_table,
     table_rows,
     write_report,
@@ -316,28 +318,17 @@ def sweep_markdown(summary: dict) -> str:
 
 
 def sweep_html(summary: dict, md: str) -> str:
-    import html
-
     smoke = summary["smoke"]
     banner = (f'<p class="smoke">{html.escape(SMOKE_NOTE.upper())}: made with a smoke bundle; every number, curve '
               "and recommendation here is meaningless.</p>" if smoke else "")
     plots = "".join(f'<figure><img src="{html.escape(p)}"></figure>' for p in summary["outputs"]["plots"])
     links = "".join(f'<li><a href="{html.escape(r["report"])}">{html.escape(r["tag"])}</a></li>'
                     for r in summary["settings"])
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>revpers sweep</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:1em auto}} table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #aaa;padding:3px 8px;text-align:right}} th{{background:#eee}}
-.smoke{{background:#fdd;color:#a00;font-weight:bold;padding:.6em;border:2px solid #a00}}
-figure{{display:inline-block;margin:4px}} img{{max-width:100%}}</style></head><body>
-{banner}
-{_md_tables_to_html(md)}
-<h2>Curves</h2>{plots or html.escape(summary["outputs"].get("plots_skipped", ""))}
-<h2>Per-setting reports</h2><ul>{links}</ul>
-<p><a href="sweep.json">sweep.json</a> · <a href="sweep.md">sweep.md</a></p>
-{banner}
-</body></html>
-"""
+    body = (f"{_md_tables_to_html(md)}\n<h2>Curves</h2>"
+            f"{plots or html.escape(summary['outputs'].get('plots_skipped', ''))}\n"
+            f"<h2>Per-setting reports</h2><ul>{links}</ul>\n"
+            '<p><a href="sweep.json">sweep.json</a> · <a href="sweep.md">sweep.md</a></p>')
+    return html_page("revpers sweep", banner, body)
 
 
 __all__ = ["Setting", "count_unet_calls", "grid", "recommend", "run_sweep_settings"]
