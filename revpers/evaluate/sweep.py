@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from revpers.core.params import Params
+from revpers.core.pipeline import count_unet_calls
 from revpers.evaluate.core import SMOKE_NOTE, Evaluator, reid_headline
 from revpers.evaluate.report import (
     LABELS,
@@ -44,35 +45,6 @@ from revpers.evaluate.report import (
 )
 from revpers.gate.policy import VerifyPolicy
 from revpers.service.images import encode_image
-
-
-class count_unet_calls:
-    """Counts the UNet calls a ``pipeline.Components`` object gets while the block runs: its
-    ``denoise`` is shadowed by a counting wrapper for the block and restored afterwards."""
-
-    def __init__(self, models):
-        self.models, self.batches = models, []
-
-    def __enter__(self):
-        inner = self.models.denoise
-
-        def denoise(x, t, cond):
-            self.batches.append(int(x.shape[0]))
-            return inner(x, t, cond)
-
-        self.models.denoise = denoise
-        return self
-
-    def __exit__(self, *exc):
-        del self.models.denoise
-
-    @property
-    def calls(self) -> int:
-        return len(self.batches)
-
-    @property
-    def samples(self) -> int:
-        return int(sum(self.batches))
 
 
 @dataclass(frozen=True)
