@@ -128,6 +128,11 @@ def wait_for(condition, what: str, timeout: float = 60.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def scrape_when(url: str, condition, what: str, timeout: float = 60.0):
+    """The first scrape whose rows satisfy ``condition(rows)``."""
+    return wait_for(lambda: (lambda rows: rows if condition(rows) else None)(scrape(url)), what, timeout)  # noqa: PLC3002
+
+
 def log_lines(server) -> list[dict]:
     """The per-request JSON lines the BLS wrote to the server log."""
     text = server.log_path.read_text(errors="replace")
@@ -212,8 +217,8 @@ def test_metrics_count_exactly_what_was_served(server, client, smoke_bundle_dir)
     assert err.status() == "StatusCode.INVALID_ARGUMENT"
     _, noface = infer(client, noface_bytes, {"steps": 3}, request_id=f"{tag}-noface")
     assert ok["verdict"] == "unverified" and noface["verdict"] == "no_faces" and image
-    after = wait_for(lambda: (lambda rows: rows if value(rows, "revpers_requests_in_flight") == 0 else None)(
-        scrape(server.urls.metrics)), "requests in flight to reach 0")
+    after = scrape_when(server.urls.metrics, lambda rows: value(rows, "revpers_requests_in_flight") == 0,
+                        "requests in flight to reach 0")
 
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
@@ -276,8 +281,8 @@ def test_cancelled_request_stops_within_one_unet_call(server, client):
     at_cancel = value(scrape(url), "revpers_unet_calls_total") - calls0
     ctx.cancel()
     t_cancel = time.perf_counter()
-    done = wait_for(lambda: (lambda rows: rows if value(rows, "revpers_requests_total", outcome="cancelled")
-                             > cancelled0 else None)(scrape(url)), "the request to be counted as cancelled", 120)
+    done = scrape_when(url, lambda rows: value(rows, "revpers_requests_total", outcome="cancelled") > cancelled0,
+                       "the request to be counted as cancelled", 120)
     stopped_s = time.perf_counter() - t_cancel
     total = value(done, "revpers_unet_calls_total") - calls0
     after = total - at_cancel

@@ -321,3 +321,24 @@ def test_pytorch_target_serves_the_same_images(smoke_bundle_dir, tmp_path):
     assert np.array_equal(got, want)
     assert int(np.abs(got.astype(int) - rgb.astype(int)).max()) > 10
     assert report["params"]["steps"] == 6 and report["params"]["seed"] == 5 and report["smoke"] is True
+
+
+def test_limits_refuse_unusable_values_and_huge_numbers_are_parameter_errors():
+    """A limit below the default a request gets when it leaves the value unset, or above what the
+    method / Pillow / gRPC accept, is refused when the repository is made; a number too large for a
+    float is a ParameterError (float(10**400) raises OverflowError), and the message does not echo it."""
+    from revpers.core.errors import ParameterError
+    from revpers.core.params import coerce_number
+    from revpers.service.request import Limits
+
+    for bad in ({"max_steps": 99}, {"max_steps": 1001}, {"max_retries": 1}, {"max_retries": 6},
+                {"max_pixels": 2**40}, {"max_bytes": 2**31}, {"max_faces": 0}, {"max_faces": True}):
+        with pytest.raises(ParameterError, match=next(iter(bad))):
+            Limits(**bad)
+    with pytest.raises(ParameterError, match="max_steps must be an integer, got 'lots'"):
+        Limits.from_parameters({"max_steps": "lots", "max_batch": "{}"})
+    with pytest.raises(ParameterError, match="guidance must be finite, got an integer of about 400 digits"):
+        coerce_number("guidance", int("9" * 400), float)
+    with pytest.raises(ParameterError) as info:
+        coerce_number("steps", "9" * 5000, int)
+    assert len(str(info.value)) < 100

@@ -235,7 +235,6 @@ class BlsService:
         """Hands the requests to the response pool (each is answered through its response sender
         when done) and returns None, as a non-decoupled model that sends its own responses must."""
         self.responses.submit(requests)
-        return None
 
     def close(self) -> None:
         self.responses.close()
