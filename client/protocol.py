@@ -76,7 +76,8 @@ QUALITY_RANGE = (1, 100)  # PARAMS "quality" (JPEG/WebP encoder quality)
 
 # Limits a server enforces by default (the serve command can lower or raise them).
 MAX_GATE_RETRIES = 5
-MAX_STEPS = 1000
+MAX_STEPS = 250  # 2.5x the method's default; the method itself allows up to 1000 (in process)
+MAX_FACES = 64  # faces detected in one photo
 MAX_PIXELS = 64_000_000  # about 8000 x 8000; larger images are refused before decoding
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_PARAMS_BYTES = 64 * 1024

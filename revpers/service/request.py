@@ -22,10 +22,12 @@ from revpers.service.records import ImageReport
 from revpers_client.protocol import (
     FACE_KEYS,
     GATE_KEYS,
+    MAX_FACES,
     MAX_GATE_RETRIES,
     MAX_PARAMS_BYTES,
     MAX_PIXELS,
     MAX_REQUEST_BYTES,
+    MAX_STEPS,
     METHOD_KEYS,
     OUTPUT_FORMATS,
     OUTPUT_KEYS,
@@ -34,10 +36,6 @@ from revpers_client.protocol import (
 )
 
 MODES = ("photo", "aligned")
-# Server defaults not (yet) in the protocol module: protocol's MAX_STEPS (1000) is the method's own
-# ceiling; 250 steps is 2.5x the method's default and still bounds one request's UNet calls.
-DEFAULT_MAX_STEPS = 250
-DEFAULT_MAX_FACES = 64
 MAX_JSON_DEPTH = 4  # PARAMS is a flat object; anything nested deeper is refused before parsing
 
 
@@ -53,8 +51,8 @@ class Limits:
 
     max_bytes: int = MAX_REQUEST_BYTES
     max_pixels: int = MAX_PIXELS
-    max_faces: int = DEFAULT_MAX_FACES
-    max_steps: int = DEFAULT_MAX_STEPS
+    max_faces: int = MAX_FACES
+    max_steps: int = MAX_STEPS
     max_retries: int = MAX_GATE_RETRIES
 
     # what a server may be configured with: up to the method's own ranges, gRPC's 2 GiB message
