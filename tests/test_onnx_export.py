@@ -242,7 +242,7 @@ def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_b
 class _Probe:
     """``pipeline.Components`` over the PyTorch modules that, on the pipeline's own inputs, either
     measures each component's ONNX-vs-PyTorch difference (``onnx`` given: every call also runs the
-    ONNX component on the same input) or adds a perturbation of that size (``perturb``: component
+    component's ONNX file on the same input) or adds a perturbation of that size (``perturb``: component
     -> max abs; each output element moves by +-that amount, signs from a seeded generator)."""
 
     def __init__(self, torch_models, onnx=None, perturb=None):
@@ -259,14 +259,21 @@ class _Probe:
             got = got + self.perturb[name] * signs
         return got
 
+    def _onnx(self, name, **given):
+        # the ONNX file itself on the module's inputs, by name: not through OnnxRuntimeComponents'
+        # feeding, which the check is about (a wrong feed must not enlarge the measured error)
+        runner = self.onnx.runners[name]
+        return runner([given[n] for n in runner.input_names])[0]
+
     def denoise(self, x, t, cond):
-        return self._out("unet", self.torch.denoise(x, t, cond), lambda: self.onnx.denoise(x, t, cond))
+        return self._out("unet", self.torch.denoise(x, t, cond),
+                         lambda: self._onnx("unet", **cond, sample=x, timestep=t.to(torch.int64)))
 
     def encode(self, images):
-        return self._out("vae_encoder", self.torch.encode(images), lambda: self.onnx.encode(images))
+        return self._out("vae_encoder", self.torch.encode(images), lambda: self._onnx("vae_encoder", image=images))
 
     def decode(self, latents):
-        return self._out("vae_decoder", self.torch.decode(latents), lambda: self.onnx.decode(latents))
+        return self._out("vae_decoder", self.torch.decode(latents), lambda: self._onnx("vae_decoder", latent=latents))
 
 
 def test_onnx_pipeline_matches_torch_within_the_bound_its_own_error_gives(exported, smoke_bundle, torch_models):
