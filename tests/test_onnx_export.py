@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import real_photo
+from numerics import ProbeComponents
 
 from revpers.export.onnx_export import parity
 from revpers.models.artifacts import ARTIFACTS_MANIFEST, onnx_session
@@ -239,49 +240,12 @@ def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_b
         export_bundle(smoke_bundle, Path("unused"), fp8=True)
 
 
-class _Probe:
-    """``pipeline.Components`` over the PyTorch modules that, on the pipeline's own inputs, either
-    measures each component's ONNX-vs-PyTorch difference (``onnx`` given: every call also runs the
-    component's ONNX file on the same input) or adds a perturbation of that size (``perturb``: component
-    -> max abs; each output element moves by +-that amount, signs from a seeded generator)."""
-
-    def __init__(self, torch_models, onnx=None, perturb=None):
-        self.torch, self.onnx, self.perturb = torch_models, onnx, perturb
-        self.schedule, self.math_device, self.text = torch_models.schedule, "cpu", torch_models.text
-        self.error = {"unet": 0.0, "vae_encoder": 0.0, "vae_decoder": 0.0}
-        self.gen = torch.Generator().manual_seed(0)
-
-    def _out(self, name, got, other):
-        if self.onnx is not None:
-            self.error[name] = max(self.error[name], float((other() - got).abs().max()))
-        if self.perturb is not None:
-            signs = torch.randint(0, 2, got.shape, generator=self.gen).float() * 2 - 1
-            got = got + self.perturb[name] * signs
-        return got
-
-    def _onnx(self, name, **given):
-        # the ONNX file itself on the module's inputs, by name: not through OnnxRuntimeComponents'
-        # feeding, which the check is about (a wrong feed must not enlarge the measured error)
-        runner = self.onnx.runners[name]
-        return runner([given[n] for n in runner.input_names])[0]
-
-    def denoise(self, x, t, cond):
-        return self._out("unet", self.torch.denoise(x, t, cond),
-                         lambda: self._onnx("unet", **cond, sample=x, timestep=t.to(torch.int64)))
-
-    def encode(self, images):
-        return self._out("vae_encoder", self.torch.encode(images), lambda: self._onnx("vae_encoder", image=images))
-
-    def decode(self, latents):
-        return self._out("vae_decoder", self.torch.decode(latents), lambda: self._onnx("vae_decoder", latent=latents))
-
-
 def test_onnx_pipeline_matches_torch_within_the_bound_its_own_error_gives(exported, smoke_bundle, torch_models):
     """The one cross-runtime check of the whole method: the exported ONNX components, fed as the BLS
     feeds the served ones (``OnnxRuntimeComponents``; the server gives its images bit for bit, see
     test_server.py), against the in-process PyTorch pipeline. ONNX Runtime and PyTorch use different
     kernels, so they differ by float rounding, and the bound on the images is derived from that on
-    the running machine instead of fitted:
+    the running machine instead of fitted (tests/numerics.py):
 
     1. e_c, each component's largest ONNX-vs-PyTorch difference on the pipeline's own inputs (every
        UNet/VAE call of the PyTorch run also runs the ONNX component on the same input);
@@ -307,11 +271,17 @@ def test_onnx_pipeline_matches_torch_within_the_bound_its_own_error_gives(export
         result = run_faces(models, crops, ids, params, n, inversion_batch=ort.inversion_batch)
         return np.stack(result.images).astype(int), (models.decode(result.x_out) * 127.5).numpy()
 
+    def onnx_file(name, **given):
+        # the ONNX file itself on the module's inputs, by name: not through OnnxRuntimeComponents'
+        # feeding, which the check is about (a wrong feed must not enlarge the measured error)
+        runner = ort.runners[name]
+        return runner([given[k] for k in runner.input_names])[0]
+
     with torch.inference_mode():
-        measured = _Probe(torch_models, onnx=ort)
+        measured = ProbeComponents(torch_models, other=onnx_file)
         img_torch, levels_torch = run(measured)
         img_ort, levels_ort = run(ort)
-        img_pert, levels_pert = run(_Probe(torch_models, perturb=measured.error))
+        img_pert, levels_pert = run(ProbeComponents(torch_models, perturb=measured.error))
     amplified = float(np.abs(levels_pert - levels_torch).max())
     diff = float(np.abs(levels_ort - levels_torch).max())
     rounded = int(np.abs(img_ort - img_torch).max())
