@@ -90,9 +90,9 @@ def _batch_composition_bound(bundle, photos, steps: int, inv: int, seed: int) ->
     component call moves by +-e. Before rounding that change is at most A + 1 levels; (a)'s real
     error, at most e on a few elements, is allowed twice that (for an error direction the method
     amplifies more than random signs), and rounding adds one: 2 (A + 1) + 1."""
-    from benchmarks.pipelines import inprocess_request, max_pixel_difference
     from numerics import ProbeComponents, each_sample_alone
 
+    from benchmarks.pipelines import inprocess_request, max_pixel_difference
     from revpers.core.params import Params
     from revpers.gate.policy import VerifyPolicy
     from revpers.service.anonymizer import Anonymizer

@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack
 
