@@ -79,10 +79,25 @@ def start_triton(repository, env=None):
     return srv
 
 
+def thread_env() -> dict[str, str]:
+    """The server's thread counts pinned to what this process computes with: torch's intra-op threads
+    (OMP_NUM_THREADS, read by the BLS's torch) and ONNX Runtime's (REVPERS_ORT_THREADS, read by the
+    served onnxruntime components; in-process references use ``ort_threads()``)."""
+    import torch
+
+    return {"OMP_NUM_THREADS": str(torch.get_num_threads()), "REVPERS_ORT_THREADS": str(ort_threads())}
+
+
+def ort_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 @pytest.fixture(scope="session")
 def triton_server(onnxruntime_repository):
     """One real tritonserver serving the smoke bundle, shared by every server test of the session."""
-    srv = start_triton(onnxruntime_repository)
+    srv = start_triton(onnxruntime_repository, env=thread_env())
     try:
         yield srv
     finally:

@@ -83,6 +83,33 @@ def _two_face_photo(path, one_face):
     Image.fromarray(np.concatenate([face, gap, face[:, ::-1]], axis=1)).save(path)
 
 
+def _batch_composition_bound(bundle, photos, steps: int, inv: int, seed: int) -> int:
+    """How far (a) may lie from (b), derived on the running machine (tests/numerics.py): e, each
+    component's largest difference between a sample computed in (b)'s batches and alone, measured
+    on (b)'s own inputs; A, the largest pixel change (b) shows when every output element of every
+    component call moves by +-e. Before rounding that change is at most A + 1 levels; (a)'s real
+    error, at most e on a few elements, is allowed twice that (for an error direction the method
+    amplifies more than random signs), and rounding adds one: 2 (A + 1) + 1."""
+    from numerics import ProbeComponents, each_sample_alone
+
+    from benchmarks.pipelines import inprocess_request, max_pixel_difference
+    from revpers.core.params import Params
+    from revpers.gate.policy import VerifyPolicy
+    from revpers.service.anonymizer import Anonymizer
+
+    anonymizer = Anonymizer(bundle, inversion_batch=inv)
+    models, params, verify = anonymizer.models, Params(steps=steps, seed=seed), VerifyPolicy(verify=False)
+    raws = [p.read_bytes() for p in sorted(photos.iterdir())]
+    with torch.inference_mode():
+        anonymizer.models = measured = ProbeComponents(models, other=each_sample_alone(models))
+        refs = [inprocess_request(anonymizer, raw, params, verify)[0] for raw in raws]
+        anonymizer.models = ProbeComponents(models, perturb=measured.error)
+        carried = max(max_pixel_difference(inprocess_request(anonymizer, raw, params, verify)[0], ref)
+                      for raw, ref in zip(raws, refs))
+    print(f"batch composition: component max abs {measured.error}, carried to {carried} levels")
+    return 2 * (carried + 1) + 1
+
+
 def test_compare_in_process_writes_consistent_results(tmp_path, smoke_bundle_dir):
     from benchmarks import compare
     from benchmarks.common import photo_folder
@@ -120,7 +147,11 @@ def test_compare_in_process_writes_consistent_results(tmp_path, smoke_bundle_dir
     assert saved["per_image_ms"]["a"] == pytest.approx(a, abs=1e-3)
     assert saved["ratios"]["a_over_b"] == pytest.approx(a / b, rel=1e-3)
     assert saved["ratios"]["a_over_b_without_face_model_reload"] == pytest.approx((a - reload) / b, rel=1e-3)
-    assert saved["max_pixel_diff_a_vs_b"] <= 3  # same models, same math, same seeds
+    # same models, same math, same seeds; only the batch composition differs, and torch's CPU kernels
+    # round a sample differently in another batch: bounded by what the method makes of that here
+    bound = _batch_composition_bound(smoke_bundle_dir, photos, steps, inv, saved["params"]["seed"])
+    print(f"max |a - b| {saved['max_pixel_diff_a_vs_b']} levels, bound {bound}")
+    assert saved["max_pixel_diff_a_vs_b"] <= bound
     t = saved["targets"]["b_vs_a"]
     assert t["pass"] == (t["measured"] >= 3.0)
     assert t["measured"] == pytest.approx(a / b, rel=1e-3)

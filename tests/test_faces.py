@@ -148,8 +148,7 @@ def test_detection_finds_every_face_of_t1_and_times_512px(analyzer, t1, astronau
         faces = analyzer.detect(astronaut)
         times.append(time.perf_counter() - t0)
     print(f"\ndlib detect() on astronaut 512x512: {min(times) * 1e3:.0f} ms (best of 3, all passes)")
-    assert len(faces) == 1
-    assert min(times) < 5.0  # generous: catches a pathological slowdown, not a benchmark
+    assert len(faces) == 1  # the time is printed, not asserted: it is the machine's (and its load's), not the code's
 
 
 def test_eye_centres_agree_with_dlibs_own_5_point_model(analyzer, astronaut):

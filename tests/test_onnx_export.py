@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import real_photo
+from numerics import ProbeComponents
 
 from revpers.export.onnx_export import parity
 from revpers.models.artifacts import ARTIFACTS_MANIFEST, onnx_session
@@ -237,3 +238,55 @@ def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_b
         from revpers.export.onnx_export import export_bundle
 
         export_bundle(smoke_bundle, Path("unused"), fp8=True)
+
+
+def test_onnx_pipeline_matches_torch_within_the_bound_its_own_error_gives(exported, smoke_bundle, torch_models):
+    """The one cross-runtime check of the whole method: the exported ONNX components, fed as the BLS
+    feeds the served ones (``OnnxRuntimeComponents``; the server gives its images bit for bit, see
+    test_server.py), against the in-process PyTorch pipeline. ONNX Runtime and PyTorch use different
+    kernels, so they differ by float rounding, and the bound on the images is derived from that on
+    the running machine instead of fitted (tests/numerics.py):
+
+    1. e_c, each component's largest ONNX-vs-PyTorch difference on the pipeline's own inputs (every
+       UNet/VAE call of the PyTorch run also runs the ONNX component on the same input);
+    2. A, how far the method carries errors of that size: the PyTorch run again with every
+       output element of every component call moved by +-e_c (seeded random signs), measured as the
+       largest change of the decoded image in grey levels before rounding;
+    3. the ONNX run may differ from the PyTorch one by at most 2 A before rounding (the perturbation
+       puts the worst-case error on every element where the real error reaches it on a few; the
+       factor 2 covers an error direction the method amplifies more than random signs), and by at
+       most floor(2 A) + 1 levels after (rounding adds at most one).
+    A wrong feed (input order, scalar layout, a missing identity or prompt) moves the image by far
+    more than A."""
+    from revpers.core.params import Params
+    from revpers.core.pipeline import run_faces
+    from revpers.export.calibration import calibration_faces
+    from revpers.serving.local import OnnxRuntimeComponents
+
+    crops, ids = calibration_faces(smoke_bundle, [real_photo()])
+    params, n = Params(steps=8, seed=3), smoke_bundle.native_size
+    ort = OnnxRuntimeComponents(exported[0], smoke_bundle)
+
+    def run(models):
+        result = run_faces(models, crops, ids, params, n, inversion_batch=ort.inversion_batch)
+        return np.stack(result.images).astype(int), (models.decode(result.x_out) * 127.5).numpy()
+
+    def onnx_file(name, **given):
+        # the ONNX file itself on the module's inputs, by name: not through OnnxRuntimeComponents'
+        # feeding, which the check is about (a wrong feed must not enlarge the measured error)
+        runner = ort.runners[name]
+        return runner([given[k] for k in runner.input_names])[0]
+
+    with torch.inference_mode():
+        measured = ProbeComponents(torch_models, other=onnx_file)
+        img_torch, levels_torch = run(measured)
+        img_ort, levels_ort = run(ort)
+        img_pert, levels_pert = run(ProbeComponents(torch_models, perturb=measured.error))
+    amplified = float(np.abs(levels_pert - levels_torch).max())
+    diff = float(np.abs(levels_ort - levels_torch).max())
+    rounded = int(np.abs(img_ort - img_torch).max())
+    print(f"component onnx-vs-torch max abs {measured.error}; the method carries errors of that size to "
+          f"{amplified:.3g} levels; onnx-vs-torch images {diff:.3g} levels ({rounded} after rounding)")
+    assert diff <= 2 * amplified
+    assert rounded <= int(2 * amplified) + 1
+    assert np.abs(img_torch - np.stack(crops).astype(int)).max() > 10  # the faces did change

@@ -7,6 +7,7 @@ import torch
 from revpers.core.params import ParameterError, Params
 from revpers.core.pipeline import run_faces, to_model_images
 from tests.conftest import real_photo
+from tests.numerics import ProbeComponents, each_sample_alone
 
 
 def _crop(size=64):
@@ -141,14 +142,24 @@ def test_seed_determinism(torch_models):
 
 
 def test_faces_in_one_batch_match_faces_alone(torch_models):
-    """Batching faces changes nothing: face f uses seed+f whether alone or with others."""
+    """Batching faces changes nothing but float rounding: face f uses seed+f whether alone or with
+    others. The CPU kernels round a sample differently in another batch (7e-6 on the final latents
+    here); the bound is derived on the running machine (tests/numerics.py): e, each component's
+    batched-vs-alone difference on the batched run's own inputs; A, how far the latents move when
+    every output element of every call moves by +-e; alone may differ from batched by 2 A."""
     crops = [_crop(), np.ascontiguousarray(_crop()[:, ::-1])]
     ident = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
-    both = run_faces(torch_models, crops, ident, Params(steps=6, seed=10), 64)
-    first = run_faces(torch_models, crops[:1], ident[:1], Params(steps=6, seed=10), 64)
-    second = run_faces(torch_models, crops[1:], ident[1:], Params(steps=6, seed=11), 64)
-    assert (both.x_out[0] - first.x_out[0]).abs().max() <= 1e-4  # batch-size rounding only
-    assert (both.x_out[1] - second.x_out[0]).abs().max() <= 1e-4
+    params = Params(steps=6, seed=10)
+    with torch.inference_mode():
+        measured = ProbeComponents(torch_models, other=each_sample_alone(torch_models))
+        both = run_faces(measured, crops, ident, params, 64)
+        perturbed = run_faces(ProbeComponents(torch_models, perturb=measured.error), crops, ident, params, 64)
+        first = run_faces(torch_models, crops[:1], ident[:1], params, 64)
+        second = run_faces(torch_models, crops[1:], ident[1:], Params(steps=6, seed=11), 64)
+    carried = float((perturbed.x_out - both.x_out).abs().max())
+    diffs = [float((both.x_out[0] - first.x_out[0]).abs().max()), float((both.x_out[1] - second.x_out[0]).abs().max())]
+    print(f"batched vs alone: components {measured.error}, carried to {carried:.3g}; latents differ by {diffs}")
+    assert max(diffs) <= 2 * carried
 
 
 def test_faceid_unet_matches_diffusers_native_path(smoke_bundle):

@@ -77,45 +77,33 @@ class TextEncoders:
         return self.cache(prompt)
 
 
-class TritonComponents:
-    """``pipeline.Components`` over the served component models (BLS calls, DLPack tensors)."""
+class SlicedComponents:
+    """``pipeline.Components`` over component models called by name, one call per slice of at most
+    the model's max batch, the UNet fed in the served input order with its per-sample scalars as
+    ``[batch, 1]``: everything the BLS does around a served call. Subclasses say how one call is
+    made (``call``): a BLS request (``TritonComponents``), or the same runner in this process
+    (``revpers.serving.local.OnnxRuntimeComponents``)."""
 
-    def __init__(self, bundle, pb_utils, max_batch: dict[str, int], device: str = "cpu", inversion_batch: int = 10):
-        self.pb = pb_utils
+    def __init__(self, bundle, max_batch: dict[str, int], device: str = "cpu", inversion_batch: int = 10):
         unet = next(s for s in specs_from_bundle(bundle, inversion_batch) if s.name == "unet")
         self.unet_inputs = input_names(unet)  # the served UNet's feed order, from the registry
         self.max_batch = max_batch
         self.math_device = device
         self.text = TextEncoders(bundle, device)
         self.schedule = NoiseSchedule.from_scheduler_config(dict(self.text.cache.pipe.scheduler.config))
-        self.device = f"triton ({device} BLS)"
-        self.on_call = None  # on_call(model, batch) after each BLS call (metrics)
-        self._request_kwargs = {}
-        if device.startswith("cuda") and hasattr(pb_utils, "PreferredMemory"):
-            index = torch.device(device).index or 0
-            self._request_kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
-                                                                                index)
+
+    def call(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        """One call of ``model`` on at most its max batch; returns ``output`` (any device)."""
+        raise NotImplementedError
 
     def infer(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
-        """One BLS call per slice of at most the model's max batch; returns the output on the math device."""
+        """One call per slice of at most the model's max batch; returns the output on the math device."""
         n = next(iter(inputs.values())).shape[0]
         step = self.max_batch.get(model, n) or n
         parts = []
         for start in range(0, n, step):
             values = {k: v[start:start + step].contiguous() for k, v in inputs.items()}
-            synchronize(list(values.values()))  # the component reads them from another process
-            tensors = [self.pb.Tensor.from_dlpack(k, v) for k, v in values.items()]
-            resp = self.pb.InferenceRequest(model_name=model, requested_output_names=[output], inputs=tensors,
-                                            **self._request_kwargs).exec()
-            if self.on_call is not None:
-                self.on_call(model, int(next(iter(values.values())).shape[0]))
-            if resp.has_error():
-                message = resp.error().message()
-                if any(sign in message for sign in CHILD_UNAVAILABLE):  # restarting or reloading: try again
-                    raise Unavailable(f"{model} is not available right now ({message.splitlines()[0][:200]})")
-                raise RuntimeError(f"{model}: {message}")
-            # the capsule keeps the response's buffer alive; cat copies it into memory we own
-            parts.append(from_dlpack(self.pb.get_output_tensor_by_name(resp, output).to_dlpack()))
+            parts.append(self.call(model, values, output))
         out = torch.cat(parts, dim=0).to(self.math_device)
         synchronize(parts)  # the copy is done before the responses' buffers (held by parts) are released
         return out
@@ -134,11 +122,41 @@ class TritonComponents:
         return self.infer("vae_decoder", {"latent": latents.float()}, "image")
 
 
+class TritonComponents(SlicedComponents):
+    """``pipeline.Components`` over the served component models (BLS calls, DLPack tensors)."""
+
+    def __init__(self, bundle, pb_utils, max_batch: dict[str, int], device: str = "cpu", inversion_batch: int = 10):
+        super().__init__(bundle, max_batch, device, inversion_batch)
+        self.pb = pb_utils
+        self.device = f"triton ({device} BLS)"
+        self.on_call = None  # on_call(model, batch) after each BLS call (metrics)
+        self._request_kwargs = {}
+        if device.startswith("cuda") and hasattr(pb_utils, "PreferredMemory"):
+            index = torch.device(device).index or 0
+            self._request_kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
+                                                                                index)
+
+    def call(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        synchronize(list(inputs.values()))  # the component reads them from another process
+        tensors = [self.pb.Tensor.from_dlpack(k, v) for k, v in inputs.items()]
+        resp = self.pb.InferenceRequest(model_name=model, requested_output_names=[output], inputs=tensors,
+                                        **self._request_kwargs).exec()
+        if self.on_call is not None:
+            self.on_call(model, int(next(iter(inputs.values())).shape[0]))
+        if resp.has_error():
+            message = resp.error().message()
+            if any(sign in message for sign in CHILD_UNAVAILABLE):  # restarting or reloading: try again
+                raise Unavailable(f"{model} is not available right now ({message.splitlines()[0][:200]})")
+            raise RuntimeError(f"{model}: {message}")
+        # the capsule keeps the response's buffer alive; infer's cat copies it into memory we own
+        return from_dlpack(self.pb.get_output_tensor_by_name(resp, output).to_dlpack())
+
+
 class ServedArcFace(ArcFaceRecognizer):
     """The bundle's ArcFace, run by the served `arcface` model: faces are aligned and normalised
     here (insightface's norm_crop, exactly as in process), the network runs on Triton."""
 
-    def __init__(self, local: ArcFaceRecognizer, components: TritonComponents):
+    def __init__(self, local: ArcFaceRecognizer, components: SlicedComponents):
         self.__dict__.update(local.__dict__)
         self.components = components
 
@@ -206,6 +224,14 @@ class ResponsePool:
         self.pool.shutdown(wait=True)
 
 
+def anonymizer_over(bundle, components: SlicedComponents, inversion_batch: int) -> Anonymizer:
+    """The Anonymizer the BLS serves: generator and ArcFace embeddings from ``components``,
+    detection, landmarks and the gate in this process."""
+    analyzer = load_face_analyzer(bundle.faces, bundle.root)
+    analyzer.recognizer = ServedArcFace(analyzer.recognizer, components)
+    return Anonymizer(bundle, inversion_batch=inversion_batch, models=components, analyzer=analyzer)
+
+
 class BlsService:
     def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int],
                  device: str = "cpu", threads: int = 8, limits: Limits = Limits(), metrics: BlsMetrics | None = None,
@@ -223,10 +249,7 @@ class BlsService:
         self.components = TritonComponents(bundle, pb_utils, max_batch, device, inversion_batch)
         if metrics is not None:
             self.components.on_call = metrics.component_call
-        analyzer = load_face_analyzer(bundle.faces, bundle.root)
-        analyzer.recognizer = ServedArcFace(analyzer.recognizer, self.components)
-        self.anonymizer = Anonymizer(bundle, inversion_batch=inversion_batch, models=self.components,
-                                     analyzer=analyzer)
+        self.anonymizer = anonymizer_over(bundle, self.components, inversion_batch)
         self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread
         self.responses = ResponsePool(self.handle, self._failure, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                                       threads, device, on_count=metrics.set_in_flight if metrics is not None else None)

@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack
 
@@ -105,7 +104,11 @@ class OnnxRuntimeRunner:
         self.input_names, self.output_names = list(input_names), list(output_names)
 
     def __call__(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
-        arrays = {n: np.ascontiguousarray(t.cpu().numpy()) for n, t in zip(self.input_names, feeds)}
+        # Fresh copies in torch's own (64-byte aligned) host memory, never the request's buffer, as
+        # TorchRunner does: a tensor Triton hands over sits in shared memory at whatever offset the
+        # tensors before it left, and the in-process twin of this runner must see the same operands.
+        arrays = {n: t.cpu().clone(memory_format=torch.contiguous_format).numpy()
+                  for n, t in zip(self.input_names, feeds)}
         return [torch.from_numpy(a) for a in self.session.run(self.output_names, arrays)]
 
 
