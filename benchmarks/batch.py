@@ -44,7 +44,6 @@ def main(argv=None) -> int:
     import pyarrow.parquet as pq
     import ray
 
-
     bundle = args.models or smoke_bundle()
     work = WORK / "batch"
     photos = work / "photos"
@@ -55,8 +54,20 @@ def main(argv=None) -> int:
     try:
         for n in args.actors:
             out = work / f"out-{n}"
-            cli = build_parser().parse_args(["batch", str(photos), "-o", str(out), "--models", str(bundle),
-                                             "--concurrency", str(n), "--steps", str(args.steps)])
+            cli = build_parser().parse_args(
+                [
+                    "batch",
+                    str(photos),
+                    "-o",
+                    str(out),
+                    "--models",
+                    str(bundle),
+                    "--concurrency",
+                    str(n),
+                    "--steps",
+                    str(args.steps),
+                ]
+            )
             t0 = time.perf_counter()
             code = run(cli)
             wall = time.perf_counter() - t0
@@ -66,26 +77,53 @@ def main(argv=None) -> int:
             for w, s in zip(table["worker"].to_pylist(), table["seconds"].to_pylist()):
                 per_worker[w] = per_worker.get(w, 0.0) + s
             done = summary["counts"]["done_this_run"]
-            runs.append({"actors": n, "exit_code": code, "images": done, "faces": summary["faces"],
-                         "wall_s": round(wall, 2), "images_per_s": round(done / wall, 4),
-                         "busy_s": round(sum(per_worker.values()), 2),
-                         "busy_s_per_actor": sorted(round(v, 2) for v in per_worker.values())})
+            runs.append(
+                {
+                    "actors": n,
+                    "exit_code": code,
+                    "images": done,
+                    "faces": summary["faces"],
+                    "wall_s": round(wall, 2),
+                    "images_per_s": round(done / wall, 4),
+                    "busy_s": round(sum(per_worker.values()), 2),
+                    "busy_s_per_actor": sorted(round(v, 2) for v in per_worker.values()),
+                }
+            )
             print(json.dumps(runs[-1]))
     finally:
         ray.shutdown()
     base = runs[0]
     for r in runs:
         r["speedup_vs_first"] = round(r["images_per_s"] / base["images_per_s"], 3)
-    result = {**stamp("batch", {"photos": args.photos, "steps": args.steps, "actors": args.actors,
-                                "bundle": str(bundle), "ray_num_cpus": args.num_cpus,
-                                "cpus_per_actor": 1}), "runs": runs}
+    result = {
+        **stamp(
+            "batch",
+            {
+                "photos": args.photos,
+                "steps": args.steps,
+                "actors": args.actors,
+                "bundle": str(bundle),
+                "ray_num_cpus": args.num_cpus,
+                "cpus_per_actor": 1,
+            },
+        ),
+        "runs": runs,
+    }
     result["title"] = "revpers batch: throughput by actor count"
-    md = ["| actors | images | faces | wall s | images/s | speed-up | busy s per actor |",
-          "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['actors']} | {r['images']} | {r['faces']} | {r['wall_s']} | {r['images_per_s']} | "
-           f"{r['speedup_vs_first']} | {r['busy_s_per_actor']} |" for r in runs]
-    md += ["", "wall s: the whole `revpers batch` run (actor start and model load included; Ray started once "
-           "before). Timings on a shared machine depend on its load (load average above)."]
+    md = [
+        "| actors | images | faces | wall s | images/s | speed-up | busy s per actor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['actors']} | {r['images']} | {r['faces']} | {r['wall_s']} | {r['images_per_s']} | "
+        f"{r['speedup_vs_first']} | {r['busy_s_per_actor']} |"
+        for r in runs
+    ]
+    md += [
+        "",
+        "wall s: the whole `revpers batch` run (actor start and model load included; Ray started once "
+        "before). Timings on a shared machine depend on its load (load average above).",
+    ]
     paths = write_results("batch", result, "\n".join(md) + "\n")
     print(f"wrote {paths['json']} and {paths['md']}")
     return 0

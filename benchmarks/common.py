@@ -58,8 +58,13 @@ def photo_folder() -> list[Path]:
     """
     skimage_data = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
     mpl_data = Path(importlib.util.find_spec("matplotlib").submodule_search_locations[0]) / "mpl-data" / "sample_data"
-    photos = [insightface_photo("t1.jpg"), insightface_photo("Tom_Hanks_54745.png"), skimage_data / "astronaut.png",
-              mpl_data / "grace_hopper.jpg", insightface_photo("mask_blue.jpg")]
+    photos = [
+        insightface_photo("t1.jpg"),
+        insightface_photo("Tom_Hanks_54745.png"),
+        skimage_data / "astronaut.png",
+        mpl_data / "grace_hopper.jpg",
+        insightface_photo("mask_blue.jpg"),
+    ]
     missing = [str(p) for p in photos if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"benchmark photos missing: {missing} (install .[dev,bench])")
@@ -93,11 +98,19 @@ def add_run_arguments(p, no_server_help: str = "skip the served parts") -> None:
     p.add_argument("--backend", choices=REPOSITORY_BACKENDS, default="onnxruntime", help="Triton repository backend")
     p.add_argument("--device", default="cpu", help="torch device of the in-process pipeline")
     p.add_argument("--inversion-batch", type=int, default=10)
-    p.add_argument("--bls-instances", type=int, default=2,
-                   help="BLS processes (each also serves up to 8 requests at once from threads)")
-    p.add_argument("--component-instances", type=int, default=None,
-                   help="instances of each component model (default: 2 on the CPU, where sessions run "
-                        "single-threaded so that two batches run at once; 1 on a GPU)")
+    p.add_argument(
+        "--bls-instances",
+        type=int,
+        default=2,
+        help="BLS processes (each also serves up to 8 requests at once from threads)",
+    )
+    p.add_argument(
+        "--component-instances",
+        type=int,
+        default=None,
+        help="instances of each component model (default: 2 on the CPU, where sessions run "
+        "single-threaded so that two batches run at once; 1 on a GPU)",
+    )
     p.add_argument("--no-server", action="store_true", help=no_server_help)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=WORK)
@@ -110,9 +123,15 @@ def component_instances(args) -> int:
     return 1 if str(getattr(args, "device", "cpu")).startswith("cuda") else 2
 
 
-def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: int = 10,
-                      bls_instances: int = 2, gpu: bool = False,
-                      component_instances: int = 1) -> Path:
+def served_repository(
+    bundle: Path,
+    backend: str,
+    work: Path,
+    inversion_batch: int = 10,
+    bls_instances: int = 2,
+    gpu: bool = False,
+    component_instances: int = 1,
+) -> Path:
     """Export the bundle (ONNX; TensorRT engines when the backend is tensorrt; nothing for the
     pytorch backend, which runs the bundle itself) and build a Triton repository for ``backend`` with
     ``revpers.repository.build_repository``."""
@@ -120,11 +139,24 @@ def served_repository(bundle: Path, backend: str, work: Path, inversion_batch: i
     artifacts = None
     if backend != "pytorch":
         artifacts = work / "artifacts"
-        export_bundle(load_bundle(bundle), artifacts, inversion_batch=inversion_batch,
-                      tensorrt=backend == "tensorrt", log=lambda *_: None)  # engines need TensorRT and a GPU
-    return build_repository(artifacts, work / f"repository-{backend}", backend, bundle=bundle,
-                            bls_instances=bls_instances, inversion_batch=inversion_batch, force=True,
-                            gpu=gpu or backend == "tensorrt", component_instances=component_instances)
+        export_bundle(
+            load_bundle(bundle),
+            artifacts,
+            inversion_batch=inversion_batch,
+            tensorrt=backend == "tensorrt",
+            log=lambda *_: None,
+        )  # engines need TensorRT and a GPU
+    return build_repository(
+        artifacts,
+        work / f"repository-{backend}",
+        backend,
+        bundle=bundle,
+        bls_instances=bls_instances,
+        inversion_batch=inversion_batch,
+        force=True,
+        gpu=gpu or backend == "tensorrt",
+        component_instances=component_instances,
+    )
 
 
 # ---------------------------------------------------------------------------------------- stamps
@@ -137,8 +169,9 @@ def _version(dist: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except Exception:
         return None
 
@@ -156,8 +189,13 @@ def _cpu_model() -> str:
 def machine() -> dict:
     import torch
 
-    info = {"hostname": platform.node(), "os": platform.platform(), "cpu": _cpu_model(),
-            "cpu_cores_logical": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_cores_logical": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
         import psutil
 
@@ -168,9 +206,13 @@ def machine() -> dict:
         info["ram_gib"] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                       "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
-                       "count": torch.cuda.device_count()}
+        info["gpu"] = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "count": torch.cuda.device_count(),
+        }
     else:
         info["gpu"] = None
     return info
@@ -180,8 +222,18 @@ def versions() -> dict:
     import torch
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for dist in ("diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "nvidia-pytriton", "tritonclient",
-                 "tensorrt", "numpy", "dlib-bin", "insightface"):
+    for dist in (
+        "diffusers",
+        "transformers",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "nvidia-pytriton",
+        "tritonclient",
+        "tensorrt",
+        "numpy",
+        "dlib-bin",
+        "insightface",
+    ):
         v = _version(dist)
         if v:
             out[dist] = v
@@ -205,10 +257,23 @@ def revpers_commit() -> str | None:
 def stamp(name: str, params: dict, module: str | None = None) -> dict:
     """The header of every result; ``module``: what ``python -m`` ran (default ``benchmarks.<name>``)."""
     env = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
-    return {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([*(f"{k}={v}" for k, v in env.items()), Path(sys.executable).name, "-m",
-                                 module or f"benchmarks.{name}", *sys.argv[1:]]),
-            "machine": machine(), "versions": versions(), "thread_env": env, "params": params}
+    return {
+        "benchmark": name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(
+            [
+                *(f"{k}={v}" for k, v in env.items()),
+                Path(sys.executable).name,
+                "-m",
+                module or f"benchmarks.{name}",
+                *sys.argv[1:],
+            ]
+        ),
+        "machine": machine(),
+        "versions": versions(),
+        "thread_env": env,
+        "params": params,
+    }
 
 
 # --------------------------------------------------------------------------------------- numbers
@@ -232,12 +297,15 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 def stamp_md(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     gpu = m.get("gpu")
-    lines = [f"- date: {result['date']}", f"- command: `{result['command']}`",
-             f"- machine: {m['cpu']}, {m['cpu_cores_logical']} logical cores, {m.get('ram_gib')} GiB RAM"
-             + (f", GPU {gpu['name']} ({gpu['memory_gib']} GiB)" if gpu else ", no GPU")
-             + (f", load average at start {m['load_average_at_start']}" if m.get("load_average_at_start") else ""),
-             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-             "- parameters: " + ", ".join(f"{k}={val}" for k, val in result["params"].items())]
+    lines = [
+        f"- date: {result['date']}",
+        f"- command: `{result['command']}`",
+        f"- machine: {m['cpu']}, {m['cpu_cores_logical']} logical cores, {m.get('ram_gib')} GiB RAM"
+        + (f", GPU {gpu['name']} ({gpu['memory_gib']} GiB)" if gpu else ", no GPU")
+        + (f", load average at start {m['load_average_at_start']}" if m.get("load_average_at_start") else ""),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "- parameters: " + ", ".join(f"{k}={val}" for k, val in result["params"].items()),
+    ]
     return "\n".join(lines)
 
 
@@ -263,8 +331,10 @@ def write_results(name: str, result: dict, markdown: str, plot=None, out_dir: Pa
         result.setdefault("files", {})["png"] = paths["png"].name
     paths["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
     title = result.get("title", name)
-    paths["md"].write_text(f"# {title}\n\n{stamp_md(result)}\n\n{markdown.strip()}\n"
-                           + (f"\n![{name}]({name}.png)\n" if plot is not None else ""))
+    paths["md"].write_text(
+        f"# {title}\n\n{stamp_md(result)}\n\n{markdown.strip()}\n"
+        + (f"\n![{name}]({name}.png)\n" if plot is not None else "")
+    )
     return paths
 
 
@@ -274,5 +344,9 @@ def target(description: str, measured: float | None, threshold: float, higher_is
         ok = None
     else:
         ok = measured >= threshold if higher_is_better else measured <= threshold
-    return {"target": description, "measured": None if measured is None else round(measured, 4),
-            "threshold": threshold, "pass": ok}
+    return {
+        "target": description,
+        "measured": None if measured is None else round(measured, 4),
+        "threshold": threshold,
+        "pass": ok,
+    }

@@ -38,14 +38,17 @@ PEAKS = {
     "H100 PCIe": {"fp16": 756.0, "tf32": 378.0, "match": ["H100 PCIe"]},
     "H200": {"fp16": 989.4, "tf32": 494.7, "match": ["H200"]},
 }
-PEAK_SOURCE = ("NVIDIA datasheets: A100 Tensor Core GPU (FP16/BF16 312, TF32 156 TFLOP/s dense), "
-               "H100 Tensor Core GPU (SXM 989.4 / 494.7, PCIe 756 / 378), H200 Tensor Core GPU (989.4 / 494.7); "
-               "the datasheets quote twice these numbers 'with sparsity'.")
+PEAK_SOURCE = (
+    "NVIDIA datasheets: A100 Tensor Core GPU (FP16/BF16 312, TF32 156 TFLOP/s dense), "
+    "H100 Tensor Core GPU (SXM 989.4 / 494.7, PCIe 756 / 378), H200 Tensor Core GPU (989.4 / 494.7); "
+    "the datasheets quote twice these numbers 'with sparsity'."
+)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--skip", type=float, default=0.7)
     p.add_argument("--size", type=int, default=1024, help="face crop size in px (latents size/8)")
@@ -98,12 +101,22 @@ def pipeline_counts(steps: int, skip: float, inversion_batch: int = 10) -> dict:
     does not depend on the size)."""
     import numpy as np
 
-
     comps = CountingComponents()
-    run_faces(comps, [np.zeros((64, 64, 3), np.uint8)], np.zeros((1, 512), np.float32),
-              Params(steps=steps, skip=skip), 64, inversion_batch=inversion_batch)
-    return {"unet_calls": comps.unet_calls, "unet_sample_evaluations": comps.unet_samples,
-            "vae_encodes": comps.encoded, "vae_decodes": comps.decoded, "inversion_batch": inversion_batch}
+    run_faces(
+        comps,
+        [np.zeros((64, 64, 3), np.uint8)],
+        np.zeros((1, 512), np.float32),
+        Params(steps=steps, skip=skip),
+        64,
+        inversion_batch=inversion_batch,
+    )
+    return {
+        "unet_calls": comps.unet_calls,
+        "unet_sample_evaluations": comps.unet_samples,
+        "vae_encodes": comps.encoded,
+        "vae_decodes": comps.decoded,
+        "inversion_batch": inversion_batch,
+    }
 
 
 def model_flops(tiny: bool, size: int) -> dict:
@@ -116,10 +129,19 @@ def model_flops(tiny: bool, size: int) -> dict:
     del unet
     model = vae(vae_cfg, "meta", torch.float32)
     enc, _ = count_flops(lambda x: model.encode(x).latent_dist.mode(), torch.randn(1, 3, size, size, device="meta"))
-    dec, _ = count_flops(lambda z: model.decode(z, return_dict=False)[0], torch.randn(1, 4, latent, latent, device="meta"))
-    return {"unet_batch2_flops": unet_b2, "unet_batch1_flops": unet_b1, "unet_params": params,
-            "unet_batch2_by_op": dict(sorted(unet_ops.items(), key=lambda kv: -kv[1])),
-            "vae_encode_flops": enc, "vae_decode_flops": dec, "latent": latent, "size": size}
+    dec, _ = count_flops(
+        lambda z: model.decode(z, return_dict=False)[0], torch.randn(1, 4, latent, latent, device="meta")
+    )
+    return {
+        "unet_batch2_flops": unet_b2,
+        "unet_batch1_flops": unet_b1,
+        "unet_params": params,
+        "unet_batch2_by_op": dict(sorted(unet_ops.items(), key=lambda kv: -kv[1])),
+        "vae_encode_flops": enc,
+        "vae_decode_flops": dec,
+        "latent": latent,
+        "size": size,
+    }
 
 
 def face_flops(fl: dict, counts: dict) -> dict:
@@ -151,8 +173,12 @@ def gpu_peak(name: str | None) -> tuple[str, dict] | tuple[None, None]:
 def measured_fraction(path: Path, args) -> dict:
     """Our fraction of peak as ``gpu_fullsize`` computed it (with ``face_time_at_peak``), taken only
     when that run used this run's steps, skip and size; null otherwise, with the reason."""
-    out = {"source": str(path), "available": False, "fraction_of_peak": None,
-           "note": "no GPU measurement in results (benchmarks/gpu_fullsize.py has not run on a GPU): fractions are null"}
+    out = {
+        "source": str(path),
+        "available": False,
+        "fraction_of_peak": None,
+        "note": "no GPU measurement in results (benchmarks/gpu_fullsize.py has not run on a GPU): fractions are null",
+    }
     if args.tiny or not path.is_file():
         return out
     gpu = json.loads(path.read_text())
@@ -167,14 +193,22 @@ def measured_fraction(path: Path, args) -> dict:
     mine = {"steps": args.steps, "skip": args.skip, "size": args.size}
     theirs = {k: frac.get(k) for k in mine}
     if theirs != mine:
-        out["note"] = (f"{path.name} was measured at {theirs}, this run counts {mine}: fractions are null "
-                       "(run both at the same settings)")
+        out["note"] = (
+            f"{path.name} was measured at {theirs}, this run counts {mine}: fractions are null "
+            "(run both at the same settings)"
+        )
         return out
-    return {"source": str(path), "available": True, "gpu": name, "peak_row": frac["gpu_row"],
-            "measured_unet_step_batch2_ms": frac["measured_unet_step_batch2_ms"],
-            "unet_step_fraction_of_peak": frac["unet_step_batch2"],
-            "measured_face_defaults_s": frac["measured_face_defaults_s"], "fraction_of_peak": frac["face_defaults"],
-            "note": "fraction = time at peak / measured time, as computed by gpu_fullsize (same steps, skip, size)"}
+    return {
+        "source": str(path),
+        "available": True,
+        "gpu": name,
+        "peak_row": frac["gpu_row"],
+        "measured_unet_step_batch2_ms": frac["measured_unet_step_batch2_ms"],
+        "unet_step_fraction_of_peak": frac["unet_step_batch2"],
+        "measured_face_defaults_s": frac["measured_face_defaults_s"],
+        "fraction_of_peak": frac["face_defaults"],
+        "note": "fraction = time at peak / measured time, as computed by gpu_fullsize (same steps, skip, size)",
+    }
 
 
 def main(argv=None) -> dict:
@@ -187,42 +221,86 @@ def main(argv=None) -> dict:
     limits = {}
     for key, peak in PEAKS.items():
         t = face_time_at_peak(fl, counts, peak)
-        limits[key] = {"fp16_tflops": peak["fp16"], "tf32_tflops": peak["tf32"],
-                       "unet_step_batch2_ms": round(fl["unet_batch2_flops"] / (peak["fp16"] * 1e12) * 1e3, 4),
-                       "face_unet_s": round(t["unet_s"], 4), "face_vae_s": round(t["vae_s"], 4),
-                       "face_total_s": round(t["total_s"], 4)}
+        limits[key] = {
+            "fp16_tflops": peak["fp16"],
+            "tf32_tflops": peak["tf32"],
+            "unet_step_batch2_ms": round(fl["unet_batch2_flops"] / (peak["fp16"] * 1e12) * 1e3, 4),
+            "face_unet_s": round(t["unet_s"], 4),
+            "face_vae_s": round(t["vae_s"], 4),
+            "face_total_s": round(t["total_s"], 4),
+        }
     measured = measured_fraction(args.gpu_results, args)
 
-    result = stamp(args.name, {"steps": args.steps, "skip": args.skip, "size": args.size, "tiny": args.tiny,
-                               "unet_dtype": "fp16 (counted at the fp16 tensor peak)",
-                               "vae_dtype": "fp32 (counted at the TF32 tensor peak)"})
+    result = stamp(
+        args.name,
+        {
+            "steps": args.steps,
+            "skip": args.skip,
+            "size": args.size,
+            "tiny": args.tiny,
+            "unet_dtype": "fp16 (counted at the fp16 tensor peak)",
+            "vae_dtype": "fp32 (counted at the TF32 tensor peak)",
+        },
+    )
     result["title"] = "FLOPs and the physical limit" + (" (tiny dry run)" if args.tiny else "")
-    result.update({"counts": counts, "flops": fl, "face_flops": {"unet": face_unet, "vae": face_vae, "total": face_total},
-                   "time_at_peak": limits, "peak_source": PEAK_SOURCE, "measured": measured,
-                   "not_counted": "text encoders (cached per prompt), ArcFace (a few GFLOP), face detection, "
-                                  "elementwise ops (norms, activations, solver arithmetic)"})
-    md = [f"UNet evaluations per face at steps={args.steps}, skip={args.skip} (counted by running run_faces): "
-          f"{counts['unet_calls']} UNet calls, {counts['unet_sample_evaluations']} sample evaluations; "
-          f"{counts['vae_encodes']} VAE encode, {counts['vae_decodes']} VAE decode at {args.size}x{args.size}.", "",
-          md_table(["quantity", "TFLOP"],
-                   [["UNet, one evaluation at batch 2 (CFG pair), latents "
-                     f"{fl['latent']}x{fl['latent']}", fl["unet_batch2_flops"] / 1e12],
-                    ["VAE encode 1 image", fl["vae_encode_flops"] / 1e12],
-                    ["VAE decode 1 image", fl["vae_decode_flops"] / 1e12],
-                    ["whole face: UNet", face_unet / 1e12], ["whole face: VAE", face_vae / 1e12],
-                    ["whole face: total", face_total / 1e12]]), "",
-          f"UNet parameters: {fl['unet_params'] / 1e9:.3f} B (incl. FaceID projection and IP K/V).", "",
-          "Time at peak (UNet at the fp16 tensor peak, VAE at the TF32 peak):", "",
-          md_table(["GPU", "fp16 TFLOP/s", "UNet step (batch 2) ms", "whole face s"],
-                   [[k, v["fp16_tflops"], v["unet_step_batch2_ms"], v["face_total_s"]] for k, v in limits.items()]),
-          "", f"Peaks: {PEAK_SOURCE}", "",
-          "Measured fraction of peak: " + (f"{measured['fraction_of_peak']} per face, "
-                                           f"{measured['unet_step_fraction_of_peak']} per UNet step on {measured['gpu']}"
-                                           if measured["available"] else f"null — {measured['note']}."),
-          "", f"Not counted: {result['not_counted']}."]
+    result.update(
+        {
+            "counts": counts,
+            "flops": fl,
+            "face_flops": {"unet": face_unet, "vae": face_vae, "total": face_total},
+            "time_at_peak": limits,
+            "peak_source": PEAK_SOURCE,
+            "measured": measured,
+            "not_counted": "text encoders (cached per prompt), ArcFace (a few GFLOP), face detection, "
+            "elementwise ops (norms, activations, solver arithmetic)",
+        }
+    )
+    md = [
+        f"UNet evaluations per face at steps={args.steps}, skip={args.skip} (counted by running run_faces): "
+        f"{counts['unet_calls']} UNet calls, {counts['unet_sample_evaluations']} sample evaluations; "
+        f"{counts['vae_encodes']} VAE encode, {counts['vae_decodes']} VAE decode at {args.size}x{args.size}.",
+        "",
+        md_table(
+            ["quantity", "TFLOP"],
+            [
+                [
+                    f"UNet, one evaluation at batch 2 (CFG pair), latents {fl['latent']}x{fl['latent']}",
+                    fl["unet_batch2_flops"] / 1e12,
+                ],
+                ["VAE encode 1 image", fl["vae_encode_flops"] / 1e12],
+                ["VAE decode 1 image", fl["vae_decode_flops"] / 1e12],
+                ["whole face: UNet", face_unet / 1e12],
+                ["whole face: VAE", face_vae / 1e12],
+                ["whole face: total", face_total / 1e12],
+            ],
+        ),
+        "",
+        f"UNet parameters: {fl['unet_params'] / 1e9:.3f} B (incl. FaceID projection and IP K/V).",
+        "",
+        "Time at peak (UNet at the fp16 tensor peak, VAE at the TF32 peak):",
+        "",
+        md_table(
+            ["GPU", "fp16 TFLOP/s", "UNet step (batch 2) ms", "whole face s"],
+            [[k, v["fp16_tflops"], v["unet_step_batch2_ms"], v["face_total_s"]] for k, v in limits.items()],
+        ),
+        "",
+        f"Peaks: {PEAK_SOURCE}",
+        "",
+        "Measured fraction of peak: "
+        + (
+            f"{measured['fraction_of_peak']} per face, "
+            f"{measured['unet_step_fraction_of_peak']} per UNet step on {measured['gpu']}"
+            if measured["available"]
+            else f"null — {measured['note']}."
+        ),
+        "",
+        f"Not counted: {result['not_counted']}.",
+    ]
     write_results(args.name, result, "\n".join(md), _plot, args.out)
-    print(f"UNet batch 2: {fl['unet_batch2_flops'] / 1e12:.3f} TFLOP; face: {face_total / 1e12:.1f} TFLOP; "
-          + ", ".join(f"{k} {v['face_total_s']:.2f} s" for k, v in limits.items()))
+    print(
+        f"UNet batch 2: {fl['unet_batch2_flops'] / 1e12:.3f} TFLOP; face: {face_total / 1e12:.1f} TFLOP; "
+        + ", ".join(f"{k} {v['face_total_s']:.2f} s" for k, v in limits.items())
+    )
     return result
 
 
@@ -239,8 +317,10 @@ def _plot(r: dict):
         ax.axhline(m["measured_face_defaults_s"], color="#c44e52", ls="--", label=f"measured on {m['gpu']}")
     ax.axhline(13.0, color="#888888", ls=":", label="paper: ~13 s on A100")
     ax.set_ylabel("seconds per face at the defaults")
-    ax.set_title(f"Whole face: {r['face_flops']['total'] / 1e12:.0f} TFLOP "
-                 f"({r['counts']['unet_sample_evaluations']} UNet sample evaluations)")
+    ax.set_title(
+        f"Whole face: {r['face_flops']['total'] / 1e12:.0f} TFLOP "
+        f"({r['counts']['unet_sample_evaluations']} UNet sample evaluations)"
+    )
     ax.legend(fontsize=8)
     return fig
 

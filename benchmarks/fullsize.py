@@ -49,8 +49,13 @@ def tiny_configs() -> tuple[dict, dict, int]:
     return arch["unet"], arch["vae"], arch["native_size"]
 
 
-def faceid_unet(config: dict | None = None, device: str | torch.device = "meta", dtype: torch.dtype = torch.float16,
-                embed_dim: int = FACEID_EMBED_DIM, num_tokens: int = FACEID_TOKENS):
+def faceid_unet(
+    config: dict | None = None,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float16,
+    embed_dim: int = FACEID_EMBED_DIM,
+    num_tokens: int = FACEID_TOKENS,
+):
     """``revpers.models.FaceIDUNet`` around a random-weight UNet of ``config`` (default SDXL)."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
@@ -63,13 +68,19 @@ def faceid_unet(config: dict | None = None, device: str | torch.device = "meta",
         procs = {}
         for _idx, name, attn in attention_layers(unet):
             if name.endswith("attn2.processor"):
-                procs[name] = IPAdapterAttnProcessor2_0(hidden_size=attn.to_k.out_features, cross_attention_dim=ctx,
-                                                        num_tokens=(num_tokens,), scale=1.0)
+                procs[name] = IPAdapterAttnProcessor2_0(
+                    hidden_size=attn.to_k.out_features, cross_attention_dim=ctx, num_tokens=(num_tokens,), scale=1.0
+                )
             else:
                 procs[name] = AttnProcessor2_0()
         unet.set_attn_processor(procs)
-        unet.encoder_hid_proj = MultiIPAdapterImageProjection([IPAdapterFaceIDImageProjection(
-            image_embed_dim=embed_dim, cross_attention_dim=ctx, mult=2, num_tokens=num_tokens)])
+        unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+            [
+                IPAdapterFaceIDImageProjection(
+                    image_embed_dim=embed_dim, cross_attention_dim=ctx, mult=2, num_tokens=num_tokens
+                )
+            ]
+        )
     unet.config.encoder_hid_dim_type = "ip_image_proj"  # what diffusers' load_ip_adapter sets
     slot = install_tensor_scale(unet)
     return FaceIDUNet(unet.to(dtype=dtype), slot).eval()
@@ -83,13 +94,18 @@ def vae(config: dict | None = None, device: str | torch.device = "meta", dtype: 
     return model.to(dtype=dtype).eval()
 
 
-def unet_inputs(config: dict, batch: int, latent: int, device="meta", dtype=torch.float16,
-                embed_dim: int = FACEID_EMBED_DIM) -> tuple:
+def unet_inputs(
+    config: dict, batch: int, latent: int, device="meta", dtype=torch.float16, embed_dim: int = FACEID_EMBED_DIM
+) -> tuple:
     """(sample, timestep, text, pooled, time_ids, identity, ip_scale) for ``FaceIDUNet.forward``."""
     s = Shapes.of(config, embed_dim)
     kw = {"device": device, "dtype": dtype}
-    return (torch.randn(batch, s.latent_channels, latent, latent, **kw),
-            torch.full((batch,), 299, dtype=torch.int64, device=device),
-            torch.randn(batch, s.text_len, s.text_dim, **kw), torch.randn(batch, s.pooled_dim, **kw),
-            torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch, **kw),
-            torch.randn(batch, embed_dim, **kw), torch.ones(batch, **kw))
+    return (
+        torch.randn(batch, s.latent_channels, latent, latent, **kw),
+        torch.full((batch,), 299, dtype=torch.int64, device=device),
+        torch.randn(batch, s.text_len, s.text_dim, **kw),
+        torch.randn(batch, s.pooled_dim, **kw),
+        torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch, **kw),
+        torch.randn(batch, embed_dim, **kw),
+        torch.ones(batch, **kw),
+    )

@@ -52,8 +52,11 @@ class NoCudaError(SystemExit):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_fullsize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_fullsize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="smoke-bundle architecture at 64 px (dry run)")
     p.add_argument("--steps", type=int, default=100)
@@ -73,10 +76,12 @@ def parse(argv=None):
 
 def require_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NoCudaError("gpu_fullsize: no CUDA device is available (torch.cuda.is_available() is False; torch "
-                          f"{torch.__version__}, built with CUDA {torch.version.cuda}). Run it on a GPU machine "
-                          "with a CUDA build of torch (make TORCH=torch ...), or use `--device cpu --tiny` for a "
-                          "dry run of the benchmark logic.")
+        raise NoCudaError(
+            "gpu_fullsize: no CUDA device is available (torch.cuda.is_available() is False; torch "
+            f"{torch.__version__}, built with CUDA {torch.version.cuda}). Run it on a GPU machine "
+            "with a CUDA build of torch (make TORCH=torch ...), or use `--device cpu --tiny` for a "
+            "dry run of the benchmark logic."
+        )
 
 
 def sync(device: str) -> None:
@@ -91,8 +96,10 @@ def text_encoders(tiny: bool, device: str):
 
     vocab = len(_byte_level_vocab()[0])
     with torch.device(device):
-        return (CLIPTextModel(_text_config(vocab, False, not tiny)).eval(),
-                CLIPTextModelWithProjection(_text_config(vocab, True, not tiny)).eval())
+        return (
+            CLIPTextModel(_text_config(vocab, False, not tiny)).eval(),
+            CLIPTextModelWithProjection(_text_config(vocab, True, not tiny)).eval(),
+        )
 
 
 class PromptEncoder:
@@ -112,7 +119,9 @@ class PromptEncoder:
         ids = torch.zeros(1, 77, dtype=torch.long, device=self.device)
         h1 = self.te1(ids, output_hidden_states=True).hidden_states[-2]
         out2 = self.te2(ids, output_hidden_states=True)
-        emb = TextEmbedding(torch.cat([h1, out2.hidden_states[-2]], dim=-1).float().cpu(), out2.text_embeds.float().cpu())
+        emb = TextEmbedding(
+            torch.cat([h1, out2.hidden_states[-2]], dim=-1).float().cpu(), out2.text_embeds.float().cpu()
+        )
         if self.cache:
             self._memo[prompt] = emb
         return emb
@@ -159,13 +168,26 @@ def whole_face(models, size: int, params, inversion_batch: int, device: str, rep
             run_faces(models, [crop], identity, params, size, inversion_batch=inversion_batch, timings=timings)
             sync(device)
             seconds = time.perf_counter() - t0
-        runs.append({"s": seconds, "stages_ms": timings.as_ms(), "unet": unet.as_dict(),
-                     "prompt_encodes": models.text.calls - encodes_before,
-                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None})
+        runs.append(
+            {
+                "s": seconds,
+                "stages_ms": timings.as_ms(),
+                "unet": unet.as_dict(),
+                "prompt_encodes": models.text.calls - encodes_before,
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None,
+            }
+        )
     best = sorted(runs, key=lambda r: r["s"])[len(runs) // 2]
-    return {"s": round(statistics.median(r["s"] for r in runs), 4), "stages_ms": best["stages_ms"],
-            "peak_memory_gib": best["peak_gib"], "repeats": repeats, "inversion_batch": inversion_batch,
-            "prompt_cache": models.text.cache, "unet": runs[-1]["unet"], "prompt_encodes": runs[-1]["prompt_encodes"]}
+    return {
+        "s": round(statistics.median(r["s"] for r in runs), 4),
+        "stages_ms": best["stages_ms"],
+        "peak_memory_gib": best["peak_gib"],
+        "repeats": repeats,
+        "inversion_batch": inversion_batch,
+        "prompt_cache": models.text.cache,
+        "unet": runs[-1]["unet"],
+        "prompt_encodes": runs[-1]["prompt_encodes"],
+    }
 
 
 def unet_steps(unet, unet_cfg: dict, latent: int, args, unet_dtype) -> dict:
@@ -200,15 +222,32 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 VAE on tensor cores, as diffusers users run it
         torch.backends.cudnn.allow_tf32 = True
 
-    result = stamp(name, module="benchmarks.gpu_fullsize", params={
-        "device": dev, "tiny": args.tiny, "size": size, "unet_dtype": str(unet_dtype), "vae_dtype": "torch.float32",
-        "steps": args.steps, "skip": args.skip, "fast_steps": args.fast_steps, "fast_skip": args.fast_skip,
-        "inversion_batch": args.inversion_batch, "warmup": args.warmup, "iters": args.iters,
-        "face_repeats": args.face_repeats, "compile": args.compile})
+    result = stamp(
+        name,
+        module="benchmarks.gpu_fullsize",
+        params={
+            "device": dev,
+            "tiny": args.tiny,
+            "size": size,
+            "unet_dtype": str(unet_dtype),
+            "vae_dtype": "torch.float32",
+            "steps": args.steps,
+            "skip": args.skip,
+            "fast_steps": args.fast_steps,
+            "fast_skip": args.fast_skip,
+            "inversion_batch": args.inversion_batch,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "face_repeats": args.face_repeats,
+            "compile": args.compile,
+        },
+    )
     result["title"] = "Full-size SDXL + FaceID with random weights" + (" (tiny dry run)" if args.tiny else "")
     result["tiny"] = args.tiny
-    print(f"gpu_fullsize: building {'tiny' if args.tiny else 'SDXL'} UNet ({unet_dtype}) and VAE (fp32) on {dev}",
-          flush=True)
+    print(
+        f"gpu_fullsize: building {'tiny' if args.tiny else 'SDXL'} UNet ({unet_dtype}) and VAE (fp32) on {dev}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     torch.manual_seed(0)
     unet = faceid_unet(unet_cfg, dev, unet_dtype)
@@ -225,12 +264,28 @@ def main(argv=None) -> dict:
     # ---- whole face
     schedule = NoiseSchedule.scaled_linear()
     run_unet = torch.compile(unet) if args.compile else unet
-    ours = TorchModels(run_unet, VaeEncoder(autoencoder), VaeDecoder(autoencoder),
-                       PromptEncoder(encoders, dev, cache=True), schedule, dev, unet_dtype)
-    paper = TorchModels(unet, VaeEncoder(autoencoder), VaeDecoder(autoencoder),
-                        PromptEncoder(encoders, dev, cache=False), schedule, dev, unet_dtype)
-    presets = {"defaults": Params(steps=args.steps, skip=args.skip),
-               "fast": Params(steps=args.fast_steps, skip=args.fast_skip)}
+    ours = TorchModels(
+        run_unet,
+        VaeEncoder(autoencoder),
+        VaeDecoder(autoencoder),
+        PromptEncoder(encoders, dev, cache=True),
+        schedule,
+        dev,
+        unet_dtype,
+    )
+    paper = TorchModels(
+        unet,
+        VaeEncoder(autoencoder),
+        VaeDecoder(autoencoder),
+        PromptEncoder(encoders, dev, cache=False),
+        schedule,
+        dev,
+        unet_dtype,
+    )
+    presets = {
+        "defaults": Params(steps=args.steps, skip=args.skip),
+        "fast": Params(steps=args.fast_steps, skip=args.fast_skip),
+    }
     # warm-up, uncounted: one run of each preset, so every UNet batch shape of the timed runs (the
     # full inversion batches, the last partial one, the generation pair) has been seen before (with
     # --compile: compiled); first call allocations; the prompt cache filled
@@ -242,29 +297,47 @@ def main(argv=None) -> dict:
     for preset, params in presets.items():
         row = {"steps": params.steps, "skip": params.skip}
         r = whole_face(ours, size, params, args.inversion_batch, dev, args.face_repeats)
-        row.update({"ours_s": r["s"], "ours_stages_ms": r["stages_ms"], "ours_peak_memory_gib": r["peak_memory_gib"],
-                    "ours_settings": {k: r[k] for k in ("inversion_batch", "prompt_cache", "unet", "prompt_encodes")}})
+        row.update(
+            {
+                "ours_s": r["s"],
+                "ours_stages_ms": r["stages_ms"],
+                "ours_peak_memory_gib": r["peak_memory_gib"],
+                "ours_settings": {k: r[k] for k in ("inversion_batch", "prompt_cache", "unet", "prompt_encodes")},
+            }
+        )
         if not args.no_paper:
             p = whole_face(paper, size, params, 1, dev, args.face_repeats)
-            row.update({"paper_s": p["s"], "paper_stages_ms": p["stages_ms"], "paper_peak_memory_gib": p["peak_memory_gib"],
-                        "paper_settings": {k: p[k] for k in ("inversion_batch", "prompt_cache", "unet", "prompt_encodes")},
-                        "paper_over_ours": round(p["s"] / r["s"], 4)})
+            row.update(
+                {
+                    "paper_s": p["s"],
+                    "paper_stages_ms": p["stages_ms"],
+                    "paper_peak_memory_gib": p["peak_memory_gib"],
+                    "paper_settings": {k: p[k] for k in ("inversion_batch", "prompt_cache", "unet", "prompt_encodes")},
+                    "paper_over_ours": round(p["s"] / r["s"], 4),
+                }
+            )
         faces[preset] = row
-        print(f"  face {preset} ({params.steps} steps): ours {row['ours_s']:.2f} s"
-              + (f", paper way {row['paper_s']:.2f} s ({row['paper_over_ours']:.2f}x)" if "paper_s" in row else ""),
-              flush=True)
+        print(
+            f"  face {preset} ({params.steps} steps): ours {row['ours_s']:.2f} s"
+            + (f", paper way {row['paper_s']:.2f} s ({row['paper_over_ours']:.2f}x)" if "paper_s" in row else ""),
+            flush=True,
+        )
     result["whole_face"] = faces
     result["descriptions"] = {
         "ours": f"run_faces with inversion batched {args.inversion_batch} timesteps per UNet call, prompt cache"
-                + (", torch.compile" if args.compile else ""),
+        + (", torch.compile" if args.compile else ""),
         "paper": "run_faces with one UNet call per inversion step and both text encoders run on every use; "
-                 "excludes the paper's per-image reload of the pipeline from disk (lower bound)",
-        "fast_preset": "same skip and solver, half the steps; quality not validated here (random weights)"}
+        "excludes the paper's per-image reload of the pipeline from disk (lower bound)",
+        "fast_preset": "same skip and solver, half the steps; quality not validated here (random weights)",
+    }
     targets = {}
     d = faces["defaults"]
     if "paper_s" in d:
-        targets["face_defaults_vs_paper"] = target("per face at the defaults at least 2x faster than the paper's way "
-                                                   "on the same device", d["paper_over_ours"], 2.0)
+        targets["face_defaults_vs_paper"] = target(
+            "per face at the defaults at least 2x faster than the paper's way on the same device",
+            d["paper_over_ours"],
+            2.0,
+        )
     if cuda and not args.tiny:
         key, peak = gpu_peak(torch.cuda.get_device_name(torch.cuda.current_device()))
         if key:
@@ -272,12 +345,17 @@ def main(argv=None) -> dict:
             at_peak = face_time_at_peak(fl, pipeline_counts(args.steps, args.skip, args.inversion_batch), peak)
             step_at_peak_ms = fl["unet_batch2_flops"] / (peak["fp16"] * 1e12) * 1e3
             result["fraction_of_peak"] = {
-                "gpu_row": key, "steps": args.steps, "skip": args.skip, "size": size,
-                "face_time_at_peak_s": at_peak["total_s"], "measured_face_defaults_s": d["ours_s"],
+                "gpu_row": key,
+                "steps": args.steps,
+                "skip": args.skip,
+                "size": size,
+                "face_time_at_peak_s": at_peak["total_s"],
+                "measured_face_defaults_s": d["ours_s"],
                 "face_defaults": round(at_peak["total_s"] / d["ours_s"], 4),
                 "unet_step_batch2_at_peak_ms": round(step_at_peak_ms, 4),
                 "measured_unet_step_batch2_ms": result["unet_step_ms"]["batch2"]["p50"],
-                "unet_step_batch2": round(step_at_peak_ms / result["unet_step_ms"]["batch2"]["p50"], 4)}
+                "unet_step_batch2": round(step_at_peak_ms / result["unet_step_ms"]["batch2"]["p50"], 4),
+            }
         else:
             result["fraction_of_peak"] = None
     result["targets"] = targets
@@ -288,28 +366,65 @@ def main(argv=None) -> dict:
 
 def _markdown(r: dict) -> str:
     st = r["unet_step_ms"]
-    lines = [("**Dry run on the smoke architecture (not full size): it checks the benchmark's logic; "
-              "its numbers say nothing about SDXL speed.**\n") if r["tiny"] else "",
-             f"UNet parameters {r['unet_params'] / 1e9:.3f} B; built in {r['build_s']:.1f} s"
-             + (f"; weights on the GPU {r['weights_memory_gib']} GiB" if r.get("weights_memory_gib") else "") + ".", "",
-             md_table(["UNet call", "p50 ms", "p95 ms", "ms per sample", "peak GiB"],
-                      [[k, v["p50"], v["p95"], v["per_sample_ms"], v["peak_memory_gib"]] for k, v in st.items()]),
-             "", md_table(["preset", "steps", "ours s", "paper way s", "paper/ours", "peak GiB (ours)"],
-                          [[k, v["steps"], v["ours_s"], v.get("paper_s"), v.get("paper_over_ours"),
-                            v.get("ours_peak_memory_gib")] for k, v in r["whole_face"].items()]), ""]
+    lines = [
+        (
+            "**Dry run on the smoke architecture (not full size): it checks the benchmark's logic; "
+            "its numbers say nothing about SDXL speed.**\n"
+        )
+        if r["tiny"]
+        else "",
+        f"UNet parameters {r['unet_params'] / 1e9:.3f} B; built in {r['build_s']:.1f} s"
+        + (f"; weights on the GPU {r['weights_memory_gib']} GiB" if r.get("weights_memory_gib") else "")
+        + ".",
+        "",
+        md_table(
+            ["UNet call", "p50 ms", "p95 ms", "ms per sample", "peak GiB"],
+            [[k, v["p50"], v["p95"], v["per_sample_ms"], v["peak_memory_gib"]] for k, v in st.items()],
+        ),
+        "",
+        md_table(
+            ["preset", "steps", "ours s", "paper way s", "paper/ours", "peak GiB (ours)"],
+            [
+                [k, v["steps"], v["ours_s"], v.get("paper_s"), v.get("paper_over_ours"), v.get("ours_peak_memory_gib")]
+                for k, v in r["whole_face"].items()
+            ],
+        ),
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in r["descriptions"].items()]
-    counted = [[k, way, v[f"{way}_settings"]["unet"]["calls"], v[f"{way}_settings"]["unet"]["samples"],
-                v[f"{way}_settings"]["prompt_encodes"]]
-               for k, v in r["whole_face"].items() for way in ("ours", "paper") if f"{way}_settings" in v]
-    lines += ["", "Counted in the last timed run of each (UNet calls, sample evaluations, prompt encodes run):", "",
-              md_table(["preset", "way", "UNet calls", "UNet samples", "prompt encodes"], counted)]
+    counted = [
+        [
+            k,
+            way,
+            v[f"{way}_settings"]["unet"]["calls"],
+            v[f"{way}_settings"]["unet"]["samples"],
+            v[f"{way}_settings"]["prompt_encodes"],
+        ]
+        for k, v in r["whole_face"].items()
+        for way in ("ours", "paper")
+        if f"{way}_settings" in v
+    ]
+    lines += [
+        "",
+        "Counted in the last timed run of each (UNet calls, sample evaluations, prompt encodes run):",
+        "",
+        md_table(["preset", "way", "UNet calls", "UNet samples", "prompt encodes"], counted),
+    ]
     if r.get("fraction_of_peak"):
         f = r["fraction_of_peak"]
-        lines += ["", f"Fraction of peak ({f['gpu_row']} datasheet): whole face at the defaults {f['face_defaults']:.1%}, "
-                      f"UNet step at batch 2 {f['unet_step_batch2']:.1%} (see flops.md)."]
+        lines += [
+            "",
+            f"Fraction of peak ({f['gpu_row']} datasheet): whole face at the defaults {f['face_defaults']:.1%}, "
+            f"UNet step at batch 2 {f['unet_step_batch2']:.1%} (see flops.md).",
+        ]
     if r["targets"]:
-        lines += ["", md_table(["target", "measured", "threshold", "pass"],
-                               [[t["target"], t["measured"], t["threshold"], t["pass"]] for t in r["targets"].values()])]
+        lines += [
+            "",
+            md_table(
+                ["target", "measured", "threshold", "pass"],
+                [[t["target"], t["measured"], t["threshold"], t["pass"]] for t in r["targets"].values()],
+            ),
+        ]
     return "\n".join(lines)
 
 

@@ -68,8 +68,9 @@ def inprocess_request(anonymizer, raw: bytes, params, verify=None) -> tuple[byte
     return out, report
 
 
-def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str = "cpu",
-                      unet_dtype=None) -> tuple[bytes, dict]:
+def paper_way_request(
+    bundle_path: str | Path, raw: bytes, params, device: str = "cpu", unet_dtype=None
+) -> tuple[bytes, dict]:
     """(a): everything loaded from disk for this image, faces one at a time, one UNet call per
     inversion step, no prompt cache. Same models, same math, same seeds as (b)."""
 
@@ -92,7 +93,9 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
     analysis._hog_detector.cache_clear()
     before = analysis._shape_predictor.cache_info().misses + analysis._hog_detector.cache_info().misses
     analyzer = face_lib.load_face_analyzer(bundle.faces, bundle.root)
-    face_models_read = analysis._shape_predictor.cache_info().misses + analysis._hog_detector.cache_info().misses - before
+    face_models_read = (
+        analysis._shape_predictor.cache_info().misses + analysis._hog_detector.cache_info().misses - before
+    )
     timings.add("load_face_models", time.perf_counter() - t2)
 
     n = bundle.native_size
@@ -100,21 +103,43 @@ def paper_way_request(bundle_path: str | Path, raw: bytes, params, device: str =
     def generate(crops, identities):
         out = []
         for f, (crop, identity) in enumerate(zip(crops, identities)):  # one face per pipeline call
-            out += run_faces(models, [crop], identity[None], params, n, inversion_batch=1, timings=timings,
-                             seeds=[params.seed + f]).images
+            out += run_faces(
+                models, [crop], identity[None], params, n, inversion_batch=1, timings=timings, seeds=[params.seed + f]
+            ).images
         return out
 
     t3 = time.perf_counter()
     with count_unet_calls(models) as unet:
         image, faces = face_lib.anonymize_photo(rgb, _TimedAnalyzer(analyzer, timings), generate, n)
-    timings.add("align_paste", time.perf_counter() - t3 - sum(
-        timings.stages.get(k, 0.0) for k in ("detect", "identity_embed", "prompt_encode", "vae_encode", "inversion",
-                                              "generation", "vae_decode")))
+    timings.add(
+        "align_paste",
+        time.perf_counter()
+        - t3
+        - sum(
+            timings.stages.get(k, 0.0)
+            for k in (
+                "detect",
+                "identity_embed",
+                "prompt_encode",
+                "vae_encode",
+                "inversion",
+                "generation",
+                "vae_decode",
+            )
+        ),
+    )
     out = _encode(image, timings)
-    report = {"mode": "photo", "way": "paper", "faces": faces, "timings_ms": timings.as_ms(),
-              "request_total_ms": round((time.perf_counter() - t0) * 1e3, 3), "unet": unet.as_dict(),
-              "prompt_encodes": models.text.misses, "prompt_cache_hits": models.text.hits,
-              "face_models_read_from_disk": face_models_read}
+    report = {
+        "mode": "photo",
+        "way": "paper",
+        "faces": faces,
+        "timings_ms": timings.as_ms(),
+        "request_total_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        "unet": unet.as_dict(),
+        "prompt_encodes": models.text.misses,
+        "prompt_cache_hits": models.text.hits,
+        "face_models_read_from_disk": face_models_read,
+    }
     return out, report
 
 

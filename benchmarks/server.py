@@ -62,8 +62,13 @@ def warm_up(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict,
         t.start()
     for t in threads:
         t.join()
-    return {"clients": max(1, clients), "requests": max(1, clients) * len(jobs), "stagger_s": stagger_s,
-            "wall_s": round(time.perf_counter() - t0, 3), "errors": errors}
+    return {
+        "clients": max(1, clients),
+        "requests": max(1, clients) * len(jobs),
+        "stagger_s": stagger_s,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "errors": errors,
+    }
 
 
 def concurrency_level(url: str, jobs: list[tuple[str, bytes]], clients: int, params: dict) -> dict:
@@ -109,8 +114,14 @@ def concurrency_level(url: str, jobs: list[tuple[str, bytes]], clients: int, par
     wall = time.perf_counter() - t0
     for c in conns:
         c.close()
-    out = {"clients": clients, "requests": len(latencies), "errors": errors, "wall_s": round(wall, 3),
-           "throughput_rps": round(len(latencies) / wall, 4), "faces_per_s": round(faces / wall, 4)}
+    out = {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(len(latencies) / wall, 4),
+        "faces_per_s": round(faces / wall, 4),
+    }
     if latencies:
         out["latency"] = latency_stats(latencies)
     return out

@@ -22,5 +22,15 @@ from .attributes import attribute_prompt  # noqa: E402
 from .batch import BatchClient, BatchResult, Job, RetryPolicy, ServersDown  # noqa: E402
 from .core import RevpersClient, Security, ServiceError  # noqa: E402
 
-__all__ = ["RevpersClient", "ServiceError", "Security", "BatchClient", "BatchResult", "Job", "RetryPolicy",
-           "ServersDown", "attribute_prompt", "__version__"]
+__all__ = [
+    "RevpersClient",
+    "ServiceError",
+    "Security",
+    "BatchClient",
+    "BatchResult",
+    "Job",
+    "RetryPolicy",
+    "ServersDown",
+    "attribute_prompt",
+    "__version__",
+]

@@ -23,7 +23,7 @@ import re
 
 SEXES = ("female", "male")
 AGE_RANGE = (0, 120)
-BABY_MAX_AGE = 2    # 0..2: baby-boy / baby-girl
+BABY_MAX_AGE = 2  # 0..2: baby-boy / baby-girl
 CHILD_MAX_AGE = 17  # 3..17: boy / girl; 18 and over: man / woman
 _RACE = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 _NOUNS = {"male": ("baby-boy", "boy", "man"), "female": ("baby-girl", "girl", "woman")}
@@ -56,8 +56,10 @@ def parse_age(value) -> int:
 
 def parse_race(value: str) -> str:
     if not isinstance(value, str) or not _RACE.fullmatch(value.strip()) or len(value.strip()) > 40:
-        raise AttributeValueError(f"race must be one word of letters and hyphens (at most 40 characters), "
-                              f"e.g. 'asian' or 'latino-hispanic'; got {value!r}")
+        raise AttributeValueError(
+            f"race must be one word of letters and hyphens (at most 40 characters), "
+            f"e.g. 'asian' or 'latino-hispanic'; got {value!r}"
+        )
     return value.strip().lower()
 
 
@@ -78,8 +80,9 @@ def noun(sex: str, age: int | None) -> str:
 def attribute_prompt(sex: str, age: int | None = None, race: str | None = None) -> str:
     """``"{age}-year-old {race} {noun}"`` with the parts not given left out (see module docstring)."""
     if sex is None:
-        raise AttributeValueError("sex is required for an attribute prompt (it picks man/woman/boy/girl/"
-                              "baby-boy/baby-girl)")
+        raise AttributeValueError(
+            "sex is required for an attribute prompt (it picks man/woman/boy/girl/baby-boy/baby-girl)"
+        )
     age = None if age is None else parse_age(age)
     parts = []
     if age is not None:

@@ -120,8 +120,8 @@ class BatchResult:
     report: dict | None = None
     error: ServiceError | None = None
     attempts: int = 0
-    latency_s: float = 0.0          # first send to final answer, backoff waits included
-    url: str | None = None          # the server that gave the final answer
+    latency_s: float = 0.0  # first send to final answer, backoff waits included
+    url: str | None = None  # the server that gave the final answer
     input_sha256: str | None = None
     errors: list = field(default_factory=list)  # "url: CODE: message" of every failed attempt
 
@@ -136,8 +136,14 @@ class BatchResult:
         return self.ok and (not self.image or (self.report or {}).get("verdict") == "rejected")
 
 
-def choose_server(outstanding: Sequence[int], down_until: Sequence[float], now: float, turn: int,
-                  balance: str = "least-outstanding", avoid: int | None = None) -> int:
+def choose_server(
+    outstanding: Sequence[int],
+    down_until: Sequence[float],
+    now: float,
+    turn: int,
+    balance: str = "least-outstanding",
+    avoid: int | None = None,
+) -> int:
     """Index of the server for the next attempt (pure; :class:`BatchClient` calls it under its lock).
 
     Servers cooling down after an UNAVAILABLE (``down_until[i] > now``) are left out unless all
@@ -175,8 +181,7 @@ class _Workers:
         self.todo: queue.Queue = queue.Queue()
         self.done: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"revpers-client-{i}")
-                        for i in range(n)]
+        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"revpers-client-{i}") for i in range(n)]
         for t in self.threads:
             t.start()
 
@@ -211,10 +216,17 @@ class _Workers:
 class BatchClient:
     """See the module docstring. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, urls: str | Sequence[str], concurrency: int = 4, timeout: float | None = 600.0,
-                 retry: RetryPolicy | None = None, balance: str = "least-outstanding",
-                 on_retry: Callable[[Any, int, ServiceError, float, str], None] | None = None,
-                 rng: random.Random | None = None, security: Security = PLAIN):
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        concurrency: int = 4,
+        timeout: float | None = 600.0,
+        retry: RetryPolicy | None = None,
+        balance: str = "least-outstanding",
+        on_retry: Callable[[Any, int, ServiceError, float, str], None] | None = None,
+        rng: random.Random | None = None,
+        security: Security = PLAIN,
+    ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("at least one server URL is needed")
@@ -240,14 +252,20 @@ class BatchClient:
         self._turn = 0
         self._closing = threading.Event()
         self._all_down_since: float | None = None  # the circuit breaker's clock
-        self._open: ServersDown | None = None       # set when the breaker opens; stays open
+        self._open: ServersDown | None = None  # set when the breaker opens; stays open
 
     # ------------------------------------------------------------------ choosing a server
     def _acquire(self, avoid: _Endpoint | None = None) -> _Endpoint:
         with self._lock:
             eps = self.endpoints
-            i = choose_server([e.outstanding for e in eps], [e.down_until for e in eps], time.monotonic(),
-                              self._turn, self.balance, None if avoid is None else eps.index(avoid))
+            i = choose_server(
+                [e.outstanding for e in eps],
+                [e.down_until for e in eps],
+                time.monotonic(),
+                self._turn,
+                self.balance,
+                None if avoid is None else eps.index(avoid),
+            )
             ep = eps[i]
             self._turn = (i + 1) % len(eps)
             ep.outstanding += 1
@@ -270,7 +288,8 @@ class BatchClient:
                     elif self._open is None and now - self._all_down_since >= self.retry.max_wait_s:
                         self._open = ServersDown(
                             f"no server answered for {now - self._all_down_since:.0f} s "
-                            f"(last: {ep.url}: {error.code}: {error.message.splitlines()[0][:200]})")
+                            f"(last: {ep.url}: {error.code}: {error.message.splitlines()[0][:200]})"
+                        )
             elif error is None:
                 ep.down_streak, ep.down_until = 0, 0.0
                 self._all_down_since = None
@@ -292,8 +311,13 @@ class BatchClient:
             return {e.url: e.sent for e in self.endpoints}
 
     # ------------------------------------------------------------------ health
-    def check_servers(self, wait_s: float | None = None, poll_s: float = 1.0, call_timeout: float = 10.0,
-                      on_wait: Callable[[list], None] | None = None) -> list[dict]:
+    def check_servers(
+        self,
+        wait_s: float | None = None,
+        poll_s: float = 1.0,
+        call_timeout: float = 10.0,
+        on_wait: Callable[[list], None] | None = None,
+    ) -> list[dict]:
         """Before a run: each server's health (:func:`revpers_client.core.server_health`).
 
         Returns as soon as one server is healthy. When none answers at all, or one refuses the

@@ -51,19 +51,19 @@ class UsageError(Exception):
 class Item:
     """One image to anonymize."""
 
-    src: Path      # the input file
-    rel: str       # its path relative to the input root it came from (posix), mirrored under OUTDIR
-    out_rel: str   # the output image path relative to OUTDIR
-    fmt: str       # output format: jpeg | png | webp
+    src: Path  # the input file
+    rel: str  # its path relative to the input root it came from (posix), mirrored under OUTDIR
+    out_rel: str  # the output image path relative to OUTDIR
+    fmt: str  # output format: jpeg | png | webp
 
 
 @dataclass(frozen=True)
 class NotTaken:
     """A file found among the inputs but not anonymized, and why."""
 
-    src: Path      # the file
-    path: str      # as found (relative to the input root when found in a folder or by a glob)
-    reason: str    # e.g. "unsupported format .txt"
+    src: Path  # the file
+    path: str  # as found (relative to the input root when found in a folder or by a glob)
+    reason: str  # e.g. "unsupported format .txt"
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,9 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
     """Files under ``root`` (recursive, sorted; hidden entries, ``exclude`` and run files skipped)."""
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (exclude is None or (here / d).resolve() != exclude))
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)
+        )
         for name in sorted(filenames):
             if name.startswith(".") or (here / name).is_dir():
                 continue
@@ -105,8 +106,9 @@ def out_name(rel: str, fmt_choice: str) -> tuple[str, str]:
     p = Path(rel)
     known = KEEP_FORMATS.get(p.suffix.lower())
     if fmt_choice == "keep":
-        return (rel, known) if known else (p.with_suffix(protocol.OUTPUT_FORMATS[KEEP_FALLBACK]).as_posix(),
-                                           KEEP_FALLBACK)
+        return (
+            (rel, known) if known else (p.with_suffix(protocol.OUTPUT_FORMATS[KEEP_FALLBACK]).as_posix(), KEEP_FALLBACK)
+        )
     if known == fmt_choice:
         return rel, fmt_choice
     return p.with_suffix(protocol.OUTPUT_FORMATS[fmt_choice]).as_posix(), fmt_choice
@@ -172,8 +174,10 @@ def collect(inputs: Sequence[str], outdir: Path, fmt_choice: str = "keep", in_pl
         if prev is not None:
             if prev.src.resolve() == src.resolve():
                 continue  # the same file named twice
-            raise UsageError(f"{prev.src} and {src} would both be written to {outdir / out_rel}; "
-                             "anonymize them in separate runs or to separate output folders")
+            raise UsageError(
+                f"{prev.src} and {src} would both be written to {outdir / out_rel}; "
+                "anonymize them in separate runs or to separate output folders"
+            )
         items[out_rel] = Item(src, rel, out_rel, fmt)
     if exclude is not None and outdir.is_dir() and any(d in exclude.parents for d in dirs):
         # the output folder lies in an input folder and is not walked: photos there that this tool
@@ -181,12 +185,17 @@ def collect(inputs: Sequence[str], outdir: Path, fmt_choice: str = "keep", in_pl
         for f in _walk(outdir, None):
             if supported(f) and not f.with_name(f.name + ".json").exists():
                 rel = f.relative_to(outdir).as_posix()
-                not_taken.setdefault(f"{outdir.as_posix()}/{rel}", NotTaken(
-                    f, f"{outdir.as_posix()}/{rel}", "inside the output folder, which is not searched"))
+                not_taken.setdefault(
+                    f"{outdir.as_posix()}/{rel}",
+                    NotTaken(f, f"{outdir.as_posix()}/{rel}", "inside the output folder, which is not searched"),
+                )
     if not items:
-        raise UsageError("no input images found (taken: " + ", ".join(sorted(protocol.INPUT_SUFFIXES))
-                         + (f"; not taken: {len(not_taken)} file(s), e.g. {next(iter(not_taken))}"
-                            if not_taken else "") + ")")
+        raise UsageError(
+            "no input images found (taken: "
+            + ", ".join(sorted(protocol.INPUT_SUFFIXES))
+            + (f"; not taken: {len(not_taken)} file(s), e.g. {next(iter(not_taken))}" if not_taken else "")
+            + ")"
+        )
     return Collection([items[k] for k in sorted(items)], [not_taken[k] for k in sorted(not_taken)], dirs)
 
 
@@ -207,8 +216,10 @@ def check_outputs(collection: Collection, outdir: Path, in_place: bool = False) 
     out_real = outdir.resolve()
     for d in collection.input_dirs:
         if d == out_real:
-            raise UsageError(f"the output folder {outdir} is an input folder: its photos would be "
-                             "overwritten; choose another -o, or give --in-place to replace them")
+            raise UsageError(
+                f"the output folder {outdir} is an input folder: its photos would be "
+                "overwritten; choose another -o, or give --in-place to replace them"
+            )
     inputs = {Path(os.path.realpath(i.src)): i for i in collection.items}
     protected = set(inputs) | {Path(os.path.realpath(n.src)) for n in collection.not_taken}
     # an output folder inside an input folder is not walked; a file already there that this tool
@@ -221,12 +232,21 @@ def check_outputs(collection: Collection, outdir: Path, in_place: bool = False) 
         if real in protected:
             victim = inputs.get(real)
             what = f"input {victim.src}" if victim is not None else f"input file {real}"
-            raise UsageError(f"{path} would overwrite the {what}; choose an output folder outside the "
-                             "inputs, or give --in-place to replace them")
-        if (inside and item is not None and path == outdir / item.out_rel and path.exists()
-                and not path.with_name(path.name + ".json").exists()):
-            raise UsageError(f"{path} would overwrite a file of the input folder that {outdir} lies in; "
-                             "choose an output folder outside the inputs, or give --in-place")
+            raise UsageError(
+                f"{path} would overwrite the {what}; choose an output folder outside the "
+                "inputs, or give --in-place to replace them"
+            )
+        if (
+            inside
+            and item is not None
+            and path == outdir / item.out_rel
+            and path.exists()
+            and not path.with_name(path.name + ".json").exists()
+        ):
+            raise UsageError(
+                f"{path} would overwrite a file of the input folder that {outdir} lies in; "
+                "choose an output folder outside the inputs, or give --in-place"
+            )
 
 
 def existing_outputs(collection: Collection, outdir: Path) -> list[Path]:

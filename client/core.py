@@ -99,8 +99,9 @@ class Security:
     api_key: str | None = None
 
     @classmethod
-    def from_options(cls, tls: bool = False, ca=None, cert=None, key=None, api_key_file=None,
-                     environ=None) -> "Security":
+    def from_options(
+        cls, tls: bool = False, ca=None, cert=None, key=None, api_key_file=None, environ=None
+    ) -> "Security":
         """Checked settings: files must exist; the API key is read from ``api_key_file`` or else
         the environment variable ``protocol.API_KEY_ENV``. Raises ConfigError with one line."""
         environ = os.environ if environ is None else environ
@@ -135,8 +136,12 @@ class Security:
         """An ``InferenceServerClient`` for ``url`` with these TLS settings."""
         kwargs = {}
         if self.tls:
-            kwargs = {"ssl": True, "root_certificates": self.ca, "private_key": self.key,
-                      "certificate_chain": self.cert}
+            kwargs = {
+                "ssl": True,
+                "root_certificates": self.ca,
+                "private_key": self.key,
+                "certificate_chain": self.cert,
+            }
         return grpcclient.InferenceServerClient(url, channel_args=channel_args, **kwargs)
 
 
@@ -152,15 +157,17 @@ def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple]:
     """
     ka = KeepAliveOptions()
     cap = max(100, int(max_reconnect_backoff_s * 1000))
-    return [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.keepalive_time_ms", ka.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", ka.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", ka.keepalive_permit_without_calls),
-            ("grpc.http2.max_pings_without_data", ka.http2_max_pings_without_data),
-            ("grpc.initial_reconnect_backoff_ms", min(1000, cap)),
-            ("grpc.min_reconnect_backoff_ms", min(1000, cap)),
-            ("grpc.max_reconnect_backoff_ms", cap)]
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", ka.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", ka.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", ka.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", ka.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, cap)),
+        ("grpc.min_reconnect_backoff_ms", min(1000, cap)),
+        ("grpc.max_reconnect_backoff_ms", cap),
+    ]
 
 
 def encode_request(image: bytes, params: dict) -> list:
@@ -169,26 +176,36 @@ def encode_request(image: bytes, params: dict) -> list:
     img = grpcclient.InferInput(protocol.INPUT_IMAGE, [1, 1], "BYTES")
     img.set_data_from_numpy(np.array([[bytes(image)]], dtype=np.object_))
     par = grpcclient.InferInput(protocol.INPUT_PARAMS, [1, 1], "BYTES")
-    par.set_data_from_numpy(np.array([[json.dumps({k: v for k, v in params.items() if v is not None}).encode()]],
-                                     dtype=np.object_))
+    par.set_data_from_numpy(
+        np.array([[json.dumps({k: v for k, v in params.items() if v is not None}).encode()]], dtype=np.object_)
+    )
     return [img, par]
 
 
-def infer_once(client, image: bytes, params: dict, timeout: float | None,
-               headers: dict | None = None) -> tuple[bytes, dict]:
+def infer_once(
+    client, image: bytes, params: dict, timeout: float | None, headers: dict | None = None
+) -> tuple[bytes, dict]:
     """One `revpers` request on an ``InferenceServerClient``; tritonclient errors become ServiceError.
 
     ``timeout`` is the request's gRPC deadline: the server sees it and stops working on a request
     whose deadline has passed (it is cancelled), so a DEADLINE_EXCEEDED request is not still running."""
     try:
-        result = client.infer(MODEL, encode_request(image, params),
-                              outputs=[grpcclient.InferRequestedOutput(protocol.OUTPUT_IMAGE),
-                                       grpcclient.InferRequestedOutput(protocol.OUTPUT_REPORT)],
-                              client_timeout=timeout, headers=headers)
+        result = client.infer(
+            MODEL,
+            encode_request(image, params),
+            outputs=[
+                grpcclient.InferRequestedOutput(protocol.OUTPUT_IMAGE),
+                grpcclient.InferRequestedOutput(protocol.OUTPUT_REPORT),
+            ],
+            client_timeout=timeout,
+            headers=headers,
+        )
     except InferenceServerException as exc:
         raise ServiceError(exc.message() or str(exc), exc.status()) from None
-    return (bytes(result.as_numpy(protocol.OUTPUT_IMAGE).reshape(-1)[0]),
-            json.loads(result.as_numpy(protocol.OUTPUT_REPORT).reshape(-1)[0]))
+    return (
+        bytes(result.as_numpy(protocol.OUTPUT_IMAGE).reshape(-1)[0]),
+        json.loads(result.as_numpy(protocol.OUTPUT_REPORT).reshape(-1)[0]),
+    )
 
 
 class RevpersClient:
@@ -226,13 +243,19 @@ def server_health(url: str, timeout: float, security: Security = PLAIN, model: s
         info["live"] = bool(client.is_server_live(headers=h, client_timeout=timeout))
         info["ready"] = bool(client.is_server_ready(headers=h, client_timeout=timeout))
         md = client.get_server_metadata(headers=h, as_json=True, client_timeout=timeout)
-        info["server"] = {"name": md.get("name"), "version": md.get("version"),
-                          "extensions": md.get("extensions", [])}
+        info["server"] = {"name": md.get("name"), "version": md.get("version"), "extensions": md.get("extensions", [])}
         info["model_ready"] = bool(client.is_model_ready(model, headers=h, client_timeout=timeout))
         try:  # the repository index is an admin API a secured server restricts: optional
             index = client.get_model_repository_index(headers=h, as_json=True, client_timeout=timeout)
-            info["models"] = [{"name": m.get("name"), "version": m.get("version"), "state": m.get("state"),
-                               "reason": m.get("reason", "")} for m in index.get("models", [])]
+            info["models"] = [
+                {
+                    "name": m.get("name"),
+                    "version": m.get("version"),
+                    "state": m.get("state"),
+                    "reason": m.get("reason", ""),
+                }
+                for m in index.get("models", [])
+            ]
         except InferenceServerException as exc:
             info["models_error"] = f"{status_code(exc.status())}: {exc.message()}"
         if info["model_ready"]:

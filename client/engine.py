@@ -80,19 +80,19 @@ class Outcome:
 @dataclass
 class RunOptions:
     outdir: Path
-    params: dict                            # PARAMS for every image; "format" is added per image
-    fmt: str = "keep"                       # the --format choice (for the summary)
+    params: dict  # PARAMS for every image; "format" is added per image
+    fmt: str = "keep"  # the --format choice (for the summary)
     on_no_face: str = protocol.OnNoFace.REVIEW.value
     resume: bool = False
     concurrency: int = 1
-    progress: str = "auto"                  # auto | bar | lines | none
-    quiet: bool = False                     # print a one-line summary
+    progress: str = "auto"  # auto | bar | lines | none
+    quiet: bool = False  # print a one-line summary
     tool: str = "revpers-client"
     model: str = protocol.MODEL
     not_taken: Sequence[NotTaken] = ()
     runner: Callable[[], dict] | None = None  # RunSummary fields of the runner, read at the end
     before: Callable[[Progress], None] | None = None  # called once the progress exists (health checks)
-    printed: bool = True                     # print the summary
+    printed: bool = True  # print the summary
     # called when the run stops early (Ctrl-C, SIGTERM): an in-process runner stops its current image
     # at the next model call and the run waits for it (its threads must not die inside native code);
     # None: the requests in flight are abandoned (a server finishes or cancels them)
@@ -153,8 +153,9 @@ class _Pool:
         self.todo: queue.Queue = queue.Queue()
         self.done: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._worker, daemon=True, name=f"revpers-run-{i}")
-                        for i in range(concurrency)]
+        self.threads = [
+            threading.Thread(target=self._worker, daemon=True, name=f"revpers-run-{i}") for i in range(concurrency)
+        ]
         for t in self.threads:
             t.start()
 
@@ -231,10 +232,18 @@ def _run(items: Sequence[Item], process: Callable, options: RunOptions) -> RunSu
         drive.close(wait=options.on_stop is not None)
         progress.close()
     runner = options.runner() if options.runner is not None else {}
-    summary = ledger.finish(started_at=started_at, wall_s=time.perf_counter() - t0,
-                            request=dict(options.params), fmt=options.fmt, on_no_face=options.on_no_face,
-                            resume=options.resume, interrupted=interrupted, stopped=drive.stopped,
-                            stop_code=drive.stop_code, runner={"concurrency": options.concurrency, **runner})
+    summary = ledger.finish(
+        started_at=started_at,
+        wall_s=time.perf_counter() - t0,
+        request=dict(options.params),
+        fmt=options.fmt,
+        on_no_face=options.on_no_face,
+        resume=options.resume,
+        interrupted=interrupted,
+        stopped=drive.stopped,
+        stop_code=drive.stop_code,
+        runner={"concurrency": options.concurrency, **runner},
+    )
     if options.printed:
         print_summary(summary, options.outdir, brief=options.quiet)
     return summary
@@ -318,8 +327,16 @@ def _record(res: _Done, ledger: Ledger, progress: Progress, options: RunOptions)
     out = res.outcome
     report = dict(out.report)
     status, reason = judge(report, out.image, options.on_no_face)
-    record = ClientRecord(item.rel, res.input_sha256, item.out_rel, sha256_hex(out.image) if out.image else None,
-                          res.work.params, out.url, out.attempts, round(res.latency_s * 1e3, 1))
+    record = ClientRecord(
+        item.rel,
+        res.input_sha256,
+        item.out_rel,
+        sha256_hex(out.image) if out.image else None,
+        res.work.params,
+        out.url,
+        out.attempts,
+        round(res.latency_s * 1e3, 1),
+    )
     image_path, rpath = outdir / item.out_rel, report_path(outdir, item)
     if status in (Status.REJECTED, Status.FAILED):
         # no output: the gate withheld the image, or a no-face image is refused; an output left by an
@@ -341,8 +358,16 @@ def _record(res: _Done, ledger: Ledger, progress: Progress, options: RunOptions)
             ledger.write_error(item, problem)
             progress.log(f"ERROR {item.rel}: {problem}", always=True)
         code = "REJECTED" if status is Status.REJECTED else "NO_FACE"
-        ledger.failed(item, code, "; ".join([reason or ""] + problems), out.attempts, (), res.input_sha256,
-                      status=status, report=report)
+        ledger.failed(
+            item,
+            code,
+            "; ".join([reason or ""] + problems),
+            out.attempts,
+            (),
+            res.input_sha256,
+            status=status,
+            report=report,
+        )
         progress.item(code, item.rel, reason or "")
         return
     report["client"] = vars(record).copy()

@@ -99,19 +99,19 @@ def remove_parts(outdir: Path, item: Item) -> None:
 class ClientRecord:
     """``report["client"]``: what the client sent and wrote for one image."""
 
-    input: str                    # input path relative to its input root
+    input: str  # input path relative to its input root
     input_sha256: str
-    output: str | None            # output path relative to OUTDIR; None when no image was written
+    output: str | None  # output path relative to OUTDIR; None when no image was written
     output_sha256: str | None
-    request: dict                 # the PARAMS sent (or used in process)
-    url: str | None = None        # the server that answered (None in process)
+    request: dict  # the PARAMS sent (or used in process)
+    url: str | None = None  # the server that answered (None in process)
     attempts: int = 1
     latency_ms: float | None = None
 
 
 @dataclass
 class ErrorRecord:
-    status: str                   # INVALID_ARGUMENT, REJECTED, NO_FACE, DEADLINE_EXCEEDED, CLIENT, ...
+    status: str  # INVALID_ARGUMENT, REJECTED, NO_FACE, DEADLINE_EXCEEDED, CLIENT, ...
     message: str
 
 
@@ -121,12 +121,12 @@ class LedgerEntry:
 
     input: str
     input_sha256: str | None
-    output: str                   # where the output image is or would be (relative to OUTDIR)
-    output_sha256: str | None     # None when no image was written
-    status: str                   # Status
+    output: str  # where the output image is or would be (relative to OUTDIR)
+    output_sha256: str | None  # None when no image was written
+    status: str  # Status
     error: ErrorRecord | None
-    audit: dict | None            # the report's audit record (server side)
-    source: str | None = None     # the input file as given on this machine (for `revpers review`)
+    audit: dict | None  # the report's audit record (server side)
+    source: str | None = None  # the input file as given on this machine (for `revpers review`)
 
 
 @dataclass
@@ -144,10 +144,10 @@ class Failure:
     """One entry of the summary's ``failures``."""
 
     input: str
-    status: str                   # as ErrorRecord.status
+    status: str  # as ErrorRecord.status
     message: str
     attempts: int
-    errors: list[str]             # "url: CODE: message" of every failed attempt
+    errors: list[str]  # "url: CODE: message" of every failed attempt
 
 
 @dataclass
@@ -155,9 +155,9 @@ class ReviewRow:
     """One row of the review list."""
 
     input: str
-    status: str                   # review | rejected | failed | not_taken | not_done
-    verdict: str | None           # the image verdict when the image was processed
-    output: str | None            # the released output (relative to OUTDIR), if any
+    status: str  # review | rejected | failed | not_taken | not_done
+    verdict: str | None  # the image verdict when the image was processed
+    output: str | None  # the released output (relative to OUTDIR), if any
     reason: str
 
 
@@ -166,13 +166,13 @@ REVIEW_FIELDS = ("input", "status", "verdict", "output", "reason")
 
 @dataclass
 class Counts:
-    inputs: int = 0               # images taken
-    ok: int = 0                   # done in this run and released as passed (or kept: no face, --on-no-face keep)
-    review: int = 0               # done in this run and released, needing review
-    failed: int = 0               # failed or rejected in this run
-    skipped: int = 0              # complete from an earlier run (--resume)
-    not_done: int = 0             # not processed (interrupted or stopped)
-    not_taken: int = 0            # files found but not taken (not counted in inputs)
+    inputs: int = 0  # images taken
+    ok: int = 0  # done in this run and released as passed (or kept: no face, --on-no-face keep)
+    review: int = 0  # done in this run and released, needing review
+    failed: int = 0  # failed or rejected in this run
+    skipped: int = 0  # complete from an earlier run (--resume)
+    not_done: int = 0  # not processed (interrupted or stopped)
+    not_taken: int = 0  # files found but not taken (not counted in inputs)
 
 
 @dataclass
@@ -183,26 +183,26 @@ class RunSummary:
     started_at: str
     finished_at: str
     wall_s: float
-    request: dict                 # the PARAMS shared by every image (format aside)
-    format: str                   # keep | jpeg | png | webp
+    request: dict  # the PARAMS shared by every image (format aside)
+    format: str  # keep | jpeg | png | webp
     on_no_face: str
     resume: bool
     counts: Counts
     failures: list[Failure]
-    not_taken: list[dict]         # {"path", "reason"} per file not taken
-    write_errors: list[str]       # "input: what could not be written or removed"
+    not_taken: list[dict]  # {"path", "reason"} per file not taken
+    write_errors: list[str]  # "input: what could not be written or removed"
     throughput_images_per_s: float | None
-    latency_ms: dict              # latency_stats of the images done in this run
-    server_total_ms: dict         # latency_stats of report["server_total_ms"]
+    latency_ms: dict  # latency_stats of the images done in this run
+    server_total_ms: dict  # latency_stats of report["server_total_ms"]
     faces: int
     faces_by_verdict: dict
     faces_by_action: dict
     images_by_verdict: dict
     smoke: bool
-    interrupted: str | None       # SIGINT | SIGTERM
-    stopped: str | None           # why the run stopped early (servers down, API key refused)
+    interrupted: str | None  # SIGINT | SIGTERM
+    stopped: str | None  # why the run stopped early (servers down, API key refused)
     exit_code: int
-    review_list: dict             # {"csv": path, "json": path, "rows": n}
+    review_list: dict  # {"csv": path, "json": path, "rows": n}
     concurrency: int = 1
     urls: list[str] | None = None
     balance: str | None = None
@@ -222,8 +222,8 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class ResumeCheck:
-    report: dict | None              # the saved report when the output is complete: skip the item
-    data: bytes | None = None        # the input's bytes when the check read them: send these
+    report: dict | None  # the saved report when the output is complete: skip the item
+    data: bytes | None = None  # the input's bytes when the check read them: send these
     input_sha256: str | None = None  # ... and their digest
 
 
@@ -260,8 +260,13 @@ def latency_stats(ms: Sequence[float], ndigits: int = 1) -> dict:
     if not ms:
         return {"n": 0, "mean": None, "p50": None, "p95": None, "min": None, "max": None}
     p50, p95 = np.percentile(ms, [50, 95])
-    return {"n": len(ms), **{k: round(float(v), ndigits) for k, v in
-                             {"mean": np.mean(ms), "p50": p50, "p95": p95, "min": min(ms), "max": max(ms)}.items()}}
+    return {
+        "n": len(ms),
+        **{
+            k: round(float(v), ndigits)
+            for k, v in {"mean": np.mean(ms), "p50": p50, "p95": p95, "min": min(ms), "max": max(ms)}.items()
+        },
+    }
 
 
 def faces_of(report: dict) -> list[dict]:
@@ -303,13 +308,14 @@ def judge(report: dict, image: bytes | None, on_no_face: str) -> tuple[Status, s
 class Ledger:
     """Collects the outcome of every item of a run (main thread only) and writes the run files."""
 
-    def __init__(self, outdir: Path, items: Sequence[Item], not_taken: Sequence[NotTaken], tool: str,
-                 model: str = protocol.MODEL):
+    def __init__(
+        self, outdir: Path, items: Sequence[Item], not_taken: Sequence[NotTaken], tool: str, model: str = protocol.MODEL
+    ):
         self.outdir, self.items, self.not_taken = outdir, list(items), list(not_taken)
         self.tool, self.model = tool, model
-        self.entries: dict[str, LedgerEntry] = {}   # out_rel -> manifest entry
-        self.reports: dict[str, dict] = {}          # out_rel -> report of each answered image
-        self.review: dict[str, ReviewRow] = {}      # out_rel -> review row
+        self.entries: dict[str, LedgerEntry] = {}  # out_rel -> manifest entry
+        self.reports: dict[str, dict] = {}  # out_rel -> report of each answered image
+        self.review: dict[str, ReviewRow] = {}  # out_rel -> review row
         self.failures: list[Failure] = []
         self.write_errors: list[str] = []
         self.latencies: list[float] = []
@@ -324,12 +330,20 @@ class Ledger:
         status, reason = judge(report, b"x" if meta.get("output") else b"", on_no_face)
         self.counts.skipped += 1
         self.reports[item.out_rel] = report
-        self.entries[item.out_rel] = LedgerEntry(item.rel, meta["input_sha256"], item.out_rel,
-                                                 meta["output_sha256"], status.value, None, report.get("audit"),
-                                                 str(item.src))
+        self.entries[item.out_rel] = LedgerEntry(
+            item.rel,
+            meta["input_sha256"],
+            item.out_rel,
+            meta["output_sha256"],
+            status.value,
+            None,
+            report.get("audit"),
+            str(item.src),
+        )
         if status is not Status.OK:
-            self.review[item.out_rel] = ReviewRow(item.rel, status.value, report.get("verdict"), item.out_rel,
-                                                  f"{reason} (kept from an earlier run)")
+            self.review[item.out_rel] = ReviewRow(
+                item.rel, status.value, report.get("verdict"), item.out_rel, f"{reason} (kept from an earlier run)"
+            )
 
     def released(self, item: Item, report: dict, status: Status, reason: str | None, latency_s: float) -> None:
         """An output image was written with its report."""
@@ -338,29 +352,58 @@ class Ledger:
             self.counts.ok += 1
         else:
             self.counts.review += 1
-            self.review[item.out_rel] = ReviewRow(item.rel, status.value, report.get("verdict"), item.out_rel,
-                                                  reason or "")
+            self.review[item.out_rel] = ReviewRow(
+                item.rel, status.value, report.get("verdict"), item.out_rel, reason or ""
+            )
         self.reports[item.out_rel] = report
-        self.entries[item.out_rel] = LedgerEntry(item.rel, meta["input_sha256"], item.out_rel,
-                                                 meta["output_sha256"], status.value, None, report.get("audit"),
-                                                 str(item.src))
+        self.entries[item.out_rel] = LedgerEntry(
+            item.rel,
+            meta["input_sha256"],
+            item.out_rel,
+            meta["output_sha256"],
+            status.value,
+            None,
+            report.get("audit"),
+            str(item.src),
+        )
         self.latencies.append(latency_s * 1e3)
         if isinstance(report.get("server_total_ms"), (int, float)):
             self.server_ms.append(float(report["server_total_ms"]))
 
-    def failed(self, item: Item, code: str, message: str, attempts: int = 1, errors: Sequence[str] = (),
-               input_sha256: str | None = None, status: Status = Status.FAILED, report: dict | None = None) -> None:
+    def failed(
+        self,
+        item: Item,
+        code: str,
+        message: str,
+        attempts: int = 1,
+        errors: Sequence[str] = (),
+        input_sha256: str | None = None,
+        status: Status = Status.FAILED,
+        report: dict | None = None,
+    ) -> None:
         """No output: an error, a rejection (``status`` REJECTED) or a refused no-face image;
         ``report`` (when the server answered) is kept for its audit record and verdicts."""
         self.counts.failed += 1
         self.failures.append(Failure(item.rel, code, message, attempts, list(errors)))
         if report is not None:
             self.reports[item.out_rel] = report
-        self.entries[item.out_rel] = LedgerEntry(item.rel, input_sha256, item.out_rel, None, status.value,
-                                                 ErrorRecord(code, message), (report or {}).get("audit"),
-                                                 str(item.src))
-        self.review[item.out_rel] = ReviewRow(item.rel, status.value, (report or {}).get("verdict"), None,
-                                              f"{code}: {message.splitlines()[0] if message else ''}")
+        self.entries[item.out_rel] = LedgerEntry(
+            item.rel,
+            input_sha256,
+            item.out_rel,
+            None,
+            status.value,
+            ErrorRecord(code, message),
+            (report or {}).get("audit"),
+            str(item.src),
+        )
+        self.review[item.out_rel] = ReviewRow(
+            item.rel,
+            status.value,
+            (report or {}).get("verdict"),
+            None,
+            f"{code}: {message.splitlines()[0] if message else ''}",
+        )
 
     def write_error(self, item: Item, problem: str) -> None:
         self.write_errors.append(f"{item.rel}: {problem}")
@@ -378,17 +421,35 @@ class Ledger:
     def review_rows(self) -> list[ReviewRow]:
         rows = list(self.review.values())
         rows += [ReviewRow(n.path, "not_taken", None, None, n.reason) for n in self.not_taken]
-        rows += [ReviewRow(i.rel, "not_done", None, None, "not processed: the run stopped early; run it again "
-                           "with --resume") for i in self.items if i.out_rel not in self.entries]
+        rows += [
+            ReviewRow(i.rel, "not_done", None, None, "not processed: the run stopped early; run it again with --resume")
+            for i in self.items
+            if i.out_rel not in self.entries
+        ]
         return sorted(rows, key=lambda r: (r.input, r.status))
 
-    def finish(self, *, started_at: str, wall_s: float, request: dict, fmt: str, on_no_face: str, resume: bool,
-               interrupted: str | None = None, stopped: str | None = None, stop_code: int | None = None,
-               runner: dict | None = None) -> RunSummary:
+    def finish(
+        self,
+        *,
+        started_at: str,
+        wall_s: float,
+        request: dict,
+        fmt: str,
+        on_no_face: str,
+        resume: bool,
+        interrupted: str | None = None,
+        stopped: str | None = None,
+        stop_code: int | None = None,
+        runner: dict | None = None,
+    ) -> RunSummary:
         """Write the manifest, the review list and the summary; returns the summary."""
         self.counts.not_done = len(self.items) - len(self.entries)
-        manifest = AuditManifest(self.tool, MANIFEST_FORMAT, self.model,
-                                 [self.entries[k] for k in sorted(self.entries, key=lambda k: (self.entries[k].input, k))])
+        manifest = AuditManifest(
+            self.tool,
+            MANIFEST_FORMAT,
+            self.model,
+            [self.entries[k] for k in sorted(self.entries, key=lambda k: (self.entries[k].input, k))],
+        )
         write_json(self.outdir / MANIFEST, asdict(manifest), sort_keys=True)
         rows = self.review_rows()
         buf = io.StringIO()
@@ -403,22 +464,36 @@ class Ledger:
         smoke = any(bool(r.get("smoke")) for r in reports)
         done_now = self.counts.ok + self.counts.review
         summary = RunSummary(
-            tool=self.tool, started_at=started_at, finished_at=now_iso(), wall_s=round(wall_s, 3),
-            request=request, format=fmt, on_no_face=on_no_face, resume=resume, counts=self.counts,
+            tool=self.tool,
+            started_at=started_at,
+            finished_at=now_iso(),
+            wall_s=round(wall_s, 3),
+            request=request,
+            format=fmt,
+            on_no_face=on_no_face,
+            resume=resume,
+            counts=self.counts,
             failures=sorted(self.failures, key=lambda f: f.input),
             not_taken=[{"path": n.path, "reason": n.reason} for n in self.not_taken],
             write_errors=sorted(self.write_errors),
             throughput_images_per_s=round(done_now / wall_s, 3) if wall_s > 0 else None,
-            latency_ms=latency_stats(self.latencies), server_total_ms=latency_stats(self.server_ms),
+            latency_ms=latency_stats(self.latencies),
+            server_total_ms=latency_stats(self.server_ms),
             faces=len(faces),
             faces_by_verdict=dict(sorted(Counter(str(f.get("verdict", "unverified")) for f in faces).items())),
             faces_by_action=dict(sorted(Counter(str(f.get("action", "?")) for f in faces if "action" in f).items())),
             images_by_verdict=dict(sorted(Counter(str(r.get("verdict", "unverified")) for r in reports).items())),
-            smoke=smoke, interrupted=interrupted, stopped=stopped,
+            smoke=smoke,
+            interrupted=interrupted,
+            stopped=stopped,
             exit_code=self.exit_code(interrupted, stop_code),
             review_list={"csv": REVIEW_CSV, "json": REVIEW_JSON, "rows": len(rows)},
-            warning=("smoke weights (tiny random models) were used: outputs are noise, not anonymized faces"
-                     if smoke else None),
-            **(runner or {}))
+            warning=(
+                "smoke weights (tiny random models) were used: outputs are noise, not anonymized faces"
+                if smoke
+                else None
+            ),
+            **(runner or {}),
+        )
         write_json(self.outdir / SUMMARY, summary.to_dict())
         return summary

@@ -68,8 +68,16 @@ RELEASED_AS_PASSED = frozenset({ImageVerdict.PASSED.value})
 # Encoded formats accepted as input, by file suffix (shared by both CLIs and the server). HEIC/HEIF
 # is not listed: the server's decoder (Pillow) cannot read it without pillow-heif, which the server
 # does not register today; add ".heic"/".heif" here together with that decoder and a test.
-INPUT_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
-                  ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF"}
+INPUT_SUFFIXES = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".gif": "GIF",
+}
 # Formats an output can be written in: name -> file suffix.
 OUTPUT_FORMATS = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 QUALITY_RANGE = (1, 100)  # PARAMS "quality" (JPEG/WebP encoder quality)

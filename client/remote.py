@@ -16,8 +16,10 @@ def refusal_message(error: ServiceError, url: str | None = None) -> str:
     """One line for an error that stops a run."""
     where = f"{url}: " if url else ""
     if error.kind == "auth":
-        return (f"{where}the server refused the request: it requires an API key and none or a wrong one was "
-                "sent (give --api-key-file FILE or set REVPERS_API_KEY)")
+        return (
+            f"{where}the server refused the request: it requires an API key and none or a wrong one was "
+            "sent (give --api-key-file FILE or set REVPERS_API_KEY)"
+        )
     if error.kind == "tls":
         return f"{where}TLS was refused ({error.message.splitlines()[0][:200]}); check --tls/--ca/--cert/--key"
     return f"{where}{error.code}: {error.message.splitlines()[0][:300] if error.message else ''}"
@@ -28,8 +30,9 @@ def stop_for(error: ServiceError, url: str | None = None) -> StopRun | None:
     if error.kind in ("auth", "tls"):
         return StopRun(refusal_message(error, url), EXIT_USAGE)
     if isinstance(error, ServersDown):
-        return StopRun(f"every server is down or not ready: {error.message}; run again with --resume "
-                       "when one is back", EXIT_FAILED)
+        return StopRun(
+            f"every server is down or not ready: {error.message}; run again with --resume when one is back", EXIT_FAILED
+        )
     return None
 
 
@@ -48,17 +51,26 @@ class RemoteProcess:
         self.retries += 1
         if self.progress is not None and (self.verbose or attempt == 1):
             first = error.message.splitlines()[0][:200] if error.message else ""
-            self.progress.log(f"retry {key}: attempt {attempt} on {url} failed with {error.code} ({first}); "
-                              f"again in {wait:.1f} s", always=self.verbose > 0)
+            self.progress.log(
+                f"retry {key}: attempt {attempt} on {url} failed with {error.code} ({first}); again in {wait:.1f} s",
+                always=self.verbose > 0,
+            )
 
     def health(self, progress: Progress) -> None:
         self.progress = progress
 
         def waiting(health):
-            progress.log("waiting up to %.0f s for a server to be ready: %s" % (
-                self.client.retry.max_wait_s,
-                "; ".join(f"{h['url']} live {h['live']}, ready {h['ready']}, model ready {h['model_ready']}"
-                          for h in health)), always=True)
+            progress.log(
+                "waiting up to %.0f s for a server to be ready: %s"
+                % (
+                    self.client.retry.max_wait_s,
+                    "; ".join(
+                        f"{h['url']} live {h['live']}, ready {h['ready']}, model ready {h['model_ready']}"
+                        for h in health
+                    ),
+                ),
+                always=True,
+            )
 
         health = self.client.check_servers(on_wait=waiting)
         if any(h["healthy"] for h in health):
@@ -70,11 +82,18 @@ class RemoteProcess:
                 self.client.open_breaker(ServersDown(stop.args[0]))
                 self._stop = stop
                 return
-        reasons = "; ".join(f"{h['url']}: " + (h.get("error", "").splitlines()[0][:200] if h.get("error") else
-                                               f"live {h['live']}, ready {h['ready']}, "
-                                               f"model {h['model']} ready {h['model_ready']}") for h in health)
-        hint = " (if the server uses TLS, add --tls)" if any("Socket closed" in h.get("error", "")
-                                                            for h in health) else ""
+        reasons = "; ".join(
+            f"{h['url']}: "
+            + (
+                h.get("error", "").splitlines()[0][:200]
+                if h.get("error")
+                else f"live {h['live']}, ready {h['ready']}, model {h['model']} ready {h['model_ready']}"
+            )
+            for h in health
+        )
+        hint = (
+            " (if the server uses TLS, add --tls)" if any("Socket closed" in h.get("error", "") for h in health) else ""
+        )
         self.client.open_breaker(ServersDown(f"no server can serve: {reasons}{hint}"))
         self._stop = StopRun(f"no server can serve: {reasons}{hint}", EXIT_FAILED)
 

@@ -41,8 +41,11 @@ class Progress:
             if status in ("FAILED", "REJECTED"):
                 self.bar.write(f"{status} {rel}: {detail}", file=self.stream)
         elif self.mode == "lines":
-            print(f"[{self.n}/{self.total}] {status} {rel}" + (f" ({detail})" if detail else ""),
-                  file=self.stream, flush=True)
+            print(
+                f"[{self.n}/{self.total}] {status} {rel}" + (f" ({detail})" if detail else ""),
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -51,11 +54,13 @@ class Progress:
 
 def summary_lines(s: RunSummary, outdir: Path, brief: bool = False) -> list[str]:
     c = s.counts
-    head = (f"{c.inputs} image(s): {c.ok} passed, {c.review} to review, {c.failed} failed, {c.skipped} skipped"
-            + (f", {c.not_done} not done" if c.not_done else "")
-            + (f" (interrupted: {s.interrupted})" if s.interrupted else "")
-            + (f"; {c.not_taken} file(s) not taken" if c.not_taken else "")
-            + f" in {s.wall_s:.1f} s")
+    head = (
+        f"{c.inputs} image(s): {c.ok} passed, {c.review} to review, {c.failed} failed, {c.skipped} skipped"
+        + (f", {c.not_done} not done" if c.not_done else "")
+        + (f" (interrupted: {s.interrupted})" if s.interrupted else "")
+        + (f"; {c.not_taken} file(s) not taken" if c.not_taken else "")
+        + f" in {s.wall_s:.1f} s"
+    )
     lines = [head] + ([f"STOPPED: {s.stopped}"] if s.stopped else [])
     if not brief:
         lines += _details(s, outdir)
@@ -74,9 +79,11 @@ def _details(s: RunSummary, outdir: Path) -> list[str]:
     lat = s.latency_ms
     lines = []
     if lat["n"]:
-        lines.append(f"latency ms: p50 {lat['p50']}, p95 {lat['p95']}, max {lat['max']}; "
-                     f"{s.throughput_images_per_s} images/s; retries {s.retries}"
-                     + (f"; requests per server {s.requests_sent_per_url}" if s.requests_sent_per_url else ""))
+        lines.append(
+            f"latency ms: p50 {lat['p50']}, p95 {lat['p95']}, max {lat['max']}; "
+            f"{s.throughput_images_per_s} images/s; retries {s.retries}"
+            + (f"; requests per server {s.requests_sent_per_url}" if s.requests_sent_per_url else "")
+        )
     lines.append(f"faces: {s.faces} by verdict {s.faces_by_verdict}; images by verdict {s.images_by_verdict}")
     lines += [f"FAILED {f.input}: {f.status}: {_first_line(f.message)}" for f in s.failures[:20]]
     if len(s.failures) > 20:

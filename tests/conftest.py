@@ -55,8 +55,13 @@ def onnxruntime_repository(onnx_artifacts, smoke_bundle_dir, tmp_path_factory):
     instance, so the server tests show that a single instance serves concurrent requests."""
     from revpers.serving.repository import build_repository
 
-    return build_repository(onnx_artifacts[0], tmp_path_factory.mktemp("repo") / "repo", "onnxruntime",
-                            bundle=smoke_bundle_dir, bls_instances=1)
+    return build_repository(
+        onnx_artifacts[0],
+        tmp_path_factory.mktemp("repo") / "repo",
+        "onnxruntime",
+        bundle=smoke_bundle_dir,
+        bls_instances=1,
+    )
 
 
 def start_triton(repository, env=None):

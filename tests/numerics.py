@@ -20,8 +20,13 @@ COMPONENTS = ("unet", "vae_encoder", "vae_decoder")
 
 
 class ProbeComponents:
-    def __init__(self, reference, other: Callable[..., torch.Tensor] | None = None,
-                 perturb: dict[str, float] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        reference,
+        other: Callable[..., torch.Tensor] | None = None,
+        perturb: dict[str, float] | None = None,
+        seed: int = 0,
+    ):
         """``other(name, **inputs)``: the other way's output of component ``name`` (inputs by the
         served tensor names: sample, timestep, text, ... / image / latent)."""
         self.reference, self.other, self.perturb = reference, other, perturb
@@ -54,7 +59,7 @@ def each_sample_alone(models) -> Callable[..., torch.Tensor]:
 
     def other(name, **inputs):
         n = next(v.shape[0] for v in inputs.values() if v.ndim)
-        rows = [{k: v[i:i + 1] if v.ndim and v.shape[0] == n else v for k, v in inputs.items()} for i in range(n)]
+        rows = [{k: v[i : i + 1] if v.ndim and v.shape[0] == n else v for k, v in inputs.items()} for i in range(n)]
         if name == "unet":
             outs = [models.denoise(r.pop("sample"), r.pop("timestep"), r) for r in rows]
         elif name == "vae_encoder":

@@ -38,7 +38,7 @@ def write_photos(root: Path) -> list[str]:
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rgb).save(p, **({"quality": 92} if p.suffix == ".jpg" else {}))
         rels.append(rel)
-    (root / "notes.txt").write_text("not an image\n")                 # not taken: unsupported format
+    (root / "notes.txt").write_text("not an image\n")  # not taken: unsupported format
     (root / "people" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # taken, fails
     return sorted(rels)
 
@@ -70,8 +70,21 @@ def reference(photos, smoke_bundle_dir, tmp_path_factory):
     for stem, r in stems.items():
         (copies / f"{stem}.png").write_bytes(encode_image(decode_image((root / r).read_bytes()), "PNG"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "revpers.cli", "anonymize", *sorted(str(p) for p in copies.iterdir()), "-o", str(out),
-           "--models", str(smoke_bundle_dir), "--steps", STEPS, "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "revpers.cli",
+        "anonymize",
+        *sorted(str(p) for p in copies.iterdir()),
+        "-o",
+        str(out),
+        "--models",
+        str(smoke_bundle_dir),
+        "--steps",
+        STEPS,
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: no-face and rejected photos need review
     manifest = json.loads((out / "audit-manifest.json").read_text())["files"]
@@ -91,8 +104,20 @@ def summary_of(out: Path) -> dict:
 def run_interrupted_then_rest(engine_args, inp, out, rels):
     """Run 1 stops after LIMIT images; run 2 (same command, no limit) must do exactly the rest while
     the actor doing one of them exits mid-image. Returns (summary 1, summary 2, the image killed on)."""
-    common = [inp, "-o", out, *engine_args, "--concurrency", "2", "--steps", STEPS, "--max-failures", "3",
-              "--format", "png"]
+    common = [
+        inp,
+        "-o",
+        out,
+        *engine_args,
+        "--concurrency",
+        "2",
+        "--steps",
+        STEPS,
+        "--max-failures",
+        "3",
+        "--format",
+        "png",
+    ]
     assert run(batch_args(*common, "--limit", LIMIT)) == 1
     s1 = summary_of(Path(str(out).removeprefix("file://")))
     assert s1["counts"]["done_this_run"] == LIMIT and s1["stopped"] == f"--limit {LIMIT} reached"
@@ -116,8 +141,9 @@ def check_run(out: Path, rels, s1, s2, victim):
     table = pq.read_table(state / "images")
     paths = table["rel"].to_pylist()
     assert sorted(paths) == sorted(rels + ["people/broken.jpg"]) and len(set(paths)) == len(paths)
-    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
-                     and ".revpers-batch" not in p.parts)
+    written = sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and ".revpers-batch" not in p.parts
+    )
     assert [p for p in written if p.endswith(".part")] == []
     images = [p for p in written if not p.endswith(".json") and p not in ("audit.parquet", "review.csv")]
     png = {r: str(Path(r).with_suffix(".png")) for r in rels}  # --format png
@@ -132,8 +158,17 @@ def check_run(out: Path, rels, s1, s2, victim):
     keys = list(zip(audit["path"].to_pylist(), audit["face_index"].to_pylist()))
     assert len(set(keys)) == len(keys)
     assert sum(1 for p, _ in keys if p == victim) == len(faces[victim])
-    for col in ("input_sha256", "box", "verdict", "arcface_cosine", "dlib_distance", "seed", "attempts",
-                "bundle_sha256", "dlib_model_sha256"):
+    for col in (
+        "input_sha256",
+        "box",
+        "verdict",
+        "arcface_cosine",
+        "dlib_distance",
+        "seed",
+        "attempts",
+        "bundle_sha256",
+        "dlib_model_sha256",
+    ):
         assert col in audit.column_names
     assert any(d is not None for d in audit["dlib_distance"].to_pylist())  # the gate's measurements
     # the review list: every image not released as passed, the failure and the file not taken
@@ -144,14 +179,20 @@ def check_run(out: Path, rels, s1, s2, victim):
     for r in rels:
         assert (r in listed) == (reports[r]["verdict"] != "passed"), r
     assert listed["people/broken.jpg"]["status"] == "failed"
-    assert listed["notes.txt"] == {"input": "notes.txt", "status": "not_taken", "verdict": None, "output": None,
-                                   "reason": "unsupported format .txt"}
+    assert listed["notes.txt"] == {
+        "input": "notes.txt",
+        "status": "not_taken",
+        "verdict": None,
+        "output": None,
+        "reason": "unsupported format .txt",
+    }
     assert any(r["verdict"] == "no_faces" for r in review)
     return released
 
 
-def test_models_mode_matches_anonymize_and_resumes_exactly_once(photos, reference, smoke_bundle_dir, local_ray,
-                                                               tmp_path):
+def test_models_mode_matches_anonymize_and_resumes_exactly_once(
+    photos, reference, smoke_bundle_dir, local_ray, tmp_path
+):
     root, rels = photos
     out = tmp_path / "out"
     s1, s2, victim = run_interrupted_then_rest(["--models", smoke_bundle_dir], root, out, rels)
@@ -164,13 +205,13 @@ def test_models_mode_matches_anonymize_and_resumes_exactly_once(photos, referenc
 
 
 @pytest.mark.server
-def test_server_mode_matches_anonymize_and_resumes_exactly_once(photos, reference, triton_server, local_ray,
-                                                                tmp_path):
+def test_server_mode_matches_anonymize_and_resumes_exactly_once(photos, reference, triton_server, local_ray, tmp_path):
     root, rels = photos
     out = tmp_path / "out"
     # input and output as file:// URIs: the pyarrow filesystem path every URI takes
-    s1, s2, victim = run_interrupted_then_rest(["--servers", triton_server.urls.grpc], f"file://{root}",
-                                               f"file://{out}", rels)
+    s1, s2, victim = run_interrupted_then_rest(
+        ["--servers", triton_server.urls.grpc], f"file://{root}", f"file://{out}", rels
+    )
     released = check_run(out, rels, s1, s2, victim)
     assert released == [r for r in rels if reference[r] is not None]
     # pixels within the server's measured parity with the in-process pipeline: at most 2 levels
@@ -195,7 +236,7 @@ def test_plan_takes_the_allow_list_and_refuses_colliding_outputs(tmp_path):
     (root / "out").mkdir()
     (root / "out" / "old.jpg").write_bytes(b"x")  # the output folder inside the input is not walked
     fs, p = plan(str(root), out)
-    rel = lambda ps: sorted(x[len(p.root) + 1:] for x in ps)  # noqa: E731
+    rel = lambda ps: sorted(x[len(p.root) + 1 :] for x in ps)  # noqa: E731
     assert rel(p.files) == ["a/x.jpg", "a/y.PNG", "b/z.tiff"]
     # c/x.jpg.json has the name of a report a run writes: not an input, not listed
     assert [(n.path, n.reason) for n in p.not_taken] == [("c/readme.md", "unsupported format .md")]

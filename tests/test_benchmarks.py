@@ -33,8 +33,13 @@ def test_whole_face_counts_follow_the_pipeline():
 
     c = pipeline_counts(steps=4, skip=0.7, inversion_batch=10)
     # 4 inversion steps in one batched call + 4 generation calls, every sample a CFG pair
-    assert c == {"unet_calls": 5, "unet_sample_evaluations": 16, "vae_encodes": 1, "vae_decodes": 1,
-                 "inversion_batch": 10}
+    assert c == {
+        "unet_calls": 5,
+        "unet_sample_evaluations": 16,
+        "vae_encodes": 1,
+        "vae_decodes": 1,
+        "inversion_batch": 10,
+    }
     assert pipeline_counts(100, 0.7)["unet_sample_evaluations"] == 400  # algorithm.md: 400 at the defaults
     fl = model_flops(tiny=True, size=64)
     assert fl["unet_batch2_flops"] == 2 * fl["unet_batch1_flops"] > 0
@@ -44,17 +49,29 @@ def test_whole_face_counts_follow_the_pipeline():
 def test_flops_main_face_total_and_time_at_peak(tmp_path):
     from benchmarks import flops
 
-    r = flops.main(["--tiny", "--steps", "3", "--size", "64", "--out", str(tmp_path),
-                    "--gpu-results", str(tmp_path / "absent.json")])
+    r = flops.main(
+        [
+            "--tiny",
+            "--steps",
+            "3",
+            "--size",
+            "64",
+            "--out",
+            str(tmp_path),
+            "--gpu-results",
+            str(tmp_path / "absent.json"),
+        ]
+    )
     saved = json.loads((tmp_path / "flops.json").read_text())
     c, fl = saved["counts"], saved["flops"]
     assert c["unet_calls"] == 1 + 3 and c["unet_sample_evaluations"] == 2 * (3 + 3)
     # per sample = half a CFG-pair evaluation: without the /2 the UNet part would be twice this
     assert saved["face_flops"]["unet"] == c["unet_sample_evaluations"] * fl["unet_batch1_flops"]
-    assert saved["face_flops"]["total"] == (c["unet_sample_evaluations"] * fl["unet_batch1_flops"]
-                                            + fl["vae_encode_flops"] + fl["vae_decode_flops"])
+    assert saved["face_flops"]["total"] == (
+        c["unet_sample_evaluations"] * fl["unet_batch1_flops"] + fl["vae_encode_flops"] + fl["vae_decode_flops"]
+    )
     h100 = saved["time_at_peak"]["H100 SXM"]
-    expect = (saved["face_flops"]["unet"] / (989.4e12) + saved["face_flops"]["vae"] / (494.7e12))
+    expect = saved["face_flops"]["unet"] / (989.4e12) + saved["face_flops"]["vae"] / (494.7e12)
     assert h100["face_total_s"] == pytest.approx(expect, abs=1e-4)
     assert r["measured"]["available"] is False and r["measured"]["fraction_of_peak"] is None
 
@@ -62,11 +79,20 @@ def test_flops_main_face_total_and_time_at_peak(tmp_path):
 def test_flops_takes_the_gpu_fraction_only_at_the_same_settings(tmp_path):
     from benchmarks.flops import measured_fraction
 
-    frac = {"gpu_row": "H100 SXM", "steps": 100, "skip": 0.7, "size": 1024, "face_defaults": 0.41,
-            "measured_face_defaults_s": 6.9, "unet_step_batch2": 0.55, "measured_unet_step_batch2_ms": 25.0}
+    frac = {
+        "gpu_row": "H100 SXM",
+        "steps": 100,
+        "skip": 0.7,
+        "size": 1024,
+        "face_defaults": 0.41,
+        "measured_face_defaults_s": 6.9,
+        "unet_step_batch2": 0.55,
+        "measured_unet_step_batch2_ms": 25.0,
+    }
     path = tmp_path / "gpu_fullsize.json"
-    path.write_text(json.dumps({"machine": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, "tiny": False,
-                                "fraction_of_peak": frac}))
+    path.write_text(
+        json.dumps({"machine": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, "tiny": False, "fraction_of_peak": frac})
+    )
     same = argparse.Namespace(steps=100, skip=0.7, size=1024, tiny=False)
     m = measured_fraction(path, same)
     assert m["available"] and m["fraction_of_peak"] == 0.41 and m["unet_step_fraction_of_peak"] == 0.55
@@ -104,8 +130,10 @@ def _batch_composition_bound(bundle, photos, steps: int, inv: int, seed: int) ->
         anonymizer.models = measured = ProbeComponents(models, other=each_sample_alone(models))
         refs = [inprocess_request(anonymizer, raw, params, verify)[0] for raw in raws]
         anonymizer.models = ProbeComponents(models, perturb=measured.error)
-        carried = max(max_pixel_difference(inprocess_request(anonymizer, raw, params, verify)[0], ref)
-                      for raw, ref in zip(raws, refs))
+        carried = max(
+            max_pixel_difference(inprocess_request(anonymizer, raw, params, verify)[0], ref)
+            for raw, ref in zip(raws, refs)
+        )
     print(f"batch composition: component max abs {measured.error}, carried to {carried} levels")
     return 2 * (carried + 1) + 1
 
@@ -120,9 +148,25 @@ def test_compare_in_process_writes_consistent_results(tmp_path, smoke_bundle_dir
     shutil.copy(tom, photos)
     _two_face_photo(photos / "two_faces.png", tom)
     steps, inv = 3, 10
-    r = compare.main(["--steps", str(steps), "--photos", str(photos), "--no-server", "--warmup-passes", "0",
-                      "--inversion-batch", str(inv), "--bundle", str(smoke_bundle_dir),
-                      "--out", str(tmp_path / "res"), "--work", str(tmp_path / "w")])
+    r = compare.main(
+        [
+            "--steps",
+            str(steps),
+            "--photos",
+            str(photos),
+            "--no-server",
+            "--warmup-passes",
+            "0",
+            "--inversion-batch",
+            str(inv),
+            "--bundle",
+            str(smoke_bundle_dir),
+            "--out",
+            str(tmp_path / "res"),
+            "--work",
+            str(tmp_path / "w"),
+        ]
+    )
     saved = json.loads((tmp_path / "res" / "compare.json").read_text())
     assert (tmp_path / "res" / "compare.md").is_file() and (tmp_path / "res" / "compare.png").stat().st_size > 0
     assert saved["per_image_ms"] == r["per_image_ms"]
@@ -134,8 +178,11 @@ def test_compare_in_process_writes_consistent_results(tmp_path, smoke_bundle_dir
         # (a): each face alone, one UNet call per inversion step and per generation step, CFG pair each
         assert x["a_unet"] == {"calls": 2 * f * steps, "samples": 4 * f * steps, "by_batch": {"2": 2 * f * steps}}
         # (b): all faces together, the inversion batched (steps <= inversion batch: one call)
-        assert x["b_unet"] == {"calls": math.ceil(steps / inv) + steps, "samples": 4 * f * steps,
-                               "by_batch": {str(2 * f * steps): 1, str(2 * f): steps}}
+        assert x["b_unet"] == {
+            "calls": math.ceil(steps / inv) + steps,
+            "samples": 4 * f * steps,
+            "by_batch": {str(2 * f * steps): 1, str(2 * f): steps},
+        }
         assert x["a_prompt_encodes"] == f  # no prompt cache: the empty prompt encoded for every face
         assert x["a_face_models_read_from_disk"] == 2  # landmark model and HOG detector, read again
         assert "verify" not in x["b_stages_ms"]  # the gate is off, as in (a)
@@ -170,9 +217,11 @@ def test_stages_gate_flag_and_prompt_encode_mean_skips_photos_without_faces():
     from benchmarks import stages
 
     assert stages.parse([]).verify is True and stages.parse(["--no-verify"]).verify is False
-    rows = [{"faces": 1, "prompt_encode_uncached_ms": 10.0, "prompt_encode_cached_ms": 0.04},
-            {"faces": 6, "prompt_encode_uncached_ms": 6.0, "prompt_encode_cached_ms": 0.02},
-            {"faces": 0, "prompt_encode_uncached_ms": 0.0, "prompt_encode_cached_ms": 0.0}]
+    rows = [
+        {"faces": 1, "prompt_encode_uncached_ms": 10.0, "prompt_encode_cached_ms": 0.04},
+        {"faces": 6, "prompt_encode_uncached_ms": 6.0, "prompt_encode_cached_ms": 0.02},
+        {"faces": 0, "prompt_encode_uncached_ms": 0.0, "prompt_encode_cached_ms": 0.0},
+    ]
     assert stages._prompt_encode_means(rows) == pytest.approx([8.0, 0.03])
 
 
@@ -183,8 +232,23 @@ def test_gpu_fullsize_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path):
         with pytest.raises(SystemExit, match="no CUDA device"):
             gpu_fullsize.main(["--out", str(tmp_path)])
     # steps 3 with inversion batch 10: the timed inversion call is a partial batch (3 steps = 6 samples)
-    r = gpu_fullsize.main(["--device", "cpu", "--tiny", "--steps", "3", "--fast-steps", "2", "--iters", "1",
-                           "--warmup", "0", "--out", str(tmp_path)])
+    r = gpu_fullsize.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--steps",
+            "3",
+            "--fast-steps",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "gpu_fullsize_tiny.json").read_text())
     assert saved["tiny"] is True and saved["unet_step_ms"]["batch2"]["batch"] == 2
     assert " -m benchmarks.gpu_fullsize " in saved["command"]  # the module that ran, not the result name

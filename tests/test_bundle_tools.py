@@ -29,8 +29,9 @@ pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
 
 
 def revpers(*args):
-    return subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
 
 
 def hf_cache(sdxl: Path, hub: Path) -> Path:
@@ -123,9 +124,21 @@ def test_bundle_init_from_hf_cache_fp16_then_check_passes_and_anonymize_works(tm
 
 def test_bundle_init_from_a_diffusers_folder_with_copies(tmp_path, smoke_bundle_dir, capsys):
     out = tmp_path / "copied"
-    rc = main(["bundle", "init", str(out), "--sdxl", str(smoke_bundle_dir / "sdxl"), "--ip-adapter",
-               str(smoke_bundle_dir / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"),
-               "--faces", str(smoke_bundle_dir / "face_models"), "--copy", "--smoke"])
+    rc = main(
+        [
+            "bundle",
+            "init",
+            str(out),
+            "--sdxl",
+            str(smoke_bundle_dir / "sdxl"),
+            "--ip-adapter",
+            str(smoke_bundle_dir / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"),
+            "--faces",
+            str(smoke_bundle_dir / "face_models"),
+            "--copy",
+            "--smoke",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     files = [p for p in out.rglob("*") if not p.is_dir()]
     assert files and not any(p.is_symlink() for p in files)
@@ -134,17 +147,35 @@ def test_bundle_init_from_a_diffusers_folder_with_copies(tmp_path, smoke_bundle_
     assert (out / unet).read_bytes() == (smoke_bundle_dir / unet).read_bytes()
     assert not list(tmp_path.glob(".copied.init-*"))  # built aside and renamed into place
 
-    args = ["bundle", "init", str(out), "--sdxl", str(smoke_bundle_dir / "sdxl"), "--ip-adapter",
-            str(smoke_bundle_dir / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"), "--faces",
-            str(smoke_bundle_dir / "face_models")]
+    args = [
+        "bundle",
+        "init",
+        str(out),
+        "--sdxl",
+        str(smoke_bundle_dir / "sdxl"),
+        "--ip-adapter",
+        str(smoke_bundle_dir / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"),
+        "--faces",
+        str(smoke_bundle_dir / "face_models"),
+    ]
     capsys.readouterr()
     assert main(args) == 2 and "exists and is not empty (use --force" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0 and (out / unet).is_symlink()
     capsys.readouterr()
     src = tmp_path / "downloads"
     shutil.copytree(smoke_bundle_dir, src)
-    holder = ["bundle", "init", str(src), "--force", "--sdxl", str(src / "sdxl"), "--ip-adapter",
-              str(src / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"), "--faces", str(src / "face_models")]
+    holder = [
+        "bundle",
+        "init",
+        str(src),
+        "--force",
+        "--sdxl",
+        str(src / "sdxl"),
+        "--ip-adapter",
+        str(src / "ip_adapter" / "ip-adapter-faceid_sdxl.bin"),
+        "--faces",
+        str(src / "face_models"),
+    ]
     assert main(holder) == 2 and "it holds the source" in capsys.readouterr().err  # --force deletes nothing
     assert (src / unet).read_bytes() == (smoke_bundle_dir / unet).read_bytes()
 
@@ -170,8 +201,11 @@ def _strip_lora(path: Path) -> None:
 
 DAMAGE = {  # case -> (file, damage, words of the problem)
     "missing UNet weights": ("sdxl/unet/diffusion_pytorch_model.safetensors", Path.unlink, "missing (unet weights)"),
-    "garbage adapter": ("ip_adapter/ip-adapter-faceid_sdxl.bin", lambda p: p.write_bytes(HTML),
-                        "not a PyTorch weights file"),
+    "garbage adapter": (
+        "ip_adapter/ip-adapter-faceid_sdxl.bin",
+        lambda p: p.write_bytes(HTML),
+        "not a PyTorch weights file",
+    ),
     "garbage ArcFace": ("face_models/smoke_arcface.onnx", lambda p: p.write_bytes(HTML), "not an ONNX model"),
     "adapter without FaceID LoRA": ("ip_adapter/ip-adapter-faceid_sdxl.bin", _strip_lora, "no FaceID LoRA weights"),
 }
@@ -190,7 +224,7 @@ def test_damaged_bundle_file_gives_exit_2_and_one_line_from_anonymize(case, tmp_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bundle / rel}: ") and words in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()  # refused before any work
-    assert check_bundle(bundle) == [lines[0][len("error: "):]]  # `bundle check` says the same
+    assert check_bundle(bundle) == [lines[0][len("error: ") :]]  # `bundle check` says the same
 
 
 def _fp16_without_variant(bundle: Path) -> None:
@@ -220,23 +254,54 @@ def _wrong_kv_shape(bundle: Path) -> None:
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("damage,expected", [
-    (_fp16_without_variant, [r"sdxl/unet/diffusion_pytorch_model\.safetensors: missing \(unet weights\); the folder "
-                             r"has diffusion_pytorch_model\.fp16\.safetensors: set \"sdxl_variant\": \"fp16\""]),
-    (lambda b: _truncate(b / "sdxl/vae/diffusion_pytorch_model.safetensors"),
-     [r"sdxl/vae/diffusion_pytorch_model\.safetensors: truncated: its header describes \d+ bytes of tensor data, "
-      r"the file holds \d+"]),
-    (_swap_text_encoders, [r"sdxl/text_encoder_2/model\.safetensors: \d+ of the \d+ tensors "
-                           r"CLIPTextModelWithProjection needs are missing"]),
-    (_wrong_kv_shape, [r"ip-adapter-faceid_sdxl\.bin: does not fit the UNet .* ip_adapter\.1\.to_k_ip\.weight: "
-                       r"file \[3, 3\] vs UNet \[64, 64\]"]),
-    (lambda b: _manifest(b, upsampel=2, det_thresh=0.5),
-     [r"manifest\.json: faces\.upsampel: unknown key \(did you mean 'upsample'\?\)",
-      r"manifest\.json: faces\.det_thresh: only used by the insightface detector"]),
-    (lambda b: _manifest(b, detector="insightface", pack="face_models/buffalo_l", det_size=600),
-     [r"manifest\.json: faces\.det_size: must be a positive multiple of 32",
-      r"face_models/buffalo_l: missing \(the insightface model pack folder\)"]),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (
+            _fp16_without_variant,
+            [
+                r"sdxl/unet/diffusion_pytorch_model\.safetensors: missing \(unet weights\); the folder "
+                r"has diffusion_pytorch_model\.fp16\.safetensors: set \"sdxl_variant\": \"fp16\""
+            ],
+        ),
+        (
+            lambda b: _truncate(b / "sdxl/vae/diffusion_pytorch_model.safetensors"),
+            [
+                r"sdxl/vae/diffusion_pytorch_model\.safetensors: truncated: "
+                r"its header describes \d+ bytes of tensor data, "
+                r"the file holds \d+"
+            ],
+        ),
+        (
+            _swap_text_encoders,
+            [
+                r"sdxl/text_encoder_2/model\.safetensors: \d+ of the \d+ tensors "
+                r"CLIPTextModelWithProjection needs are missing"
+            ],
+        ),
+        (
+            _wrong_kv_shape,
+            [
+                r"ip-adapter-faceid_sdxl\.bin: does not fit the UNet .* ip_adapter\.1\.to_k_ip\.weight: "
+                r"file \[3, 3\] vs UNet \[64, 64\]"
+            ],
+        ),
+        (
+            lambda b: _manifest(b, upsampel=2, det_thresh=0.5),
+            [
+                r"manifest\.json: faces\.upsampel: unknown key \(did you mean 'upsample'\?\)",
+                r"manifest\.json: faces\.det_thresh: only used by the insightface detector",
+            ],
+        ),
+        (
+            lambda b: _manifest(b, detector="insightface", pack="face_models/buffalo_l", det_size=600),
+            [
+                r"manifest\.json: faces\.det_size: must be a positive multiple of 32",
+                r"face_models/buffalo_l: missing \(the insightface model pack folder\)",
+            ],
+        ),
+    ],
+)
 def test_bundle_check_names_each_problem_once(damage, expected, tmp_path, smoke_bundle_dir):
     bundle = _damaged(smoke_bundle_dir, tmp_path)
     damage(bundle)
@@ -262,9 +327,11 @@ def test_export_repository_and_serve_check_the_bundle_first(tmp_path, smoke_bund
     repo = tmp_path / "repo"  # a repository whose BLS model would load the damaged bundle
     (repo / "revpers").mkdir(parents=True)
     (repo / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle), 1, 10))
-    for args in (("export", "--models", bundle, "--out", tmp_path / "artifacts"),
-                 ("repository", "--models", bundle, "--backend", "pytorch", "--out", tmp_path / "repo2"),
-                 ("serve", "--repository", repo)):
+    for args in (
+        ("export", "--models", bundle, "--out", tmp_path / "artifacts"),
+        ("repository", "--models", bundle, "--backend", "pytorch", "--out", tmp_path / "repo2"),
+        ("serve", "--repository", repo),
+    ):
         proc = revpers(*args)
         assert proc.returncode == 2, (args, proc.stdout + proc.stderr)
         lines = proc.stderr.strip().splitlines()
@@ -279,9 +346,12 @@ def _scrfd_like(path: Path, outputs: int) -> None:
     from onnx import TensorProto, helper
 
     names = [f"out{i}" for i in range(outputs)]
-    graph = helper.make_graph([helper.make_node("Identity", ["input.1"], [n]) for n in names], "scrfd",
-                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "H", "W"])],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input.1"], [n]) for n in names],
+        "scrfd",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "H", "W"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+    )
     onnx.save(helper.make_model(graph), path)
 
 
@@ -292,14 +362,30 @@ def test_bundle_init_from_an_insightface_pack_and_the_detector_check(tmp_path, s
     shutil.copyfile(smoke_bundle_dir / "face_models/smoke_arcface.onnx", pack / "genderage.onnx")  # not taken
     _scrfd_like(pack / "det_10g.onnx", 9)
     out = tmp_path / "bundle"
-    rc = main(["bundle", "init", str(out), "--sdxl", str(smoke_bundle_dir / "sdxl"), "--ip-adapter",
-               str(smoke_bundle_dir / "ip_adapter/ip-adapter-faceid_sdxl.bin"), "--faces", str(pack), "--smoke"])
+    rc = main(
+        [
+            "bundle",
+            "init",
+            str(out),
+            "--sdxl",
+            str(smoke_bundle_dir / "sdxl"),
+            "--ip-adapter",
+            str(smoke_bundle_dir / "ip_adapter/ip-adapter-faceid_sdxl.bin"),
+            "--faces",
+            str(pack),
+            "--smoke",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     assert json.loads((out / "manifest.json").read_text())["faces"] == {
-        "detector": "insightface", "pack": "face_models/buffalo_l",
-        "recognizer": "face_models/buffalo_l/w600k_r50.onnx"}
+        "detector": "insightface",
+        "pack": "face_models/buffalo_l",
+        "recognizer": "face_models/buffalo_l/w600k_r50.onnx",
+    }
     assert sorted(p.name for p in (out / "face_models/buffalo_l").iterdir()) == ["det_10g.onnx", "w600k_r50.onnx"]
     (out / "face_models/buffalo_l/det_10g.onnx").unlink()
     _scrfd_like(out / "face_models/buffalo_l/det_10g.onnx", 6)
-    assert check_bundle(out) == [f"{out}/face_models/buffalo_l/det_10g.onnx: an SCRFD detector without 5-point "
-                                 "keypoints: alignment needs them (use buffalo_l's det_10g.onnx)"]
+    assert check_bundle(out) == [
+        f"{out}/face_models/buffalo_l/det_10g.onnx: an SCRFD detector without 5-point "
+        "keypoints: alignment needs them (use buffalo_l's det_10g.onnx)"
+    ]

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
 
 
 def revpers(*args, check=False):
-    proc = subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode:
         raise AssertionError(proc.stdout + proc.stderr)
     return proc
@@ -84,8 +85,10 @@ def test_reconstruct_reports_small_error(smoke_bundle_dir, tmp_path):
     assert result["latent_max_abs_error"] <= 1e-4 and result["steps"] == 100
 
 
-@pytest.mark.parametrize("content,expect", [(b"", "empty input"), (b"hello, not an image\n", "not a recognised image"),
-                                             ("truncated", "corrupt or truncated")])
+@pytest.mark.parametrize(
+    "content,expect",
+    [(b"", "empty input"), (b"hello, not an image\n", "not a recognised image"), ("truncated", "corrupt or truncated")],
+)
 def test_bad_images_get_clear_errors_and_the_rest_still_runs(tmp_path, smoke_bundle_dir, content, expect):
     if content == "truncated":
         buf = io.BytesIO()
@@ -94,7 +97,9 @@ def test_bad_images_get_clear_errors_and_the_rest_still_runs(tmp_path, smoke_bun
     bad, good = tmp_path / "bad.jpg", tmp_path / "good.png"
     bad.write_bytes(content)
     Image.fromarray(real_photo()).save(good)
-    proc = revpers("anonymize", bad, good, "-o", tmp_path / "o", "--models", smoke_bundle_dir, "--aligned", "--steps", 2)
+    proc = revpers(
+        "anonymize", bad, good, "-o", tmp_path / "o", "--models", smoke_bundle_dir, "--aligned", "--steps", 2
+    )
     assert proc.returncode == 1
     assert expect in proc.stderr and str(bad) in proc.stderr
     assert (tmp_path / "o" / "good.png").is_file() and not (tmp_path / "o" / "bad.jpg").exists()

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def revpers(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True, timeout=900, **kwargs
+    )
 
 
 def sha(path: Path) -> str:
@@ -59,7 +60,11 @@ def test_a_folder_run_mirrors_the_tree_and_lists_what_needs_review(photos, smoke
     proc = revpers("anonymize", photos, "-o", out, "--models", smoke_bundle_dir, "--steps", "2", "--retries", "0")
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the no-face image needs review
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".jpg", ".png")) == [
-        "noise.png", "sub/hanks.png", "sub/hanks_scan.png", "t1.jpg"]
+        "noise.png",
+        "sub/hanks.png",
+        "sub/hanks_scan.png",
+        "t1.jpg",
+    ]
     for report_file in out.rglob("*.json"):
         if report_file.name.endswith((".jpg.json", ".png.json")):
             validate_report(json.loads(report_file.read_text()))
@@ -93,8 +98,23 @@ def test_sigint_stops_cleanly_and_resume_does_only_the_rest(smoke_bundle_dir, tm
     for k in range(6):  # six distinct photos with faces
         base.crop((k * 20, 0, base.width - (5 - k) * 20, base.height)).save(src / f"p{k}.jpg")
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "revpers.cli", "anonymize", str(src), "-o", str(out), "--models",
-            str(smoke_bundle_dir), "--steps", "2", "--retries", "0", "--progress", "lines"]
+    args = [
+        sys.executable,
+        "-m",
+        "revpers.cli",
+        "anonymize",
+        str(src),
+        "-o",
+        str(out),
+        "--models",
+        str(smoke_bundle_dir),
+        "--steps",
+        "2",
+        "--retries",
+        "0",
+        "--progress",
+        "lines",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not list(out.glob("p*.jpg.json")) and time.monotonic() < deadline and proc.poll() is None:

@@ -110,20 +110,23 @@ def test_attribute_prompt_template_and_bands():
         p(None, 30)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--prompt", "an old man", "--age", "70", "--sex", "male"], "mutually exclusive"),
-    (["--age", "70"], "need --sex"),
-    (["--race", "asian"], "need --sex"),
-    (["--age", "200", "--sex", "male"], "between 0 and 120"),
-    (["--age", "7.5", "--sex", "male"], "whole number"),
-    (["--race", "two words", "--sex", "male"], "one word"),
-    (["--sex", "other"], "sex must be one of female, male; got 'other'"),
-    (["--retries", "6"], "retries must be an integer in [0, 5], got '6'"),
-    (["--retries", "-1"], "retries must be an integer in [0, 5]"),
-    (["--retries", "two"], "retries must be an integer in [0, 5], got 'two'"),
-    (["--concurrency", "0"], "must be >= 1"),
-    (["--timeout", "-1"], "must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", "an old man", "--age", "70", "--sex", "male"], "mutually exclusive"),
+        (["--age", "70"], "need --sex"),
+        (["--race", "asian"], "need --sex"),
+        (["--age", "200", "--sex", "male"], "between 0 and 120"),
+        (["--age", "7.5", "--sex", "male"], "whole number"),
+        (["--race", "two words", "--sex", "male"], "one word"),
+        (["--sex", "other"], "sex must be one of female, male; got 'other'"),
+        (["--retries", "6"], "retries must be an integer in [0, 5], got '6'"),
+        (["--retries", "-1"], "retries must be an integer in [0, 5]"),
+        (["--retries", "two"], "retries must be an integer in [0, 5], got 'two'"),
+        (["--concurrency", "0"], "must be >= 1"),
+        (["--timeout", "-1"], "must be a number > 0"),
+    ],
+)
 def test_cli_refuses_bad_arguments(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         run_cli("anonymize", TOM, "-o", tmp_path / "out", "--url", "127.0.0.1:1", *argv)
@@ -153,8 +156,20 @@ def test_cli_refuses_bad_url(tmp_path, capsys):
 
 def test_plan_mirrors_folders_files_and_globs(tmp_path):
     src = tmp_path / "photos"
-    for rel in ("a/x.jpg", "a/b/y.PNG", "c/z.webp", "c/.hidden.jpg", ".cache/w.jpg", "notes.txt", "d/v.jpeg",
-                "e/scan.TIF", "e/old.bmp", "e/anim.gif", "e/phone.heic", "e/noext"):
+    for rel in (
+        "a/x.jpg",
+        "a/b/y.PNG",
+        "c/z.webp",
+        "c/.hidden.jpg",
+        ".cache/w.jpg",
+        "notes.txt",
+        "d/v.jpeg",
+        "e/scan.TIF",
+        "e/old.bmp",
+        "e/anim.gif",
+        "e/phone.heic",
+        "e/noext",
+    ):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(b"x")
     out = src / "anon"  # an output folder inside the input tree is never read as input
@@ -163,13 +178,20 @@ def test_plan_mirrors_folders_files_and_globs(tmp_path):
     (out / "a" / "x.jpg.json").write_text("{}")  # with its report: an output of an earlier run
     found = collect([str(src)], out)
     assert [(i.rel, i.out_rel, i.fmt) for i in found.items] == [
-        ("a/b/y.PNG", "a/b/y.PNG", "png"), ("a/x.jpg", "a/x.jpg", "jpeg"), ("c/z.webp", "c/z.webp", "webp"),
-        ("d/v.jpeg", "d/v.jpeg", "jpeg"), ("e/anim.gif", "e/anim.png", "png"), ("e/old.bmp", "e/old.png", "png"),
-        ("e/scan.TIF", "e/scan.png", "png")]
+        ("a/b/y.PNG", "a/b/y.PNG", "png"),
+        ("a/x.jpg", "a/x.jpg", "jpeg"),
+        ("c/z.webp", "c/z.webp", "webp"),
+        ("d/v.jpeg", "d/v.jpeg", "jpeg"),
+        ("e/anim.gif", "e/anim.png", "png"),
+        ("e/old.bmp", "e/old.png", "png"),
+        ("e/scan.TIF", "e/scan.png", "png"),
+    ]
     # every file not taken is listed with its reason (hidden entries are not walked at all)
     assert [(n.path, n.reason) for n in found.not_taken] == [
-        ("e/noext", "unsupported format (no suffix)"), ("e/phone.heic", "unsupported format .heic"),
-        ("notes.txt", "unsupported format .txt")]
+        ("e/noext", "unsupported format (no suffix)"),
+        ("e/phone.heic", "unsupported format .heic"),
+        ("notes.txt", "unsupported format .txt"),
+    ]
     # a file goes to OUTDIR/<name>; named explicitly, an unsupported one is listed too; naming one twice is harmless
     found = collect([str(src / "notes.txt"), str(src / "a" / "x.jpg"), str(src / "a" / "x.jpg")], out)
     assert [(i.out_rel, i.fmt) for i in found.items] == [("x.jpg", "jpeg")]
@@ -235,7 +257,8 @@ def test_outputs_over_inputs_are_refused(tmp_path):
     # ... and a photo there that this tool did not write is listed as not taken, not skipped silently
     assert [(n.path, n.reason) for n in c.not_taken] == [
         ((src / "sub").as_posix() + f"/{name}", "inside the output folder, which is not searched")
-        for name in ("a.jpg", "b.png")]
+        for name in ("a.jpg", "b.png")
+    ]
     with pytest.raises(UsageError, match="would overwrite the input file .*sub/a.jpg"):
         check_outputs(c, src / "sub")
     (src / "sub" / "a.jpg.json").write_text("{}")  # an output of an earlier run (its report beside it)
@@ -269,8 +292,12 @@ def test_output_in_the_input_folder_is_refused_before_any_request(tmp_path, caps
     (tmp_path / "link").symlink_to(src)
     before = {p: sha(p) for p in src.rglob("*") if p.is_file()}
     dead = f"127.0.0.1:{free_port()}"
-    for out, extra in ((src, []), (src, ["--format", "webp"]), (tmp_path / "link", []),
-                       (src / "kids", [])):  # tom.png -> kids/tom.png, a photo this tool never wrote
+    for out, extra in (
+        (src, []),
+        (src, ["--format", "webp"]),
+        (tmp_path / "link", []),
+        (src / "kids", []),
+    ):  # tom.png -> kids/tom.png, a photo this tool never wrote
         code = run_cli("anonymize", src, "-o", out, "--url", dead, *extra)
         err = capsys.readouterr().err
         assert code == 2, (out, extra, err)
@@ -370,14 +397,19 @@ def test_request_params_send_face_keys_and_quality_only_when_given():
 
     base = ["anonymize", "x.jpg", "-o", "out", "--url", "127.0.0.1:1"]
     assert request_params(build_parser().parse_args(base)) == {"mode": "photo"}
-    got = request_params(build_parser().parse_args(base + ["--on-no-face", "fail", "--det-thresh", "0.4",
-                                                           "--min-face", "24", "--quality", "80"]))
+    got = request_params(
+        build_parser().parse_args(
+            base + ["--on-no-face", "fail", "--det-thresh", "0.4", "--min-face", "24", "--quality", "80"]
+        )
+    )
     assert got == {"mode": "photo", "on_no_face": "fail", "det_thresh": 0.4, "min_face": 24, "quality": 80}
     assert set(got) <= set(protocol.PARAM_KEYS)
 
 
-@pytest.mark.parametrize("on_no_face, status, exit_code, written", [
-    ("review", "review", 1, True), ("keep", "ok", 0, True), ("fail", "failed", 1, False)])
+@pytest.mark.parametrize(
+    "on_no_face, status, exit_code, written",
+    [("review", "review", 1, True), ("keep", "ok", 0, True), ("fail", "failed", 1, False)],
+)
 def test_engine_no_face_policy_with_an_in_process_runner(tmp_path, on_no_face, status, exit_code, written):
     """The run engine with a ``process`` of its own (as the in-process CLI passes): a no-face answer
     is reviewed, kept or failed per --on-no-face; a passed one is ok."""
@@ -395,10 +427,15 @@ def test_engine_no_face_policy_with_an_in_process_runner(tmp_path, on_no_face, s
         return b"out-" + data, {"verdict": verdict, "faces": []}
 
     items = collect([str(src)], tmp_path / "out").items
-    summary = run_collection(items, process, RunOptions(tmp_path / "out", {"steps": 2}, on_no_face=on_no_face,
-                                                        progress="none", printed=False, tool="test"))
-    assert sorted(calls) == [("face.png", b"face", {"steps": 2, "format": "png"}),
-                             ("none.png", b"none", {"steps": 2, "format": "png"})]
+    summary = run_collection(
+        items,
+        process,
+        RunOptions(tmp_path / "out", {"steps": 2}, on_no_face=on_no_face, progress="none", printed=False, tool="test"),
+    )
+    assert sorted(calls) == [
+        ("face.png", b"face", {"steps": 2, "format": "png"}),
+        ("none.png", b"none", {"steps": 2, "format": "png"}),
+    ]
     assert summary.exit_code == exit_code
     entries = {e["input"]: e for e in json.loads((tmp_path / "out" / "audit-manifest.json").read_text())["files"]}
     assert entries["face.png"]["status"] == "ok" and entries["none.png"]["status"] == status
@@ -427,8 +464,9 @@ def test_in_place_run_and_resume_do_not_anonymize_outputs_again(tmp_path):
     def run(resume):
         c = collect([str(src)], src, in_place=True)
         check_outputs(c, src, in_place=True)
-        return c, run_collection(c.items, process, RunOptions(src, {}, resume=resume, progress="none",
-                                                              printed=False, tool="test"))
+        return c, run_collection(
+            c.items, process, RunOptions(src, {}, resume=resume, progress="none", printed=False, tool="test")
+        )
 
     c, summary = run(False)
     assert summary.exit_code == 0 and sorted(sent) == [b"a", b"b"]
@@ -459,8 +497,16 @@ def test_engine_stop_leaves_the_rest_not_done_and_ends(tmp_path):
 
     items = collect([str(src)], tmp_path / "out").items
     result = {}
-    t = threading.Thread(daemon=True, target=lambda: result.update(s=run_collection(
-        items, process, RunOptions(tmp_path / "out", {}, concurrency=2, progress="none", printed=False, tool="t"))))
+    t = threading.Thread(
+        daemon=True,
+        target=lambda: result.update(
+            s=run_collection(
+                items,
+                process,
+                RunOptions(tmp_path / "out", {}, concurrency=2, progress="none", printed=False, tool="t"),
+            )
+        ),
+    )
     t.start()
     t.join(timeout=120)
     release.set()
@@ -476,7 +522,11 @@ def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     code = run_cli("anonymize", TOM, "-o", tmp_path / "file" / "out", "--url", f"127.0.0.1:{free_port()}")
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("revpers-client: error: cannot create the output folder") and "Traceback" not in err
+    assert (
+        code == 2
+        and err.startswith("revpers-client: error: cannot create the output folder")
+        and "Traceback" not in err
+    )
 
 
 def test_security_options_are_checked(tmp_path):
@@ -490,18 +540,26 @@ def test_security_options_are_checked(tmp_path):
     assert Security.from_options(environ={protocol.API_KEY_ENV: "fromenv"}).api_key == "fromenv"
     assert Security.from_options(environ={}).headers is None
     (tmp_path / "empty").write_text("\n")
-    for kwargs, message in (({"api_key_file": tmp_path / "empty"}, "is empty"),
-                            ({"api_key_file": tmp_path / "missing"}, "cannot read"),
-                            ({"ca": str(key)}, "need --tls"),
-                            ({"tls": True, "ca": str(tmp_path / "missing")}, "no such file"),
-                            ({"tls": True, "cert": str(key)}, "go together")):
+    for kwargs, message in (
+        ({"api_key_file": tmp_path / "empty"}, "is empty"),
+        ({"api_key_file": tmp_path / "missing"}, "cannot read"),
+        ({"ca": str(key)}, "need --tls"),
+        ({"tls": True, "ca": str(tmp_path / "missing")}, "no such file"),
+        ({"tls": True, "cert": str(key)}, "go together"),
+    ):
         with pytest.raises(ConfigError, match=message):
             Security.from_options(environ={}, **kwargs)
 
 
 def test_latency_stats():
-    assert latency_stats([30.0, 10.0, 20.0, 40.0]) == {"n": 4, "mean": 25.0, "p50": 25.0, "p95": 38.5,
-                                                       "min": 10.0, "max": 40.0}
+    assert latency_stats([30.0, 10.0, 20.0, 40.0]) == {
+        "n": 4,
+        "mean": 25.0,
+        "p50": 25.0,
+        "p95": 38.5,
+        "min": 10.0,
+        "max": 40.0,
+    }
     assert latency_stats([1.23456], ndigits=3)["p95"] == 1.235
     assert latency_stats([]) == {"n": 0, "mean": None, "p50": None, "p95": None, "min": None, "max": None}
 
@@ -539,11 +597,14 @@ def test_backoff_and_retryable():
     assert RetryPolicy(retry_deadline=True).retryable(deadline, attempts=1)
     assert not RetryPolicy(retry_deadline=True).retryable(deadline, attempts=2)
     # an API key or TLS refusal is UNAVAILABLE too, but no retry can fix it
-    auth = ServiceError("This protocol is restricted, expecting header 'triton-grpc-protocol-x-api-key'",
-                        "StatusCode.UNAVAILABLE")
-    tls = ServiceError("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Ssl handshake "
-                       "failed: SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
-                       "StatusCode.UNAVAILABLE")
+    auth = ServiceError(
+        "This protocol is restricted, expecting header 'triton-grpc-protocol-x-api-key'", "StatusCode.UNAVAILABLE"
+    )
+    tls = ServiceError(
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Ssl handshake "
+        "failed: SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
+        "StatusCode.UNAVAILABLE",
+    )
     assert auth.kind == "auth" and tls.kind == "tls" and unavailable.kind == "not_ready"
     assert not wait.retryable(auth) and not wait.retryable(tls)
     with pytest.raises(ValueError):
@@ -611,8 +672,14 @@ def test_resume_check_reads_the_input_only_when_needed_and_hands_its_bytes_on(tm
     out.mkdir()
     (out / "in.png").write_bytes(b"output bytes")
     request = {"mode": "photo", "format": "png", "steps": 3}
-    report = {"verdict": "passed", "client": {"request": request, "input_sha256": sha256_hex(b"input bytes"),
-                                              "output_sha256": sha256_hex(b"output bytes")}}
+    report = {
+        "verdict": "passed",
+        "client": {
+            "request": request,
+            "input_sha256": sha256_hex(b"input bytes"),
+            "output_sha256": sha256_hex(b"output bytes"),
+        },
+    }
     (out / "in.png.json").write_text(json.dumps(report))
     item = Item(src, "in.png", "in.png", "png")
     assert resume_check(out, item, request).report == report  # complete: skipped
@@ -642,8 +709,10 @@ def test_batch_result_rejected_means_answered_without_an_image():
 
 
 def test_client_library_does_not_need_torch():
-    code = ("import sys; import revpers_client, revpers_client.cli, revpers_client.batch; "
-            "assert 'torch' not in sys.modules and 'revpers' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys; import revpers_client, revpers_client.cli, revpers_client.batch; "
+        "assert 'torch' not in sys.modules and 'revpers' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
 
@@ -653,21 +722,45 @@ def test_client_distribution_installs_alone(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO_ROOT / "client", src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(src)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     meta = (next(site.glob("revpers_client-*.dist-info")) / "METADATA").read_text()
     requires = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))
     assert requires == ["numpy", "tqdm>=4.60", "tritonclient[grpc]>=2.40"]
     assert sorted(p.name for p in (site / "revpers_client").glob("*.py")) == sorted(
-        p.name for p in (REPO_ROOT / "client").glob("*.py"))
+        p.name for p in (REPO_ROOT / "client").glob("*.py")
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    code = ("import sys, revpers_client, revpers_client.cli, revpers_client.batch, revpers_client.core; "
-            "from revpers_client import RevpersClient; "
-            f"assert revpers_client.__file__.startswith({str(site)!r}), revpers_client.__file__; "
-            "assert not {'torch', 'revpers', 'diffusers', 'onnxruntime'} & set(sys.modules), sorted(sys.modules)")
+    code = (
+        "import sys, revpers_client, revpers_client.cli, revpers_client.batch, revpers_client.core; "
+        "from revpers_client import RevpersClient; "
+        f"assert revpers_client.__file__.startswith({str(site)!r}), revpers_client.__file__; "
+        "assert not {'torch', 'revpers', 'diffusers', 'onnxruntime'} & set(sys.modules), sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)
-    out = subprocess.run([str(site / "bin" / "revpers-client"), "--help"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(site / "bin" / "revpers-client"), "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "anonymize" in out.stdout, out.stderr
 
 
@@ -715,12 +808,12 @@ def tiff_of(path: Path) -> bytes:
 def make_tree(root: Path) -> dict[str, bytes]:
     """A small tree of real photos (one a TIFF) plus a corrupt JPEG and a non-image file."""
     files = {
-        "scans/tom.tif": tiff_of(TOM),                      # 1 face; TIFF in, PNG out
-        "family/t1.jpg": T1.read_bytes(),                  # 6 faces
-        "family/kids/tom.png": TOM.read_bytes(),            # 1 face
-        "space/astronaut.jpg": astronaut_jpeg(),            # 1 face, and a low-score 2nd detection
-        "masks/mask_white.jpg": MASK.read_bytes(),          # no face found
-        "space/broken.jpg": T1.read_bytes()[:20000],        # truncated JPEG
+        "scans/tom.tif": tiff_of(TOM),  # 1 face; TIFF in, PNG out
+        "family/t1.jpg": T1.read_bytes(),  # 6 faces
+        "family/kids/tom.png": TOM.read_bytes(),  # 1 face
+        "space/astronaut.jpg": astronaut_jpeg(),  # 1 face, and a low-score 2nd detection
+        "masks/mask_white.jpg": MASK.read_bytes(),  # no face found
+        "space/broken.jpg": T1.read_bytes()[:20000],  # truncated JPEG
     }
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -739,17 +832,41 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
     # --no-verify: this test is about the tree, the counts and the corrupt file. With the gate on, a
     # smoke-noise face can still match after its blur fallback and the image is rejected (that path:
     # test_gate_rejection_reaches_the_client_as_a_failure_with_its_report).
-    code = run_cli("anonymize", src, "-o", out, "--url", url, "--steps", 2, "--concurrency", 3, "--seed", 5,
-                   "--progress", "lines", "--no-verify")
+    code = run_cli(
+        "anonymize",
+        src,
+        "-o",
+        out,
+        "--url",
+        url,
+        "--steps",
+        2,
+        "--concurrency",
+        3,
+        "--seed",
+        5,
+        "--progress",
+        "lines",
+        "--no-verify",
+    )
     wall = time.perf_counter() - t0
     captured = capsys.readouterr()
     assert code == 1, captured
     summary = json.loads((out / "run-summary.json").read_text())
-    print(f"tree of {len(files)} files in {wall:.1f} s; summary counts {summary['counts']}, "
-          f"latency {summary['latency_ms']}")
+    print(
+        f"tree of {len(files)} files in {wall:.1f} s; summary counts {summary['counts']}, "
+        f"latency {summary['latency_ms']}"
+    )
     # --no-verify: nothing is released as passed, so every image answered is "review"
-    assert summary["counts"] == {"inputs": 6, "ok": 0, "review": 5, "failed": 1, "skipped": 0, "not_done": 0,
-                                 "not_taken": 1}
+    assert summary["counts"] == {
+        "inputs": 6,
+        "ok": 0,
+        "review": 5,
+        "failed": 1,
+        "skipped": 0,
+        "not_done": 0,
+        "not_taken": 1,
+    }
     assert summary["exit_code"] == 1 and summary["smoke"] is True and summary["interrupted"] is None
     assert summary["not_taken"] == [{"path": "README.txt", "reason": "unsupported format .txt"}]
     # the failure carries exactly what the server says about those bytes
@@ -767,11 +884,19 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
     out_of = {k: ("scans/tom.png" if k == "scans/tom.tif" else k) for k in files}
     produced = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     good = sorted(k for k in files if k != "space/broken.jpg")
-    assert produced == sorted(["audit-manifest.json", "run-summary.json", "review.csv", "review.json"]
-                              + [out_of[g] for g in good] + [out_of[g] + ".json" for g in good])
+    assert produced == sorted(
+        ["audit-manifest.json", "run-summary.json", "review.csv", "review.json"]
+        + [out_of[g] for g in good]
+        + [out_of[g] + ".json" for g in good]
+    )
     faces = 0
-    faces_in = {"family/t1.jpg": 6, "family/kids/tom.png": 1, "space/astronaut.jpg": 2, "masks/mask_white.jpg": 0,
-                "scans/tom.tif": 1}
+    faces_in = {
+        "family/t1.jpg": 6,
+        "family/kids/tom.png": 1,
+        "space/astronaut.jpg": 2,
+        "masks/mask_white.jpg": 0,
+        "scans/tom.tif": 1,
+    }
     assert sorted(faces_in) == good
     for rel in good:
         fmt = image_format(out / out_of[rel])
@@ -804,15 +929,29 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
     assert summary["review_list"] == {"csv": "review.csv", "json": "review.json", "rows": len(rows)}
     by_input = {r["input"]: r for r in rows}
     assert sorted(by_input) == sorted(list(files) + ["README.txt"])
-    assert by_input["README.txt"] == {"input": "README.txt", "status": "not_taken", "verdict": None,
-                                      "output": None, "reason": "unsupported format .txt"}
-    assert by_input["masks/mask_white.jpg"] == {"input": "masks/mask_white.jpg", "status": "review",
-                                                "verdict": "no_faces", "output": "masks/mask_white.jpg",
-                                                "reason": "no face found: check that no face was missed"}
+    assert by_input["README.txt"] == {
+        "input": "README.txt",
+        "status": "not_taken",
+        "verdict": None,
+        "output": None,
+        "reason": "unsupported format .txt",
+    }
+    assert by_input["masks/mask_white.jpg"] == {
+        "input": "masks/mask_white.jpg",
+        "status": "review",
+        "verdict": "no_faces",
+        "output": "masks/mask_white.jpg",
+        "reason": "no face found: check that no face was missed",
+    }
     assert by_input["space/broken.jpg"]["status"] == "failed"
     assert by_input["space/broken.jpg"]["reason"].startswith("INVALID_ARGUMENT: ")
-    assert by_input["scans/tom.tif"] == {"input": "scans/tom.tif", "status": "review", "verdict": "unverified",
-                                         "output": "scans/tom.png", "reason": "verdict unverified"}
+    assert by_input["scans/tom.tif"] == {
+        "input": "scans/tom.tif",
+        "status": "review",
+        "verdict": "unverified",
+        "output": "scans/tom.png",
+        "reason": "verdict unverified",
+    }
     import csv
 
     with open(out / "review.csv", newline="") as fh:
@@ -843,11 +982,14 @@ def test_tree_is_mirrored_and_corrupt_file_fails_with_server_message(url, tmp_pa
 
 @server_tests
 def test_attribute_flags_reach_the_server_as_the_documented_prompt(url, tmp_path):
-    for flags, want in ((["--age", 70, "--sex", "male"], "70-year-old man"),
-                        (["--age", 8, "--sex", "female", "--race", "Asian"], "8-year-old asian girl")):
+    for flags, want in (
+        (["--age", 70, "--sex", "male"], "70-year-old man"),
+        (["--age", 8, "--sex", "female", "--race", "Asian"], "8-year-old asian girl"),
+    ):
         out = tmp_path / want.replace(" ", "_")
-        code = run_cli("anonymize", TOM, "-o", out, "--url", url, "--mode", "aligned", "--steps", 2, *flags,
-                       "--progress", "none")
+        code = run_cli(
+            "anonymize", TOM, "-o", out, "--url", url, "--mode", "aligned", "--steps", 2, *flags, "--progress", "none"
+        )
         assert code == 0
         report = json.loads((out / "Tom_Hanks_54745.png.json").read_text())
         assert report["params"]["prompt"] == want  # as the server parsed and used it
@@ -860,8 +1002,23 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
     for k in range(n):
         (src / f"part{k % 2}").mkdir(parents=True, exist_ok=True)
         (src / f"part{k % 2}" / f"face{k:02d}.png").write_bytes(TOM.read_bytes())
-    cmd = [sys.executable, "-m", "revpers_client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
-           "--concurrency", "1", "--steps", "3", "--progress", "lines"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "revpers_client.cli",
+        "anonymize",
+        str(src),
+        "-o",
+        str(out),
+        "--url",
+        url,
+        "--concurrency",
+        "1",
+        "--steps",
+        "3",
+        "--progress",
+        "lines",
+    ]
 
     def reports():
         return sorted(p for p in out.rglob("*.png.json"))
@@ -877,8 +1034,9 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
     log = proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL, log
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in reports()}
-    images_before = {p.with_suffix(""): (p.with_suffix("").stat().st_ino, p.with_suffix("").stat().st_mtime_ns)
-                     for p in before}
+    images_before = {
+        p.with_suffix(""): (p.with_suffix("").stat().st_ino, p.with_suffix("").stat().st_mtime_ns) for p in before
+    }
     assert 3 <= len(before) < n, f"kill landed at {len(before)} of {n} outputs; log:\n{log}"
     assert not (out / "run-summary.json").exists()
     # every report written before the kill describes a whole image (reports are written last)
@@ -895,12 +1053,21 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
 
     t0 = time.perf_counter()
     resumed = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    print(f"killed after {len(before)} of {n}; .part files left by the kill: {parts_after_kill}; "
-          f"resume took {time.perf_counter() - t0:.1f} s")
+    print(
+        f"killed after {len(before)} of {n}; .part files left by the kill: {parts_after_kill}; "
+        f"resume took {time.perf_counter() - t0:.1f} s"
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     summary = json.loads((out / "run-summary.json").read_text())
-    assert summary["counts"] == {"inputs": n, "ok": n - len(before), "review": 0, "failed": 0,
-                                 "skipped": len(before), "not_done": 0, "not_taken": 0}
+    assert summary["counts"] == {
+        "inputs": n,
+        "ok": n - len(before),
+        "review": 0,
+        "failed": 0,
+        "skipped": len(before),
+        "not_done": 0,
+        "not_taken": 0,
+    }
     assert f"{len(before)} skipped" in resumed.stdout
     for p, stamp in {**before, **images_before}.items():  # not redone: same inode, same mtime
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp, p
@@ -927,12 +1094,24 @@ def test_kill_then_resume_finishes_without_redoing_or_partial_files(url, tmp_pat
     redo = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert redo.returncode == 0, redo.stdout + redo.stderr
     assert json.loads((out / "run-summary.json").read_text())["counts"] == {
-        "inputs": n, "ok": 1, "review": 0, "failed": 0, "skipped": n - 1, "not_done": 0, "not_taken": 0}
+        "inputs": n,
+        "ok": 1,
+        "review": 0,
+        "failed": 0,
+        "skipped": n - 1,
+        "not_done": 0,
+        "not_taken": 0,
+    }
     redone = json.loads(Path(str(out / changed_src.relative_to(src)) + ".json").read_text())
     assert redone["client"]["input_sha256"] == sha(changed_src) == redone["audit"]["input_sha256"]
     # a changed parameter is not "complete" for --resume: everything is redone
-    changed = subprocess.run(cmd[:-4] + ["--steps", "2", "--resume", "--concurrency", "2", "--progress", "none"],
-                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    changed = subprocess.run(
+        cmd[:-4] + ["--steps", "2", "--resume", "--concurrency", "2", "--progress", "none"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert changed.returncode == 0, changed.stderr
     assert json.loads((out / "run-summary.json").read_text())["counts"]["ok"] == n
 
@@ -944,8 +1123,25 @@ def test_signal_stops_cleanly_with_summary_and_resume_finishes_the_rest(url, tmp
     src.mkdir()
     for k in range(8):
         (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
-    cmd = [sys.executable, "-m", "revpers_client.cli", "anonymize", str(src), "-o", str(out), "--url", url,
-           "--concurrency", "1", "--steps", "3", "--mode", "aligned", "--progress", "lines"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "revpers_client.cli",
+        "anonymize",
+        str(src),
+        "-o",
+        str(out),
+        "--url",
+        url,
+        "--concurrency",
+        "1",
+        "--steps",
+        "3",
+        "--mode",
+        "aligned",
+        "--progress",
+        "lines",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not list(out.glob("*.png.json")) and proc.poll() is None and time.monotonic() < deadline:
@@ -976,11 +1172,11 @@ def test_signal_stops_cleanly_with_summary_and_resume_finishes_the_rest(url, tmp
 def test_retries_until_a_late_server_starts(second):
     """Nothing listens on the URL yet; the server starts while the client is retrying."""
     data = TOM.read_bytes()
-    client = BatchClient([second["url"]], retry=RetryPolicy(max_attempts=200, backoff_s=0.5, max_backoff_s=2.0),
-                         timeout=60)
+    client = BatchClient(
+        [second["url"]], retry=RetryPolicy(max_attempts=200, backoff_s=0.5, max_backoff_s=2.0), timeout=60
+    )
     result = {}
-    t = threading.Thread(target=lambda: result.update(r=client.run(Job("tom", data, {"mode": "aligned",
-                                                                                     "steps": 2}))))
+    t = threading.Thread(target=lambda: result.update(r=client.run(Job("tom", data, {"mode": "aligned", "steps": 2}))))
     t.start()
     time.sleep(2.0)
     t0 = time.perf_counter()
@@ -989,8 +1185,10 @@ def test_retries_until_a_late_server_starts(second):
     t.join(timeout=240)
     client.close()
     res = result["r"]
-    print(f"server started in {started:.1f} s; request succeeded after {res.attempts} attempts "
-          f"({res.latency_s:.1f} s in all)")
+    print(
+        f"server started in {started:.1f} s; request succeeded after {res.attempts} attempts "
+        f"({res.latency_s:.1f} s in all)"
+    )
     assert res.ok, res.errors
     assert res.attempts >= 2
     assert all(": UNAVAILABLE: " in e for e in res.errors)
@@ -1006,15 +1204,33 @@ def test_two_servers_both_receive_work(url, triton_server, second, tmp_path):
         (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
     before = (success_count(triton_server.urls.metrics), success_count(srv2.urls.metrics))
     t0 = time.perf_counter()
-    code = run_cli("anonymize", src, "-o", tmp_path / "out", "--url", url, "--url", srv2.urls.grpc,
-                   "--concurrency", 4, "--steps", 3, "--mode", "aligned", "--progress", "none")
+    code = run_cli(
+        "anonymize",
+        src,
+        "-o",
+        tmp_path / "out",
+        "--url",
+        url,
+        "--url",
+        srv2.urls.grpc,
+        "--concurrency",
+        4,
+        "--steps",
+        3,
+        "--mode",
+        "aligned",
+        "--progress",
+        "none",
+    )
     wall = time.perf_counter() - t0
     assert code == 0
     after = (success_count(triton_server.urls.metrics), success_count(srv2.urls.metrics))
     got = (after[0] - before[0], after[1] - before[1])
     summary = json.loads((tmp_path / "out" / "run-summary.json").read_text())
-    print(f"8 images over 2 servers in {wall:.1f} s: server-side successes {got}, "
-          f"client-side {summary['requests_sent_per_url']}")
+    print(
+        f"8 images over 2 servers in {wall:.1f} s: server-side successes {got}, "
+        f"client-side {summary['requests_sent_per_url']}"
+    )
     assert got[0] >= 1 and got[1] >= 1 and sum(got) == 8  # the servers' own counters
     assert summary["requests_sent_per_url"] == {url: got[0], srv2.urls.grpc: got[1]}
 
@@ -1025,8 +1241,9 @@ def test_dead_server_in_the_list_is_retried_elsewhere(url):
 
     dead = f"127.0.0.1:{free_port()}"
     data = TOM.read_bytes()
-    with BatchClient([dead, url], concurrency=2, retry=RetryPolicy(max_attempts=3, backoff_s=0.05),
-                     balance="round-robin") as bc:
+    with BatchClient(
+        [dead, url], concurrency=2, retry=RetryPolicy(max_attempts=3, backoff_s=0.05), balance="round-robin"
+    ) as bc:
         results = list(bc.map(Job(k, data, {"mode": "aligned", "steps": 2}) for k in range(4)))
         sent = bc.sent_per_url()
     assert all(r.ok for r in results), [r.errors for r in results]
@@ -1079,8 +1296,9 @@ def test_health(url, capsys):
 
 
 @server_tests
-def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_artifacts, smoke_bundle_dir, tmp_path,
-                                                                         capsys):
+def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(
+    onnx_artifacts, smoke_bundle_dir, tmp_path, capsys
+):
     """A server whose bundle says every face still matches (dlib threshold 1.99: any distance the
     descriptor gives is below it) must reject the image after the retries: the client writes no
     image (and removes one an earlier --no-verify run wrote there), keeps the report (why, per-face
@@ -1099,18 +1317,54 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
     try:
         # gate off: an image is written
         # (exit 1: an unverified image is released but listed for review)
-        assert run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--no-verify",
-                       "--progress", "none") == 1
+        assert (
+            run_cli(
+                "anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--steps", 2, "--no-verify", "--progress", "none"
+            )
+            == 1
+        )
         assert image.exists() and json.loads(report_path.read_text())["verdict"] == "unverified"
         # gate on, same OUTDIR: rejected, and that earlier image must not stay beside the new report
-        code = run_cli("anonymize", TOM, "-o", out, "--url", srv.urls.grpc, "--overwrite", "--steps", 2, "--retries", 1,
-                       "--retry-mode", "guidance", "--guidance-step", 3, "--fallback", "reject",
-                       "--progress", "none")
+        code = run_cli(
+            "anonymize",
+            TOM,
+            "-o",
+            out,
+            "--url",
+            srv.urls.grpc,
+            "--overwrite",
+            "--steps",
+            2,
+            "--retries",
+            1,
+            "--retry-mode",
+            "guidance",
+            "--guidance-step",
+            3,
+            "--fallback",
+            "reject",
+            "--progress",
+            "none",
+        )
         # a report that cannot be written (a folder in its way) is logged and listed, not swallowed
         blocked = tmp_path / "blocked"
         (blocked / "Tom_Hanks_54745.png.json").mkdir(parents=True)
-        blocked_code = run_cli("anonymize", TOM, "-o", blocked, "--url", srv.urls.grpc, "--steps", 2,
-                               "--retries", 0, "--fallback", "reject", "--progress", "lines")
+        blocked_code = run_cli(
+            "anonymize",
+            TOM,
+            "-o",
+            blocked,
+            "--url",
+            srv.urls.grpc,
+            "--steps",
+            2,
+            "--retries",
+            0,
+            "--fallback",
+            "reject",
+            "--progress",
+            "lines",
+        )
         with BatchClient([srv.urls.grpc]) as bc:
             res = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "retries": 0, "fallback": "reject"}))
             kept = bc.run(Job("tom", TOM.read_bytes(), {"steps": 2, "verify": False}))
@@ -1118,8 +1372,13 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
         srv.stop()
     assert code == 1
     assert not image.exists()
-    assert sorted(p.name for p in out.iterdir()) == ["Tom_Hanks_54745.png.json", "audit-manifest.json",
-                                                     "review.csv", "review.json", "run-summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Tom_Hanks_54745.png.json",
+        "audit-manifest.json",
+        "review.csv",
+        "review.json",
+        "run-summary.json",
+    ]
     [row] = json.loads((out / "review.json").read_text())
     assert row["input"] == "Tom_Hanks_54745.png" and row["status"] == "rejected" and row["output"] is None
     assert row["verdict"] == "rejected" and row["reason"].startswith("REJECTED: ")
@@ -1159,18 +1418,61 @@ def test_gate_rejection_reaches_the_client_as_a_failure_with_its_report(onnx_art
 def make_certs(d: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1/localhost signed by it, and an unrelated CA
     (openssl; the reference's recipe: triton-ops.md section 7)."""
+
     def ossl(*args):
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
 
-    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-         "-subj", "/CN=revpers test CA")
-    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days", "2",
-         "-subj", "/CN=another CA")
-    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-         "-subj", "/CN=localhost")
+    ossl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=revpers test CA",
+    )
+    ossl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=another CA",
+    )
+    ossl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"
+    )
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-         "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    ossl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
     return {n: d / n for n in ("ca.pem", "other.pem", "server.pem", "server.key")}
 
 
@@ -1191,9 +1493,18 @@ def test_tls_and_api_key(onnxruntime_repository, tmp_path, capsys, monkeypatch):
     key.write_text("s3cret\n")
     (tmp_path / "wrong.key").write_text("guess\n")
     g, h, m = free_ports(3)
-    srv = TritonServer(onnxruntime_repository, grpc_port=g, http_port=h, metrics_port=m, extra_args=[
-        "--grpc-use-ssl=true", f"--grpc-server-cert={certs['server.pem']}", f"--grpc-server-key={certs['server.key']}",
-        f"--grpc-restricted-protocol=inference:{protocol.API_KEY_HEADER}=s3cret"]).start()
+    srv = TritonServer(
+        onnxruntime_repository,
+        grpc_port=g,
+        http_port=h,
+        metrics_port=m,
+        extra_args=[
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={certs['server.pem']}",
+            f"--grpc-server-key={certs['server.key']}",
+            f"--grpc-restricted-protocol=inference:{protocol.API_KEY_HEADER}=s3cret",
+        ],
+    ).start()
     src = tmp_path / "photos"
     src.mkdir()
     for k in range(3):
@@ -1255,8 +1566,26 @@ def test_client_run_across_a_server_restart_finishes_with_default_options(onnxru
     n = 10
     for k in range(n):
         (src / f"tom{k}.png").write_bytes(TOM.read_bytes())
-    cmd = [sys.executable, "-m", "revpers_client.cli", "anonymize", str(src), "-o", str(out), "--url", srv.urls.grpc,
-           "--concurrency", "2", "--steps", "3", "--mode", "aligned", "--progress", "lines", "-v"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "revpers_client.cli",
+        "anonymize",
+        str(src),
+        "-o",
+        str(out),
+        "--url",
+        srv.urls.grpc,
+        "--concurrency",
+        "2",
+        "--steps",
+        "3",
+        "--mode",
+        "aligned",
+        "--progress",
+        "lines",
+        "-v",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -98,8 +98,13 @@ def kubernetes_validate(docs: list[dict], version: str, tmp_path: Path) -> list[
     autoscaling/v2beta1, or a CRD) only warns, and the command still exits 0."""
     path = tmp_path / f"objects-{version}.yaml"
     path.write_text(yaml.safe_dump_all(docs))
-    run = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, str(path)],
-                         capture_output=True, text=True, check=False, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     lines = (run.stdout + run.stderr).splitlines()
     problems = [ln for ln in lines if not ln.startswith("INFO ")]
     passed = [ln for ln in lines if ln.startswith("INFO ") and " passed for resource " in ln]
@@ -129,8 +134,12 @@ def closed(schema: dict) -> dict:
             s[key] = [closed(x) for x in s[key]]
     if s.pop("nullable", False) and "type" in s:
         s["type"] = [s["type"], "null"]
-    if (s.get("type") == "object" and "properties" in s and "additionalProperties" not in s
-            and not s.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        s.get("type") == "object"
+        and "properties" in s
+        and "additionalProperties" not in s
+        and not s.get("x-kubernetes-preserve-unknown-fields")
+    ):
         s["additionalProperties"] = False
     return s
 
@@ -144,8 +153,11 @@ def _crd_index() -> dict[tuple[str, str], dict]:
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             index[(f"{group}/{v['name']}", kind)] = {
-                "schema": closed(v["schema"]["openAPIV3Schema"]), "served": v.get("served", False),
-                "deprecated": v.get("deprecated", False), "file": path.name}
+                "schema": closed(v["schema"]["openAPIV3Schema"]),
+                "served": v.get("served", False),
+                "deprecated": v.get("deprecated", False),
+                "file": path.name,
+            }
     return index
 
 
@@ -156,11 +168,11 @@ _OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 def _object_meta_validator(version: str) -> jsonschema.protocols.Validator:
     """ObjectMeta from kubernetes-validate's strict schemas (a CRD schema leaves metadata open)."""
     ref = importlib.resources.files("kubernetes_validate").joinpath(
-        f"kubernetes-json-schema/v{version}-local-strict/_definitions.json")
+        f"kubernetes-json-schema/v{version}-local-strict/_definitions.json"
+    )
     definitions = json.loads(ref.read_text())
     registry = Resource.from_contents(definitions) @ Registry()
-    return jsonschema.Draft202012Validator({"$ref": f"{definitions['$id']}#/$defs/{_OBJECT_META}"},
-                                           registry=registry)
+    return jsonschema.Draft202012Validator({"$ref": f"{definitions['$id']}#/$defs/{_OBJECT_META}"}, registry=registry)
 
 
 def crd_errors(doc: dict) -> list[str]:
@@ -174,8 +186,10 @@ def crd_errors(doc: dict) -> list[str]:
     validator = jsonschema.Draft4Validator(entry["schema"])  # OpenAPI 3.0 schemas are draft-4 shaped
     problems += [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
     for version in KUBERNETES_VERSIONS:
-        problems += [f"metadata.{'.'.join(map(str, e.absolute_path))}: {e.message} (ObjectMeta {version})"
-                     for e in _object_meta_validator(version).iter_errors(doc.get("metadata", {}))]
+        problems += [
+            f"metadata.{'.'.join(map(str, e.absolute_path))}: {e.message} (ObjectMeta {version})"
+            for e in _object_meta_validator(version).iter_errors(doc.get("metadata", {}))
+        ]
     return problems
 
 
@@ -199,10 +213,13 @@ def test_rendered_files_are_a_fresh_render_of_the_overlays(variant):
     cmd = kustomize_command()
     if cmd is None:
         pytest.skip("neither kubectl nor kustomize is installed: cannot re-render the overlays")
-    run = subprocess.run(cmd + [str(K8S / "overlays" / variant)], capture_output=True, text=True, check=False, timeout=120)
+    run = subprocess.run(
+        cmd + [str(K8S / "overlays" / variant)], capture_output=True, text=True, check=False, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == (RENDERED / f"{variant}.yaml").read_text(), (
-        f"deploy/kubernetes/rendered/{variant}.yaml is stale: run deploy/kubernetes/render.sh")
+        f"deploy/kubernetes/rendered/{variant}.yaml is stale: run deploy/kubernetes/render.sh"
+    )
 
 
 def test_every_overlay_is_rendered():
@@ -239,9 +256,12 @@ def test_crd_objects_validate_against_published_schemas(variant):
 def test_every_object_is_checked_by_one_of_the_validators():
     kinds = {(d["apiVersion"], d["kind"]) for v in VARIANTS for d in rendered(v)}
     assert {k for k in kinds if k in CRDS} == {
-        ("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
-        ("keda.sh/v1alpha1", "ScaledObject"), ("traefik.io/v1alpha1", "IngressRoute"),
-        ("traefik.io/v1alpha1", "ServersTransport")}
+        ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
+        ("keda.sh/v1alpha1", "ScaledObject"),
+        ("traefik.io/v1alpha1", "IngressRoute"),
+        ("traefik.io/v1alpha1", "ServersTransport"),
+    }
     assert ("autoscaling/v2", "HorizontalPodAutoscaler") in kinds
 
 
@@ -435,7 +455,10 @@ def test_autoscalers_read_the_recorded_ratio_of_the_model_clients_call():
     assert query.startswith("sum(") and record in query and f'model="{protocol.MODEL}"' in query
     assert f'namespace="{so["metadata"]["namespace"]}"' in query
     for variant, kind in (("gpu", "HorizontalPodAutoscaler"), ("gpu-keda", "ScaledObject")):
-        assert one(rendered(variant), kind)["spec"]["scaleTargetRef"]["name"] == one(rendered(variant), "Deployment")["metadata"]["name"]
+        assert (
+            one(rendered(variant), kind)["spec"]["scaleTargetRef"]["name"]
+            == one(rendered(variant), "Deployment")["metadata"]["name"]
+        )
     assert not [d for d in rendered("gpu-keda") if d["kind"] == "HorizontalPodAutoscaler"]  # KEDA owns it
 
 
@@ -462,8 +485,12 @@ def test_init_commands_parse_with_the_revpers_cli(variant):
     assert export.command == "export" and repo.command == "repository"
     assert repo.artifacts == export.out
     assert Path(serve_flags(docs)["repository"]) == repo.out
-    bundle_mounts = {m["mountPath"] for c in pod_spec(docs)["initContainers"] + [container(docs)]
-                     for m in c["volumeMounts"] if m["name"] == "bundle"}
+    bundle_mounts = {
+        m["mountPath"]
+        for c in pod_spec(docs)["initContainers"] + [container(docs)]
+        for m in c["volumeMounts"]
+        if m["name"] == "bundle"
+    }
     assert bundle_mounts == {str(export.models)} == {str(repo.models)}  # the BLS reads the bundle there
 
 
@@ -486,9 +513,16 @@ def render_with_component(component: str, variant: str, tmp_path: Path) -> list[
     shutil.copytree(K8S, tree)
     overlay = tree / "overlays" / f"{variant}-{component}"
     overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [f"../{variant}"], "components": [f"../../components/{component}"]}))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [f"../{variant}"],
+                "components": [f"../../components/{component}"],
+            }
+        )
+    )
     run = subprocess.run(cmd + [str(overlay)], capture_output=True, text=True, check=False, timeout=120)
     assert run.returncode == 0, run.stderr
     return [d for d in yaml.safe_load_all(run.stdout) if d]
@@ -536,8 +570,12 @@ def adapter_query(pods: list[str], namespace: str, selector: dict[str, str]) -> 
     adapter = yaml.safe_load((K8S / "components" / "hpa" / "prometheus-adapter-values.yaml").read_text())
     (rule,) = adapter["rules"]["custom"]
     matchers = [f'namespace="{namespace}"', f'pod=~"{"|".join(pods)}"'] + [f'{k}="{v}"' for k, v in selector.items()]
-    return (rule["metricsQuery"].replace("<<.Series>>", rule["seriesQuery"].split("{")[0])
-            .replace("<<.LabelMatchers>>", ",".join(matchers)).replace("<<.GroupBy>>", "pod"))
+    return (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", rule["seriesQuery"].split("{")[0])
+        .replace("<<.LabelMatchers>>", ",".join(matchers))
+        .replace("<<.GroupBy>>", "pod")
+    )
 
 
 def test_rule_hpa_and_keda_queries_compute_the_ratio(tmp_path):
@@ -558,31 +596,56 @@ def test_rule_hpa_and_keda_queries_compute_the_ratio(tmp_path):
     tests = {
         "rule_files": [rule_file(docs, tmp_path / "rules.yaml").name],
         "evaluation_interval": "15s",
-        "tests": [{
-            "interval": "15s",
-            "input_series": [
-                series(queue, "a", 30_000_000), series(compute, "a", 15_000_000),  # 2 s/s over 1 s/s
-                series(queue, "b", 0), series(compute, "b", 0),  # idle
-                series(queue, "a", 90_000_000, container="sidecar"), series(compute, "a", 1, container="sidecar"),
-                series(queue, "a", 15_000_000, model_="unet"), series(compute, "a", 15_000_000, model_="unet"),
-            ],
-            "promql_expr_test": [
-                {"expr": record, "eval_time": "3m", "exp_samples": [
-                    {"labels": f'{record}{{namespace="{ns}",pod="a",model="{model}"}}', "value": 2},
-                    {"labels": f'{record}{{namespace="{ns}",pod="b",model="{model}"}}', "value": 0},
-                    {"labels": f'{record}{{namespace="{ns}",pod="a",model="unet"}}', "value": 1}]},
-                {"expr": keda_query, "eval_time": "3m", "exp_samples": [{"labels": "{}", "value": 2}]},
-                {"expr": adapter_query(["a", "b"], ns, hpa_selector["matchLabels"]), "eval_time": "3m",
-                 "exp_samples": [{"labels": '{pod="a"}', "value": 2}, {"labels": '{pod="b"}', "value": 0}]},
-            ],
-        }],
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    series(queue, "a", 30_000_000),
+                    series(compute, "a", 15_000_000),  # 2 s/s over 1 s/s
+                    series(queue, "b", 0),
+                    series(compute, "b", 0),  # idle
+                    series(queue, "a", 90_000_000, container="sidecar"),
+                    series(compute, "a", 1, container="sidecar"),
+                    series(queue, "a", 15_000_000, model_="unet"),
+                    series(compute, "a", 15_000_000, model_="unet"),
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": record,
+                        "eval_time": "3m",
+                        "exp_samples": [
+                            {"labels": f'{record}{{namespace="{ns}",pod="a",model="{model}"}}', "value": 2},
+                            {"labels": f'{record}{{namespace="{ns}",pod="b",model="{model}"}}', "value": 0},
+                            {"labels": f'{record}{{namespace="{ns}",pod="a",model="unet"}}', "value": 1},
+                        ],
+                    },
+                    {"expr": keda_query, "eval_time": "3m", "exp_samples": [{"labels": "{}", "value": 2}]},
+                    {
+                        "expr": adapter_query(["a", "b"], ns, hpa_selector["matchLabels"]),
+                        "eval_time": "3m",
+                        "exp_samples": [{"labels": '{pod="a"}', "value": 2}, {"labels": '{pod="b"}', "value": 0}],
+                    },
+                ],
+            }
+        ],
     }
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
-    check = subprocess.run([promtool(), "check", "rules", str(tmp_path / "rules.yaml")],
-                           capture_output=True, text=True, check=False, timeout=60)
+    check = subprocess.run(
+        [promtool(), "check", "rules", str(tmp_path / "rules.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path,
-                         capture_output=True, text=True, check=False, timeout=60)
+    run = subprocess.run(
+        [promtool(), "test", "rules", "tests.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -597,10 +660,11 @@ def _get(url: str) -> tuple[int, str]:
 def _run_init_commands(docs: list[dict], bundle: Path, work: Path) -> Path:
     """Run the init containers' commands as the manifest writes them, with the pod's paths
     (/bundle, /work) mapped onto this machine; returns the repository the server container serves."""
+
     def mapped(arg: str) -> str:
         for pod_path, here in (("/bundle", bundle), ("/work", work)):
             if arg == pod_path or arg.startswith(pod_path + "/"):
-                return str(here) + arg[len(pod_path):]
+                return str(here) + arg[len(pod_path) :]
         return arg
 
     for init in pod_spec(docs)["initContainers"]:
@@ -611,8 +675,7 @@ def _run_init_commands(docs: list[dict], bundle: Path, work: Path) -> Path:
 
 def _metric_samples(text: str, name: str) -> dict[str, float]:
     """{label set: value} of every sample of ``name`` in a Prometheus text exposition."""
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE)}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE)}
 
 
 def _infer_once(url: str, channel_args=None) -> dict:
@@ -624,8 +687,11 @@ def _infer_once(url: str, channel_args=None) -> dict:
         image = grpcclient.InferInput(protocol.INPUT_IMAGE, [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[encode_image(real_photo(), "PNG")]], dtype=np.object_))
         params = grpcclient.InferInput(protocol.INPUT_PARAMS, [1, 1], "BYTES")
-        params.set_data_from_numpy(np.array([[json.dumps(
-            {"mode": "aligned", "steps": 4, "seed": 0, "verify": False}).encode()]], dtype=np.object_))
+        params.set_data_from_numpy(
+            np.array(
+                [[json.dumps({"mode": "aligned", "steps": 4, "seed": 0, "verify": False}).encode()]], dtype=np.object_
+            )
+        )
         result = client.infer(protocol.MODEL, [image, params])
         return json.loads(result.as_numpy(protocol.OUTPUT_REPORT)[0, 0])
     finally:
@@ -700,19 +766,34 @@ def test_prometheus_records_the_ratio_from_the_live_server(fleet_server, tmp_pat
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rule_file(docs, tmp_path / "rules.yaml"))],
-        "scrape_configs": [{
-            "job_name": "revpers", "metrics_path": endpoint["path"], "scheme": endpoint["scheme"],
-            "static_configs": [{"targets": [f"127.0.0.1:{live_ports[endpoint['port']]}"],
-                                "labels": {"namespace": ns, "pod": "revpers-0", "container": container(docs)["name"]}}],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": "revpers",
+                "metrics_path": endpoint["path"],
+                "scheme": endpoint["scheme"],
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{live_ports[endpoint['port']]}"],
+                        "labels": {"namespace": ns, "pod": "revpers-0", "container": container(docs)["name"]},
+                    }
+                ],
+            }
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     (port,) = free_ports(1)
     base = f"http://127.0.0.1:{port}"
     with open(tmp_path / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_for(query: str, what: str, limit_s: float = 60.0) -> list[dict]:
         deadline = time.monotonic() + limit_s
@@ -740,7 +821,9 @@ def test_prometheus_records_the_ratio_from_the_live_server(fleet_server, tmp_pat
         print(f"recorded {record} on the live server after one request: {value:.6f}")
         at = sample["value"][0]  # the other queries are evaluated at the same instant
         # KEDA's query: one value
-        keda = _prometheus_query(base, one(rendered("gpu-keda"), "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"], at)
+        keda = _prometheus_query(
+            base, one(rendered("gpu-keda"), "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"], at
+        )
         assert len(keda) == 1 and float(keda[0]["value"][1]) == pytest.approx(value)
         # prometheus-adapter: its series discovery finds the series, its query gives the pod's value
         adapter = yaml.safe_load((K8S / "components" / "hpa" / "prometheus-adapter-values.yaml").read_text())
@@ -772,7 +855,9 @@ def hadolint() -> str:
 def lint(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
     path = tmp_path / "Dockerfile"
     path.write_text(text)
-    return subprocess.run([hadolint(), "--no-color", str(path)], capture_output=True, text=True, check=False, timeout=60)
+    return subprocess.run(
+        [hadolint(), "--no-color", str(path)], capture_output=True, text=True, check=False, timeout=60
+    )
 
 
 def test_dockerfile_lints_clean(tmp_path):
@@ -794,7 +879,9 @@ def test_dockerfile_builds_from_ngc_triton_and_copies_files_that_exist():
     for src in re.findall(r"^COPY\s+(.+)\s+\S+$", text, re.MULTILINE):
         for name in src.split():
             assert (ROOT / name).exists(), f"COPY {name}: not in the checkout"
-    assert not re.search(r"^(COPY|ADD)\s.*(bundle|\.safetensors|\.onnx|\.plan)", text, re.MULTILINE | re.IGNORECASE)  # no weights
+    assert not re.search(
+        r"^(COPY|ADD)\s.*(bundle|\.safetensors|\.onnx|\.plan)", text, re.MULTILINE | re.IGNORECASE
+    )  # no weights
 
 
 # --------------------------------------------------------------------------- sizing table
@@ -807,7 +894,7 @@ def test_sizing_table_follows_from_its_inputs():
     assert flops["params"]["steps"] == 100 and flops["params"]["skip"] == 0.7  # the defaults
     cfg_steps = flops["counts"]["unet_sample_evaluations"] // 2
     readme = (ROOT / "README.md").read_text()
-    text = readme[readme.index("## Scaling out"):readme.index("\n## ", readme.index("## Scaling out") + 3)]
+    text = readme[readme.index("## Scaling out") : readme.index("\n## ", readme.index("## Scaling out") + 3)]
     assert f"{cfg_steps} CFG steps" in text
     rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d,]+) \| ([\d,]+) \|$", text, re.MULTILINE)
     assert len(rows) == 5, rows

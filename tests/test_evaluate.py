@@ -21,7 +21,7 @@ from tests.conftest import real_photo
 
 # One grey level of error on every background pixel gives 10 log10(255^2 / 1) = 48.13 dB: a background
 # above this bound changed by less than one level in the RMS sense.
-ONE_LEVEL_PSNR = 10 * math.log10(255.0 ** 2)
+ONE_LEVEL_PSNR = 10 * math.log10(255.0**2)
 
 
 pytestmark = pytest.mark.slow  # end-to-end runs; left out of `make test-fast`
@@ -38,8 +38,11 @@ def verifier():
 def photos():
     import skimage.data
 
-    return {"t1": real_photo("t1.jpg"), "hanks": real_photo("Tom_Hanks_54745.png"),
-            "astronaut": np.ascontiguousarray(skimage.data.astronaut())}
+    return {
+        "t1": real_photo("t1.jpg"),
+        "hanks": real_photo("Tom_Hanks_54745.png"),
+        "astronaut": np.ascontiguousarray(skimage.data.astronaut()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +168,7 @@ def test_mirrored_photo_yaw_difference_is_twice_the_yaw(verifier, photos, t1_fac
         f = t1_faces[idx]
         cx = int(round(float(f.kps[:2, 0].mean())))
         a = min(cx, t1.shape[1] - cx, 150)
-        window = np.ascontiguousarray(t1[:, cx - a:cx + a])
+        window = np.ascontiguousarray(t1[:, cx - a : cx + a])
         ev = Evaluator(verifier)
         ev.add("window", window, np.ascontiguousarray(window[:, ::-1]))
         face = ev.metrics()["per_face"][0]
@@ -265,11 +268,21 @@ def test_inception_contract_torchscript(tmp_path, verifier, photos, t1_faces):
 # ---------------------------------------------------------------------------------------- recommendation
 def test_recommendation_least_aggressive_and_cheapest():
     def row(g, ip, steps, reid, seconds):
-        return {"tag": f"g{g}_ip{ip}_s{steps}", "setting": {"guidance": g, "ip_scale": ip, "steps": steps},
-                "reid_headline": reid, "cost": {"unet_samples_per_face": 4 * steps, "seconds_per_face": seconds}}
+        return {
+            "tag": f"g{g}_ip{ip}_s{steps}",
+            "setting": {"guidance": g, "ip_scale": ip, "steps": steps},
+            "reid_headline": reid,
+            "cost": {"unet_samples_per_face": 4 * steps, "seconds_per_face": seconds},
+        }
 
-    rows = [row(-4, 1, 100, 0.30, 9), row(-8, 1, 100, 0.01, 9), row(-12, 1, 100, 0.0, 9.5),
-            row(-12, 1, 25, 0.02, 2.0), row(-8, 1, 50, 0.03, 4.0), row(-12, 1, 50, 0.0, 4.1)]
+    rows = [
+        row(-4, 1, 100, 0.30, 9),
+        row(-8, 1, 100, 0.01, 9),
+        row(-12, 1, 100, 0.0, 9.5),
+        row(-12, 1, 25, 0.02, 2.0),
+        row(-8, 1, 50, 0.03, 4.0),
+        row(-12, 1, 50, 0.0, 4.1),
+    ]
     rec = recommend(rows, 0.01)
     assert rec["meeting"] == ["g-8_ip1_s100", "g-12_ip1_s100", "g-12_ip1_s50"]
     assert rec["least_aggressive"]["tag"] == "g-8_ip1_s100"
@@ -293,8 +306,9 @@ def test_cli_evaluate_folders_reports_and_errors(tmp_path, photos, capsys):
     _write(orig / "astronaut.png", photos["astronaut"])
     _write(anon / "astronaut.png", photos["astronaut"])
     _write(orig / "hanks.png", photos["hanks"])  # withheld by the gate: a report and no image
-    (anon / "hanks.png.json").write_text(json.dumps({"input": str(orig / "hanks.png"), "output": None,
-                                                     "verdict": "rejected", "smoke": True}))
+    (anon / "hanks.png.json").write_text(
+        json.dumps({"input": str(orig / "hanks.png"), "output": None, "verdict": "rejected", "smoke": True})
+    )
     _write(orig / "lonely.png", photos["hanks"])  # no partner at all
     out = tmp_path / "report"
     assert main(["evaluate", str(orig), str(anon), "-o", str(out)]) == 0
@@ -310,13 +324,19 @@ def test_cli_evaluate_folders_reports_and_errors(tmp_path, photos, capsys):
     capsys.readouterr()
 
     _write(tmp_path / "small.png", photos["hanks"])
-    bad = [(["evaluate", str(tmp_path / "nope"), str(anon), "-o", str(out)], "does not exist"),
-           (["evaluate", str(orig), str(anon), "-o", str(out), "--recognizer", "x"], "NAME=PATH"),
-           (["evaluate", str(orig), str(anon), "-o", str(out), "--recognizer", f"a={tmp_path / 'no.onnx'}:0.3"],
-            "does not exist"),
-           (["evaluate", str(orig / "astronaut.png"), str(tmp_path / "small.png"), "-o", str(out)], "differ in size"),
-           (["evaluate", str(orig), str(anon), "-o", str(out), "--inception", str(tmp_path / "small.png")],
-            "neither ONNX")]
+    bad = [
+        (["evaluate", str(tmp_path / "nope"), str(anon), "-o", str(out)], "does not exist"),
+        (["evaluate", str(orig), str(anon), "-o", str(out), "--recognizer", "x"], "NAME=PATH"),
+        (
+            ["evaluate", str(orig), str(anon), "-o", str(out), "--recognizer", f"a={tmp_path / 'no.onnx'}:0.3"],
+            "does not exist",
+        ),
+        (["evaluate", str(orig / "astronaut.png"), str(tmp_path / "small.png"), "-o", str(out)], "differ in size"),
+        (
+            ["evaluate", str(orig), str(anon), "-o", str(out), "--inception", str(tmp_path / "small.png")],
+            "neither ONNX",
+        ),
+    ]
     for argv, text in bad:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -329,8 +349,24 @@ def test_sweep_end_to_end_on_the_smoke_bundle(tmp_path, photos, smoke_bundle_dir
     src = tmp_path / "astronaut.png"
     _write(src, photos["astronaut"])
     out = tmp_path / "sweep"
-    argv = ["sweep", str(src), "--models", str(smoke_bundle_dir), "--guidance", "-4", "-8", "--steps", "4", "2",
-            "-o", str(out), "--device", "cpu", "--target-reid", "1"]
+    argv = [
+        "sweep",
+        str(src),
+        "--models",
+        str(smoke_bundle_dir),
+        "--guidance",
+        "-4",
+        "-8",
+        "--steps",
+        "4",
+        "2",
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        "--target-reid",
+        "1",
+    ]
     assert main(argv) == 0
     s = json.loads((out / "sweep.json").read_text())
     assert s["smoke"] is True and s["warning"] == SMOKE_NOTE

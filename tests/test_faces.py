@@ -63,18 +63,28 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
         def __init__(self):
             super().__init__()
             self.net = torch.nn.Sequential(
-                torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(),
-                torch.nn.Conv2d(8, 16, 4, stride=4), torch.nn.ReLU(),
-                torch.nn.Flatten(), torch.nn.Linear(16 * 7 * 7, 512))
+                torch.nn.Conv2d(3, 8, 4, stride=4),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 16, 4, stride=4),
+                torch.nn.ReLU(),
+                torch.nn.Flatten(),
+                torch.nn.Linear(16 * 7 * 7, 512),
+            )
 
         def forward(self, x):
             return self.net(x)
 
     torch.manual_seed(0)
     path = root / "tiny_arcface.onnx"
-    torch.onnx.export(TinyArcFace().eval(), torch.zeros(1, 3, 112, 112), str(path), input_names=["data"],
-                      output_names=["fc1"], dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}},
-                      dynamo=False)
+    torch.onnx.export(
+        TinyArcFace().eval(),
+        torch.zeros(1, 3, 112, 112),
+        str(path),
+        input_names=["data"],
+        output_names=["fc1"],
+        dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}},
+        dynamo=False,
+    )
     return root
 
 
@@ -272,8 +282,9 @@ def test_face_at_the_image_border_is_pasted_inside_the_photo_only(analyzer, astr
 def test_face_free_image_is_returned_unchanged(analyzer):
     gen = InvertingGenerator()
     coffee = np.ascontiguousarray(skimage_data.coffee())
-    gradient = np.dstack([*np.meshgrid(np.arange(300) % 256, np.arange(200) % 256),
-                          np.full((200, 300), 128)]).astype(np.uint8)
+    gradient = np.dstack([*np.meshgrid(np.arange(300) % 256, np.arange(200) % 256), np.full((200, 300), 128)]).astype(
+        np.uint8
+    )
     for img in (coffee, gradient):
         before = img.copy()
         out, reports = anonymize_photo(img, analyzer, gen, 256, FacePolicy())
@@ -295,8 +306,8 @@ def test_tiny_faces_in_a_downscaled_photo_are_blurred_by_default(analyzer, t1):
     assert _max_step(union) < STEP_LIMIT
     for rep in reports:  # the face is really blurred: far less fine detail around the nose
         x, y = np.round(rep["landmarks"][2]).astype(int)
-        before = cv2.Laplacian(cv2.cvtColor(small[y - 8:y + 9, x - 8:x + 9], cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
-        after = cv2.Laplacian(cv2.cvtColor(out[y - 8:y + 9, x - 8:x + 9], cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+        before = cv2.Laplacian(cv2.cvtColor(small[y - 8 : y + 9, x - 8 : x + 9], cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+        after = cv2.Laplacian(cv2.cvtColor(out[y - 8 : y + 9, x - 8 : x + 9], cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
         assert after < 0.35 * before
 
 
@@ -359,8 +370,9 @@ def test_generator_contract_is_checked(analyzer, astronaut):
     with pytest.raises(ValueError, match="returned 0 images for 1 faces"):
         anonymize_photo(astronaut, analyzer, lambda crops, ids: [], 128, FacePolicy())
     with pytest.raises(ValueError, match="uint8"):
-        anonymize_photo(astronaut, analyzer, lambda crops, ids: [c.astype(np.float32) for c in crops], 128,
-                        FacePolicy())
+        anonymize_photo(
+            astronaut, analyzer, lambda crops, ids: [c.astype(np.float32) for c in crops], 128, FacePolicy()
+        )
     with pytest.raises(ValueError, match="small_action"):
         FacePolicy(small_action="smudge")
 
@@ -391,10 +403,13 @@ def t1_jpeg_faces(analyzer, t1):
     return analyzer.detect(decode_image(_jpeg(t1)))
 
 
-@pytest.mark.parametrize("orientation, stored_as", [(6, Image.Transpose.ROTATE_90), (3, Image.Transpose.ROTATE_180),
-                                                    (8, Image.Transpose.ROTATE_270)])
-def test_exif_rotated_copy_gives_the_same_faces_and_output_has_no_exif(analyzer, t1, t1_jpeg_faces, orientation,
-                                                                       stored_as):
+@pytest.mark.parametrize(
+    "orientation, stored_as",
+    [(6, Image.Transpose.ROTATE_90), (3, Image.Transpose.ROTATE_180), (8, Image.Transpose.ROTATE_270)],
+)
+def test_exif_rotated_copy_gives_the_same_faces_and_output_has_no_exif(
+    analyzer, t1, t1_jpeg_faces, orientation, stored_as
+):
     reference = t1_jpeg_faces
     data = _jpeg(t1, stored_as, orientation)  # pixels stored rotated, the tag says how to show them
     raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -464,8 +479,9 @@ def test_crops_of_the_same_face_at_different_rotations_agree(analyzer, t1):
     size = 128
     ref_faces = analyzer.detect(t1)
     ref_crops = [align_face(t1, f.kps, size)[0].astype(np.float32) for f in ref_faces]
-    weight = face_mask({"action": "anonymized", "matrix": [[1, 0, 0], [0, 1, 0]], "crop_size": size},
-                       (size, size)) > 0.5
+    weight = (
+        face_mask({"action": "anonymized", "matrix": [[1, 0, 0], [0, 1, 0]], "crop_size": size}, (size, size)) > 0.5
+    )
     for angle in (-25.0, 25.0):
         rotated, m = _rotated_canvas(t1, angle)
         faces = analyzer.detect(rotated)
@@ -511,17 +527,21 @@ def test_loader_refuses_bad_specs_without_downloading(model_dir, tmp_path):
     with pytest.raises(FaceModelError, match="does not exist"):
         load_face_analyzer({"detector": "dlib", "recognizer": "missing.onnx"}, model_dir)
     with pytest.raises(FaceModelError, match="never downloaded"):
-        load_face_analyzer({"detector": "insightface", "pack": "face_models/buffalo_l",
-                            "recognizer": "tiny_arcface.onnx"}, model_dir)
+        load_face_analyzer(
+            {"detector": "insightface", "pack": "face_models/buffalo_l", "recognizer": "tiny_arcface.onnx"}, model_dir
+        )
 
 
 def test_insightface_buffalo_l_backend():
     pack = buffalo_pack_from_env()
     if pack is None:
-        pytest.skip("no insightface buffalo_l pack here (it cannot be downloaded in this environment); "
-                    "set REVPERS_BUFFALO_L=/path/to/buffalo_l (det_10g.onnx + w600k_r50.onnx) to run this")
-    an = load_face_analyzer({"detector": "insightface", "pack": str(pack),
-                             "recognizer": str(pack / "w600k_r50.onnx")}, pathlib.Path("/"))
+        pytest.skip(
+            "no insightface buffalo_l pack here (it cannot be downloaded in this environment); "
+            "set REVPERS_BUFFALO_L=/path/to/buffalo_l (det_10g.onnx + w600k_r50.onnx) to run this"
+        )
+    an = load_face_analyzer(
+        {"detector": "insightface", "pack": str(pack), "recognizer": str(pack / "w600k_r50.onnx")}, pathlib.Path("/")
+    )
     t1 = read_image(_package_file("insightface", "data", "images", "t1.jpg"))
     faces = an.detect(t1)
     assert len(faces) == 6
@@ -561,8 +581,14 @@ def _fake_scrfd(path: pathlib.Path) -> None:
             return tuple(getattr(self, f"{k}{s}") + z for k in "sbk" for s in (8, 16, 32))
 
     names = [f"{k}{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
-    torch.onnx.export(FixedOutputs().eval(), torch.zeros(1, 3, 640, 640), str(path), input_names=["input.1"],
-                      output_names=names, dynamo=False)
+    torch.onnx.export(
+        FixedOutputs().eval(),
+        torch.zeros(1, 3, 640, 640),
+        str(path),
+        input_names=["input.1"],
+        output_names=names,
+        dynamo=False,
+    )
 
 
 def test_insightface_backend_code_path_with_an_scrfd_shaped_model(model_dir, t1, tmp_path):
@@ -570,7 +596,11 @@ def test_insightface_backend_code_path_with_an_scrfd_shaped_model(model_dir, t1,
     pack.mkdir(parents=True)
     _fake_scrfd(pack / "det_10g.onnx")
     (pack / "w600k_r50.onnx").write_bytes((model_dir / "tiny_arcface.onnx").read_bytes())
-    spec = {"detector": "insightface", "pack": "face_models/fake_pack", "recognizer": "face_models/fake_pack/w600k_r50.onnx"}
+    spec = {
+        "detector": "insightface",
+        "pack": "face_models/fake_pack",
+        "recognizer": "face_models/fake_pack/w600k_r50.onnx",
+    }
     an = load_face_analyzer(spec, tmp_path)
     assert an.name == "insightface"
     faces = an.detect(t1)  # 1280 px wide -> det scale 0.5 into the 640 input

@@ -42,12 +42,29 @@ def fresh_venv(tmp_path_factory):
     # the wheel is built by this environment's setuptools (the fresh venv's bundled one is older);
     # the fresh venv's own pip installs it
     wheels = tmp / "wheels"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                           str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600, cwd=tmp)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
-                           str(next(wheels.glob("revpers-*.whl")))], capture_output=True, text=True, timeout=600,
-                          cwd=tmp)
+    proc = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            str(next(wheels.glob("revpers-*.whl"))),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp, venv, site
 
@@ -58,11 +75,14 @@ def test_the_wheel_installs_only_specific_names_and_carries_the_templates(fresh_
     assert "revpers" in top and "revpers_client" in top
     assert not {"client", "export", "model_repository", "benchmarks", "tests", "tools"} & set(top), top
     templates = sorted(p.relative_to(site).as_posix() for p in (site / "revpers").rglob("model.py"))
-    assert templates == ["revpers/serving/model_repository/_python_component/model.py",
-                         "revpers/serving/model_repository/revpers/model.py"]
+    assert templates == [
+        "revpers/serving/model_repository/_python_component/model.py",
+        "revpers/serving/model_repository/revpers/model.py",
+    ]
     code = "import revpers, revpers_client.protocol; print(revpers.__file__)"
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp,
-                         check=True)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp, check=True
+    )
     assert out.stdout.strip().startswith(str(site)), out.stdout
 
 
@@ -71,17 +91,35 @@ def test_installed_revpers_builds_a_repository_and_serves_a_request(fresh_venv):
     revpers = str(venv / "bin" / "revpers")
     env = {**os.environ, "PYTHONPATH": ""}
     bundle, repo = tmp / "bundle", tmp / "repo"
-    for args in (["smoke-model", str(bundle)],
-                 ["repository", "--models", str(bundle), "--backend", "pytorch", "--out", str(repo),
-                  "--bls-instances", "1"]):
+    for args in (
+        ["smoke-model", str(bundle)],
+        ["repository", "--models", str(bundle), "--backend", "pytorch", "--out", str(repo), "--bls-instances", "1"],
+    ):
         proc = subprocess.run([revpers, *args], capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not any(str(ROOT) in p.read_text() for p in repo.rglob("config.pbtxt"))  # nothing points at the checkout
     grpc, http, metrics, health = _free_port(), _free_port(), _free_port(), _free_port()
-    server = subprocess.Popen([revpers, "serve", "--repository", str(repo), "--grpc-port", str(grpc),
-                               "--http-port", str(http), "--metrics-port", str(metrics), "--health-port", str(health)],
-                              cwd=tmp, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            revpers,
+            "serve",
+            "--repository",
+            str(repo),
+            "--grpc-port",
+            str(grpc),
+            "--http-port",
+            str(http),
+            "--metrics-port",
+            str(metrics),
+            "--health-port",
+            str(health),
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         client = RevpersClient(f"127.0.0.1:{grpc}", timeout=300)
         deadline = time.monotonic() + 300

@@ -44,8 +44,9 @@ def _path(exported, name: str) -> Path:
     return out / record["components"][name]["onnx"]
 
 
-def _unet_inputs(spec: ComponentSpec, batch: int, seed: int = 0, timesteps=None, ip_scale=None,
-                 identity=None) -> dict[str, torch.Tensor]:
+def _unet_inputs(
+    spec: ComponentSpec, batch: int, seed: int = 0, timesteps=None, ip_scale=None, identity=None
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     inputs = {t.name: t.example(batch) for t in spec.inputs}
     inputs["timestep"] = torch.tensor(timesteps if timesteps is not None else [500] * batch, dtype=torch.int64)
@@ -83,16 +84,15 @@ def test_unet_matches_torch_with_per_sample_timestep_and_scale(exported, fp32_mo
     if batch > 1:
         full = _run_onnx(_path(exported, "unet"), inputs)
         for i in (0, batch - 1):
-            row = _run_onnx(_path(exported, "unet"), {k: v[i:i + 1] for k, v in inputs.items()})
-            assert np.abs(full[i:i + 1] - row).max() <= FP32_TOL
+            row = _run_onnx(_path(exported, "unet"), {k: v[i : i + 1] for k, v in inputs.items()})
+            assert np.abs(full[i : i + 1] - row).max() <= FP32_TOL
 
 
 def test_unet_ip_scale_is_a_runtime_input(exported):
     spec = _spec(exported[1], "unet")
     path = _path(exported, "unet")
     dim = spec.inputs[5].shape[0]
-    base = _unet_inputs(spec, 2, seed=7, timesteps=[300, 300], ip_scale=[0.0, 0.0],
-                        identity=torch.zeros(2, dim))
+    base = _unet_inputs(spec, 2, seed=7, timesteps=[300, 300], ip_scale=[0.0, 0.0], identity=torch.zeros(2, dim))
     other = dict(base, identity=torch.randn(2, dim, generator=torch.Generator().manual_seed(3)) * 5)
     a, b = _run_onnx(path, base), _run_onnx(path, other)
     print(f"ip_scale=0: identity changes output by {np.abs(a - b).max():.3g}")
@@ -161,8 +161,9 @@ def test_scattered_external_weights_are_gathered_into_one_file(tmp_path):
     torch.onnx.export(model, (torch.zeros(2, 16),), str(plain), input_names=["x"], output_names=["y"], dynamo=False)
     path = tmp_path / "scattered" / "model.onnx"
     path.parent.mkdir()
-    onnx.save_model(onnx.load(str(plain)), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
-                    size_threshold=0)
+    onnx.save_model(
+        onnx.load(str(plain)), str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+    )
     scattered = external_data_files(path)
     assert len(scattered) == 4 and all(f.is_file() for f in scattered)
     x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
@@ -180,8 +181,11 @@ def test_scattered_external_weights_are_gathered_into_one_file(tmp_path):
 
 @pytest.mark.tensorrt
 def test_tensorrt_engines_match_onnx(exported):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (no NVIDIA GPU/TensorRT wheel); "
-                                           "engine build and engine-vs-ONNX parity run where it imports")
+    pytest.importorskip(
+        "tensorrt",
+        reason="TensorRT is not installed here (no NVIDIA GPU/TensorRT wheel); "
+        "engine build and engine-vs-ONNX parity run where it imports",
+    )
     from revpers.export.tensorrt_build import build_engines, engine_parity
 
     out, record = exported
@@ -211,8 +215,9 @@ def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_b
     crops, ids = calibration_faces(smoke_bundle, [real_photo(), real_photo("t1.jpg")])
     assert len(crops) == 7 and ids.shape == (7, smoke_bundle.embedding_dim)
     params = Params(steps=6)
-    data = capture_unet_inputs(fp32_models, crops[:2], ids[:2], params, smoke_bundle.native_size, max_samples=1000,
-                               inversion_batch=3)
+    data = capture_unet_inputs(
+        fp32_models, crops[:2], ids[:2], params, smoke_bundle.native_size, max_samples=1000, inversion_batch=3
+    )
     spec = _spec(exported[1], "unet")
     n = data["sample"].shape[0]
     ts = timesteps(params.steps, params.skip, fp32_models.schedule.num_train_timesteps)
@@ -285,8 +290,10 @@ def test_onnx_pipeline_matches_torch_within_the_bound_its_own_error_gives(export
     amplified = float(np.abs(levels_pert - levels_torch).max())
     diff = float(np.abs(levels_ort - levels_torch).max())
     rounded = int(np.abs(img_ort - img_torch).max())
-    print(f"component onnx-vs-torch max abs {measured.error}; the method carries errors of that size to "
-          f"{amplified:.3g} levels; onnx-vs-torch images {diff:.3g} levels ({rounded} after rounding)")
+    print(
+        f"component onnx-vs-torch max abs {measured.error}; the method carries errors of that size to "
+        f"{amplified:.3g} levels; onnx-vs-torch images {diff:.3g} levels ({rounded} after rounding)"
+    )
     assert diff <= 2 * amplified
     assert rounded <= int(2 * amplified) + 1
     assert np.abs(img_torch - np.stack(crops).astype(int)).max() > 10  # the faces did change

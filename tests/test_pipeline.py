@@ -47,27 +47,27 @@ def test_branch_table(torch_models):
     run_faces(rec, crops, ident.numpy(), params, 64, inversion_batch=3)
     empty, prompt = torch_models.text(""), torch_models.text("an old man")
     assert not torch.equal(empty.text, prompt.text)
-    inv_calls, gen_calls = rec.calls[:2], rec.calls[2:]          # 6 steps / 3 per call, then 6 steps
+    inv_calls, gen_calls = rec.calls[:2], rec.calls[2:]  # 6 steps / 3 per call, then 6 steps
     assert len(inv_calls) == 2 and len(gen_calls) == 6
     for call in inv_calls:
-        b = call["t"].shape[0] // 2                                 # [uncond..., cond...]
-        assert b == 3 * 2                                           # 3 timesteps x 2 faces per branch
+        b = call["t"].shape[0] // 2  # [uncond..., cond...]
+        assert b == 3 * 2  # 3 timesteps x 2 faces per branch
         u, c = (slice(0, b), slice(b, 2 * b))
         assert torch.count_nonzero(call["text"][u]) == 0 and torch.count_nonzero(call["pooled"][u]) == 0
         assert torch.allclose(call["text"][c], empty.text.expand(b, -1, -1))
         assert torch.allclose(call["pooled"][c], empty.pooled.expand(b, -1))
-        assert torch.count_nonzero(call["identity"]) == 0          # null identity in both branches
-        assert torch.all(call["ip_scale"] == 0.7)                   # the adapter scale in both branches
+        assert torch.count_nonzero(call["identity"]) == 0  # null identity in both branches
+        assert torch.all(call["ip_scale"] == 0.7)  # the adapter scale in both branches
         assert torch.equal(call["time_ids"], torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(2 * b, -1))  # every row
     for call in gen_calls:
         b = call["t"].shape[0] // 2
         assert b == 2
         u, c = (slice(0, b), slice(b, 2 * b))
-        assert torch.allclose(call["text"][u], prompt.text.expand(b, -1, -1))   # attribute prompt: uncond only
+        assert torch.allclose(call["text"][u], prompt.text.expand(b, -1, -1))  # attribute prompt: uncond only
         assert torch.allclose(call["pooled"][u], prompt.pooled.expand(b, -1))
         assert torch.allclose(call["text"][c], empty.text.expand(b, -1, -1))
         assert torch.count_nonzero(call["identity"][u]) == 0
-        assert torch.allclose(call["identity"][c], 2.0 * ident)    # embedding x id_scale, cond only
+        assert torch.allclose(call["identity"][c], 2.0 * ident)  # embedding x id_scale, cond only
         assert torch.all(call["ip_scale"] == 0.7)
         assert torch.equal(call["t"][:b], call["t"][b:])
     # without a prompt the generation's uncond text is all zeros
@@ -78,8 +78,9 @@ def test_branch_table(torch_models):
 
 def test_reconstruction_recovers_x0(torch_models):
     """Inversion + generation with the inversion's own conditioning gives back x0 (fp32, 100 steps)."""
-    out = run_faces(torch_models, [_crop()], np.zeros((1, 512), np.float32), Params(), 64,
-                    inversion_batch=25, reconstruct=True)
+    out = run_faces(
+        torch_models, [_crop()], np.zeros((1, 512), np.float32), Params(), 64, inversion_batch=25, reconstruct=True
+    )
     err = (out.x_out - out.x0).abs().max().item()
     assert err <= 1e-4, err
     assert out.x0.abs().max() > 0.1
@@ -91,8 +92,13 @@ def test_ip_scale_zero_makes_identity_irrelevant(torch_models):
     a = run_faces(torch_models, [crop], np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32), p, 64)
     b = run_faces(torch_models, [crop], np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32), p, 64)
     assert torch.equal(a.x_out, b.x_out) and np.array_equal(a.images[0], b.images[0])
-    c = run_faces(torch_models, [crop], np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32),
-                  Params(steps=8, ip_scale=1.0), 64)
+    c = run_faces(
+        torch_models,
+        [crop],
+        np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32),
+        Params(steps=8, ip_scale=1.0),
+        64,
+    )
     assert not torch.equal(a.x_out, c.x_out)
 
 
@@ -170,8 +176,12 @@ def test_faceid_unet_matches_diffusers_native_path(smoke_bundle):
 
     ours = TorchModels.load(smoke_bundle, device="cpu")
     pipe = StableDiffusionXLPipeline.from_pretrained(smoke_bundle.sdxl_dir, local_files_only=True)
-    pipe.load_ip_adapter(str(smoke_bundle.ip_adapter_file.parent), subfolder="",
-                         weight_name=smoke_bundle.ip_adapter_file.name, image_encoder_folder=None)
+    pipe.load_ip_adapter(
+        str(smoke_bundle.ip_adapter_file.parent),
+        subfolder="",
+        weight_name=smoke_bundle.ip_adapter_file.name,
+        image_encoder_folder=None,
+    )
     assert pipe.unet.peft_config, "diffusers did not load the FaceID LoRA"
     pipe.set_ip_adapter_scale(0.7)
     torch.manual_seed(0)
@@ -180,15 +190,24 @@ def test_faceid_unet_matches_diffusers_native_path(smoke_bundle):
     tids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
     t = torch.tensor([299, 4])
     with torch.no_grad():
-        ref = pipe.unet(x, t, encoder_hidden_states=text,
-                        added_cond_kwargs={"text_embeds": pooled, "time_ids": tids,
-                                           "image_embeds": [ident.unsqueeze(1)]}).sample
-        got = ours.denoise(x, t, {"text": text, "pooled": pooled, "time_ids": tids, "identity": ident,
-                                  "ip_scale": torch.full((2,), 0.7)})
+        ref = pipe.unet(
+            x,
+            t,
+            encoder_hidden_states=text,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": tids, "image_embeds": [ident.unsqueeze(1)]},
+        ).sample
+        got = ours.denoise(
+            x,
+            t,
+            {"text": text, "pooled": pooled, "time_ids": tids, "identity": ident, "ip_scale": torch.full((2,), 0.7)},
+        )
         pipe.disable_lora()
-        no_lora = pipe.unet(x, t, encoder_hidden_states=text,
-                            added_cond_kwargs={"text_embeds": pooled, "time_ids": tids,
-                                               "image_embeds": [ident.unsqueeze(1)]}).sample
+        no_lora = pipe.unet(
+            x,
+            t,
+            encoder_hidden_states=text,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": tids, "image_embeds": [ident.unsqueeze(1)]},
+        ).sample
     assert (got - ref).abs().max() <= 1e-5
     assert (no_lora - ref).abs().max() > 1e-4  # the LoRA is really part of what we compare
 
@@ -221,12 +240,21 @@ def test_full_size_sdxl_faceid_shapes_on_meta_device():
         check_faceid_file(state, unet)
 
 
-@pytest.mark.parametrize("values,match", [
-    ({"guidance": "abc"}, "guidance must be a number"), ({"steps": 2.5}, "steps must be an integer"),
-    ({"steps": 0}, "out of range"), ({"skip": 1.5}, "out of range"), ({"ip_scale": -1}, "out of range"),
-    ({"guidance": float("nan")}, "finite"), ({"colour": 1}, "unknown parameter"), ({"prompt": 5}, "prompt must be"),
-    ({"steps": 400}, "repeats timesteps"), ({"seed": True}, "seed must be"),
-])
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"guidance": "abc"}, "guidance must be a number"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"steps": 0}, "out of range"),
+        ({"skip": 1.5}, "out of range"),
+        ({"ip_scale": -1}, "out of range"),
+        ({"guidance": float("nan")}, "finite"),
+        ({"colour": 1}, "unknown parameter"),
+        ({"prompt": 5}, "prompt must be"),
+        ({"steps": 400}, "repeats timesteps"),
+        ({"seed": True}, "seed must be"),
+    ],
+)
 def test_params_validation(values, match):
     with pytest.raises(ParameterError, match=match):
         Params.from_mapping(values)
@@ -234,4 +262,12 @@ def test_params_validation(values, match):
 
 def test_params_defaults_are_the_papers():
     p = Params.from_mapping({})
-    assert (p.guidance, p.ip_scale, p.id_scale, p.steps, p.skip, p.seed, p.prompt) == (-10.0, 1.0, 1.0, 100, 0.7, 0, None)
+    assert (p.guidance, p.ip_scale, p.id_scale, p.steps, p.skip, p.seed, p.prompt) == (
+        -10.0,
+        1.0,
+        1.0,
+        100,
+        0.7,
+        0,
+        None,
+    )

@@ -36,16 +36,16 @@ def photo_response(anonymizer):
 
 def test_published_schemas_match_the_record_types():
     """docs/schemas/ is generated from the dataclasses; a field added without regenerating fails here."""
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "schemas.py"), "--check"], capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "schemas.py"), "--check"], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_a_served_photo_report_validates_and_round_trips(photo_response):
     report = photo_response.report
     assert isinstance(report, ImageReport) and isinstance(report.verdict, ImageVerdict)
-    assert report.faces and all(isinstance(f, FaceReport) and isinstance(f.verdict, FaceVerdict)
-                                for f in report.faces)
+    assert report.faces and all(isinstance(f, FaceReport) and isinstance(f.verdict, FaceVerdict) for f in report.faces)
     data = json.loads(report.to_json())
     validate_report(data)
     validate("audit-record", data["audit"])
@@ -55,9 +55,12 @@ def test_a_served_photo_report_validates_and_round_trips(photo_response):
 
 def test_the_schema_refuses_what_no_record_writes(photo_response):
     data = photo_response.report.to_dict()
-    for broken in ({**data, "surprise": 1}, {**data, "verdict": "probably_fine"},
-                   {k: v for k, v in data.items() if k != "audit"},
-                   {**data, "faces": [{**data["faces"][0], "verdict": "ok"}]}):
+    for broken in (
+        {**data, "surprise": 1},
+        {**data, "verdict": "probably_fine"},
+        {k: v for k, v in data.items() if k != "audit"},
+        {**data, "faces": [{**data["faces"][0], "verdict": "ok"}]},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             validate_report(broken)
 
@@ -77,14 +80,17 @@ def test_no_face_photo_is_marked_for_review_and_fail_withholds_it(anonymizer):
         validate_report(r.report)
 
 
-@pytest.mark.parametrize("raw, says", [
-    ("[" * 100_000 + "]" * 100_000, "limit is"),  # the issue's case: refused on its size, before parsing
-    ('{"steps": ' + "[" * 30 + "]" * 30 + "}", "nested"),
-    ('{"guidance": 1' + "0" * 400 + "}", "guidance"),
-    ('{"steps": 1' + "0" * 5000 + "}", "not valid JSON"),
-    ('{"steps": 4, "colour": "red"}', "unknown parameter"),
-    ("[1, 2]", "JSON object"),
-])
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        ("[" * 100_000 + "]" * 100_000, "limit is"),  # the issue's case: refused on its size, before parsing
+        ('{"steps": ' + "[" * 30 + "]" * 30 + "}", "nested"),
+        ('{"guidance": 1' + "0" * 400 + "}", "guidance"),
+        ('{"steps": 1' + "0" * 5000 + "}", "not valid JSON"),
+        ('{"steps": 4, "colour": "red"}', "unknown parameter"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
 def test_malformed_params_are_parameter_errors(raw, says):
     with pytest.raises(ParameterError, match=says):
         RequestOptions.from_mapping(parse_params(raw.encode()))

@@ -20,7 +20,9 @@ def test_default_timesteps_match_reference_grid():
     assert abs(SCHED.sigma(0) - 0.029) < 1e-3
 
 
-@pytest.mark.parametrize("bad", [dict(num_steps=0, skip=0.7), dict(num_steps=10, skip=1.0), dict(num_steps=400, skip=0.7)])
+@pytest.mark.parametrize(
+    "bad", [dict(num_steps=0, skip=0.7), dict(num_steps=10, skip=1.0), dict(num_steps=400, skip=0.7)]
+)
 def test_timesteps_reject_bad_values(bad):
     with pytest.raises(ValueError):
         timesteps(**bad)
@@ -47,8 +49,9 @@ def test_solver_step_matches_float64_transcription(s, t, s_prev):
     x, m0, m1 = (rng.standard_normal((2, 4, 3, 3)) for _ in range(3))
     abar = SCHED.alphas_cumprod
     want_mu, want_sn = _reference_step(abar, x, m0, s, t, m1 if s_prev else None, s_prev)
-    mu, sn = sampling.sde_dpmpp_2m_step(SCHED, torch.from_numpy(x), torch.from_numpy(m0), s, t,
-                                         torch.from_numpy(m1) if s_prev else None, s_prev)
+    mu, sn = sampling.sde_dpmpp_2m_step(
+        SCHED, torch.from_numpy(x), torch.from_numpy(m0), s, t, torch.from_numpy(m1) if s_prev else None, s_prev
+    )
     assert abs(sn - want_sn) <= 1e-12
     assert np.abs(mu.numpy() - want_mu).max() <= 1e-6
     # the second-order term must matter, or the test above could not tell the orders apart
@@ -63,9 +66,9 @@ def test_noise_is_drawn_in_increasing_t_order_per_face():
     for face, seed in enumerate([5, 9]):
         g = torch.Generator().manual_seed(seed)
         first, second, third = (torch.randn((1, 4, 2, 2), generator=g) for _ in range(3))
-        assert torch.equal(noise[2][face:face + 1], first)   # t = 1 drawn first
-        assert torch.equal(noise[1][face:face + 1], second)
-        assert torch.equal(noise[0][face:face + 1], third)   # t = 299 drawn last
+        assert torch.equal(noise[2][face : face + 1], first)  # t = 1 drawn first
+        assert torch.equal(noise[1][face : face + 1], second)
+        assert torch.equal(noise[0][face : face + 1], third)  # t = 299 drawn last
 
 
 def _toy_denoiser(x, t, cond):
@@ -124,7 +127,8 @@ def test_guidance_combines_branches_from_one_call():
 
     u = {"identity": torch.full((3, 2), 1.0)}
     c = {"identity": torch.full((3, 2), 3.0)}
-    eps = sampling.guided_eps(den, torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), sampling.concat_cond(u, c),
-                              -10.0)
+    eps = sampling.guided_eps(
+        den, torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), sampling.concat_cond(u, c), -10.0
+    )
     assert calls == [6]  # both branches in one call, uncond rows first
     assert torch.allclose(eps, torch.full((3, 1), 1.0 + -10.0 * (3.0 - 1.0)))

@@ -69,8 +69,9 @@ def infer(client, data: bytes, params: dict | bytes | None = None):
         i2 = grpcclient.InferInput("PARAMS", [1, 1], "BYTES")
         i2.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
         inputs.append(i2)
-    r = client.infer(MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("IMAGE"),
-                                             grpcclient.InferRequestedOutput("REPORT")])
+    r = client.infer(
+        MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("IMAGE"), grpcclient.InferRequestedOutput("REPORT")]
+    )
     out = r.as_numpy("IMAGE")[0, 0]
     return decode(out), json.loads(r.as_numpy("REPORT")[0, 0]), bytes(out)
 
@@ -104,8 +105,9 @@ def test_photo_parity_with_in_process(client, anonymizer):
     server_s = time.perf_counter() - t0
     want = anonymizer.anonymize_photo(rgb, Params(steps=8, seed=3))
     d = max_diff(got, want.image)
-    print(f"photo: server {server_s:.2f} s, faces {report.get('faces_found')}, "
-          f"server-vs-in-process max diff {d} levels")
+    print(
+        f"photo: server {server_s:.2f} s, faces {report.get('faces_found')}, server-vs-in-process max diff {d} levels"
+    )
     assert report["faces_found"] == want.report["faces_found"] == 6
     # the same detections, crops, embeddings, generator and paste-back: the same image
     assert np.array_equal(got, want.image)
@@ -153,8 +155,12 @@ def _png_header(w: int, h: int) -> bytes:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 4)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 4))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _bad_cases():
@@ -172,10 +178,19 @@ def _bad_cases():
         ("text file", b"[project]\nname = 'revpers'\n" * 20, None, r"not a recognised image"),
         ("0x0 png", _png_header(0, 0), None, r"not a recognised image|at least"),
         ("1x1 png", tiny.getvalue(), None, r"1x1.*at least"),
-        ("9000x9000 header", _png_header(9000, 9000), None, r"image is 9000x9000 = 81000000 pixels; the limit is "
-                                                             r"64000000 pixels"),
-        ("100000x100000 header", _png_header(100000, 100000), None,  # Pillow noticed it, same message
-         r"image is 10000000000 pixels; the limit is 64000000 pixels"),
+        (
+            "9000x9000 header",
+            _png_header(9000, 9000),
+            None,
+            r"image is 9000x9000 = 81000000 pixels; the limit is "
+            r"64000000 pixels",
+        ),
+        (
+            "100000x100000 header",
+            _png_header(100000, 100000),
+            None,  # Pillow noticed it, same message
+            r"image is 10000000000 pixels; the limit is 64000000 pixels",
+        ),
         ("params not json", good, b"{steps: 4", r"PARAMS is not valid JSON"),
         ("params not object", good, b"[1, 2]", r"PARAMS must be a JSON object"),
         ("steps abc", good, {"steps": "abc"}, r"steps must be an integer"),
@@ -215,8 +230,11 @@ def _successes(url: str) -> float:
     with urllib.request.urlopen(url, timeout=10) as r:
         assert r.status == 200
         text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("nv_inference_request_success{") and f'model="{MODEL}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("nv_inference_request_success{") and f'model="{MODEL}"' in line
+    )
 
 
 def test_metrics_endpoint(server, client):
@@ -227,15 +245,21 @@ def test_metrics_endpoint(server, client):
 
 def _stats(client, model: str) -> dict:
     s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return {"executions": int(s.get("execution_count", 0)), "inferences": int(s.get("inference_count", 0)),
-            "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in s.get("batch_stats", [])}}
+    return {
+        "executions": int(s.get("execution_count", 0)),
+        "inferences": int(s.get("inference_count", 0)),
+        "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in s.get("batch_stats", [])},
+    }
 
 
 def _delta(after: dict, before: dict) -> dict:
-    return {"executions": after["executions"] - before["executions"],
-            "inferences": after["inferences"] - before["inferences"],
-            "batches": {k: v - before["batches"].get(k, 0) for k, v in after["batches"].items()
-                        if v - before["batches"].get(k, 0)}}
+    return {
+        "executions": after["executions"] - before["executions"],
+        "inferences": after["inferences"] - before["inferences"],
+        "batches": {
+            k: v - before["batches"].get(k, 0) for k, v in after["batches"].items() if v - before["batches"].get(k, 0)
+        },
+    }
 
 
 def _overlap(a: dict, b: dict) -> bool:
@@ -260,7 +284,7 @@ def test_one_bls_instance_serves_concurrent_requests(server, client):
     before = _stats(client, "unet")
     one_by_one = [infer(client, data, p)[1]["server_interval"] for p in params]
     sequential = _delta(_stats(client, "unet"), before)
-    assert not any(_overlap(a, b) for i, a in enumerate(one_by_one) for b in one_by_one[i + 1:])
+    assert not any(_overlap(a, b) for i, a in enumerate(one_by_one) for b in one_by_one[i + 1 :])
 
     before, bls_before = _stats(client, "unet"), _stats(client, MODEL)
     reports = {}
@@ -281,8 +305,10 @@ def test_one_bls_instance_serves_concurrent_requests(server, client):
     assert len(reports) == 4
     intervals = [reports[s]["server_interval"] for s in range(4)]
     overlapping = [(i, j) for i in range(4) for j in range(i + 1, 4) if _overlap(intervals[i], intervals[j])]
-    print(f"unet: sequential {sequential}, concurrent {concurrent}; BLS executions {bls}; "
-          f"overlapping requests {overlapping}")
+    print(
+        f"unet: sequential {sequential}, concurrent {concurrent}; BLS executions {bls}; "
+        f"overlapping requests {overlapping}"
+    )
     assert len({iv["pid"] for iv in intervals}) == 1  # one instance served them all
     assert overlapping  # and it served some of them at the same time
     assert concurrent["inferences"] == sequential["inferences"]  # same work, same UNet samples
@@ -315,8 +341,10 @@ def test_report_has_verdict_and_audit(client):
     assert [f["verdict"] for f in audit["faces"]] == [f["verdict"] for f in report["faces"]]
     _, again, raw2 = infer(client, data, params)
     assert raw2 == raw and canonical_json(again["audit"]) == canonical_json(audit)
-    print(f"server verdict {report['verdict']}, faces {[f['verdict'] for f in report['faces']]}, "
-          f"gate {report['timings_ms'].get('verify')} ms")
+    print(
+        f"server verdict {report['verdict']}, faces {[f['verdict'] for f in report['faces']]}, "
+        f"gate {report['timings_ms'].get('verify')} ms"
+    )
     _, aligned, _ = infer(client, png_bytes(real_photo()), {"mode": "aligned", "steps": 2, "verify": False})
     assert aligned["verdict"] == "unverified" and aligned["faces"][0]["verdict"] == "unverified"
 
@@ -356,14 +384,18 @@ def test_fast_image_is_answered_before_a_slow_one_sent_first(server):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=send, args=("slow", slow, 0.0)),
-               threading.Thread(target=send, args=("fast", fast, 0.3))]
+    threads = [
+        threading.Thread(target=send, args=("slow", slow, 0.0)),
+        threading.Thread(target=send, args=("fast", fast, 0.3)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    print(f"response order {arrived}: no-face alone {fast_alone * 1e3:.0f} ms, 6-face alone {slow_alone * 1e3:.0f} ms; "
-          f"together: no-face {latency['fast'] * 1e3:.0f} ms (x{latency['fast'] / fast_alone:.2f} its alone time, "
-          f"{latency['fast'] / latency['slow']:.3f} of the 6-face's {latency['slow'] * 1e3:.0f} ms)")
+    print(
+        f"response order {arrived}: no-face alone {fast_alone * 1e3:.0f} ms, 6-face alone {slow_alone * 1e3:.0f} ms; "
+        f"together: no-face {latency['fast'] * 1e3:.0f} ms (x{latency['fast'] / fast_alone:.2f} its alone time, "
+        f"{latency['fast'] / latency['slow']:.3f} of the 6-face's {latency['slow'] * 1e3:.0f} ms)"
+    )
     assert arrived == ["fast", "slow"]

@@ -24,7 +24,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 MODEL = "revpers"
-LEAKS = ("Traceback", "/work", "site-packages", 'File "', ".py\"", "/tmp")  # nothing of the server's insides
+LEAKS = ("Traceback", "/work", "site-packages", 'File "', '.py"', "/tmp")  # nothing of the server's insides
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,17 @@ def server(onnx_artifacts, smoke_bundle_dir, tmp_path_factory, drain_file):
     from revpers.service.request import Limits
     from revpers.serving.repository import build_repository
 
-    limits = Limits(max_pixels=1_200_000, max_faces=3, max_retries=2)  # t1.jpg: 1280x886  # bytes and steps: the defaults
-    repo = build_repository(onnx_artifacts[0], tmp_path_factory.mktemp("limits-repo") / "repo", "onnxruntime",
-                            bundle=smoke_bundle_dir, bls_instances=2, limits=limits)
+    limits = Limits(
+        max_pixels=1_200_000, max_faces=3, max_retries=2
+    )  # t1.jpg: 1280x886  # bytes and steps: the defaults
+    repo = build_repository(
+        onnx_artifacts[0],
+        tmp_path_factory.mktemp("limits-repo") / "repo",
+        "onnxruntime",
+        bundle=smoke_bundle_dir,
+        bls_instances=2,
+        limits=limits,
+    )
     srv = start_triton(repo, env={"REVPERS_DRAIN_FILE": str(drain_file)})
     try:
         yield srv
@@ -90,7 +98,7 @@ def no_face_image() -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-_LINE = re.compile(r'^(\w+)(?:\{(.*)\})? ([-+0-9.eE]+|[+-]?Inf|NaN)$')
+_LINE = re.compile(r"^(\w+)(?:\{(.*)\})? ([-+0-9.eE]+|[+-]?Inf|NaN)$")
 
 
 def scrape(url: str) -> list[tuple[str, dict, float]]:
@@ -148,21 +156,45 @@ def log_lines(server) -> list[dict]:
 def _malformed_cases():
     good = png(real_photo())
     return [
-        ("200 MB image", b"\x89PNG\r\n\x1a\n" + bytes(200 * 1024 * 1024), {"steps": 2},
-         r"IMAGE: 209715208 bytes; this server's limit is 67108864 bytes"),
-        ("too many pixels", png(np.zeros((1000, 1300, 3), np.uint8)), {"steps": 2},
-         r"IMAGE: image is 1300x1000 = 1300000 pixels; the limit is 1200000 pixels"),
-        ("Pillow's bomb limit", _png_header(100000, 100000), {"steps": 2},
-         r"IMAGE: image is 10000000000 pixels; the limit is 1200000 pixels"),
+        (
+            "200 MB image",
+            b"\x89PNG\r\n\x1a\n" + bytes(200 * 1024 * 1024),
+            {"steps": 2},
+            r"IMAGE: 209715208 bytes; this server's limit is 67108864 bytes",
+        ),
+        (
+            "too many pixels",
+            png(np.zeros((1000, 1300, 3), np.uint8)),
+            {"steps": 2},
+            r"IMAGE: image is 1300x1000 = 1300000 pixels; the limit is 1200000 pixels",
+        ),
+        (
+            "Pillow's bomb limit",
+            _png_header(100000, 100000),
+            {"steps": 2},
+            r"IMAGE: image is 10000000000 pixels; the limit is 1200000 pixels",
+        ),
         ("too many faces", png(real_photo("t1.jpg")), {"steps": 2}, r"6 faces found; this server's limit is 3"),
         ("steps over the limit", good, {"steps": 300, "skip": 0.0}, r"steps=300 is above this server's limit of 250"),
         ("retries over the limit", good, {"steps": 2, "retries": 3}, r"retries=3 is above this server's limit of 2"),
-        ("JSON nested 100,000 deep", good, b'{"steps": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-         r"PARAMS is 200011 bytes; the limit is"),
-        ("JSON nested 30,000 deep", good, b'{"steps": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
-         r"PARAMS is nested 30001 levels deep"),
-        ("400-digit guidance", good, b'{"guidance": ' + b"9" * 400 + b"}",
-         r"guidance must be finite, got an integer of about 400 digits"),
+        (
+            "JSON nested 100,000 deep",
+            good,
+            b'{"steps": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            r"PARAMS is 200011 bytes; the limit is",
+        ),
+        (
+            "JSON nested 30,000 deep",
+            good,
+            b'{"steps": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+            r"PARAMS is nested 30001 levels deep",
+        ),
+        (
+            "400-digit guidance",
+            good,
+            b'{"guidance": ' + b"9" * 400 + b"}",
+            r"guidance must be finite, got an integer of about 400 digits",
+        ),
         ("5000-digit steps", good, b'{"steps": ' + b"9" * 5000 + b"}", r"PARAMS is not valid JSON"),
         ("400-digit steps", good, b'{"steps": ' + b"9" * 400 + b"}", r"steps=an integer of about 400 digits is out"),
     ]
@@ -175,8 +207,12 @@ def _png_header(w: int, h: int) -> bytes:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 4)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 4))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_over_the_limits_and_malformed_are_invalid_argument_without_internals(server, client):
@@ -193,8 +229,11 @@ def test_over_the_limits_and_malformed_are_invalid_argument_without_internals(se
     after = scrape(server.urls.metrics)
     n = len(_malformed_cases())
     # every refused request counted once, as invalid, and as nothing else
-    assert value(after, "revpers_requests_total", outcome="invalid") - value(
-        before, "revpers_requests_total", outcome="invalid") == n
+    assert (
+        value(after, "revpers_requests_total", outcome="invalid")
+        - value(before, "revpers_requests_total", outcome="invalid")
+        == n
+    )
     assert value(after, "revpers_requests_total") - value(before, "revpers_requests_total") == n
     assert value(after, "revpers_unet_calls_total") == value(before, "revpers_unet_calls_total")
     # the 200 MB one was refused by its size, before decoding: its log line has the bytes and no faces
@@ -217,8 +256,11 @@ def test_metrics_count_exactly_what_was_served(server, client, smoke_bundle_dir)
     assert err.status() == "StatusCode.INVALID_ARGUMENT"
     _, noface = infer(client, noface_bytes, {"steps": 3}, request_id=f"{tag}-noface")
     assert ok["verdict"] == "unverified" and noface["verdict"] == "no_faces" and image
-    after = scrape_when(server.urls.metrics, lambda rows: value(rows, "revpers_requests_in_flight") == 0,
-                        "requests in flight to reach 0")
+    after = scrape_when(
+        server.urls.metrics,
+        lambda rows: value(rows, "revpers_requests_in_flight") == 0,
+        "requests in flight to reach 0",
+    )
 
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
@@ -226,10 +268,17 @@ def test_metrics_count_exactly_what_was_served(server, client, smoke_bundle_dir)
     outcomes = series(after, "revpers_requests_total", "outcome")
     assert set(outcomes) == {"ok", "rejected", "invalid", "cancelled", "unavailable", "error"}
     assert {o: delta("revpers_requests_total", outcome=o) for o in outcomes} == {
-        "ok": 2, "rejected": 0, "invalid": 1, "cancelled": 0, "unavailable": 0, "error": 0}
+        "ok": 2,
+        "rejected": 0,
+        "invalid": 1,
+        "cancelled": 0,
+        "unavailable": 0,
+        "error": 0,
+    }
     verdicts = series(after, "revpers_faces_total", "verdict")
     assert {v: delta("revpers_faces_total", verdict=v) for v in verdicts} == {
-        v: (1 if v == "unverified" else 0) for v in verdicts}
+        v: (1 if v == "unverified" else 0) for v in verdicts
+    }
     assert delta("revpers_no_face_images_total") == 1
     assert delta("revpers_gate_retries_total") == 0 and delta("revpers_gate_fallbacks_total") == 0
     calls = delta("revpers_unet_calls_total")
@@ -241,12 +290,19 @@ def test_metrics_count_exactly_what_was_served(server, client, smoke_bundle_dir)
     assert stages >= {"decode", "encode", "inversion", "generation", "detect"}
     for stage in stages:
         assert delta("revpers_stage_duration_seconds_count", stage=stage) == sum(
-            stage in r["timings_ms"] for r in (ok, noface)), stage
+            stage in r["timings_ms"] for r in (ok, noface)
+        ), stage
 
     lines = {line["request_id"]: line for line in log_lines(server) if line["request_id"].startswith(tag)}
-    assert lines[f"{tag}-ok"] | {"ms": None} == {"event": "request", "request_id": f"{tag}-ok", "outcome": "ok",
-                                                 "bytes": len(face_bytes), "faces": 1, "verdict": "unverified",
-                                                 "ms": None}
+    assert lines[f"{tag}-ok"] | {"ms": None} == {
+        "event": "request",
+        "request_id": f"{tag}-ok",
+        "outcome": "ok",
+        "bytes": len(face_bytes),
+        "faces": 1,
+        "verdict": "unverified",
+        "ms": None,
+    }
     assert lines[f"{tag}-noface"]["faces"] == 0 and lines[f"{tag}-noface"]["verdict"] == "no_faces"
 
     # reports name the bundle by name and manifest hash; nothing in them holds its path
@@ -266,29 +322,44 @@ def test_cancelled_request_stops_within_one_unet_call(server, client):
     from revpers.core.schedule import timesteps
 
     params = {"mode": "aligned", "steps": 250, "skip": 0.0, "verify": False}
-    inversion_batch = int(json.loads(client.get_model_config(MODEL, as_json=True)["config"]["parameters"]
-                                     ["inversion_batch"]["string_value"]))
+    inversion_batch = int(
+        json.loads(
+            client.get_model_config(MODEL, as_json=True)["config"]["parameters"]["inversion_batch"]["string_value"]
+        )
+    )
     n = len(timesteps(250, 0.0))
     full = -(-n // inversion_batch) + n  # the UNet calls of the whole request
     url = server.urls.metrics
     start = scrape(url)
-    calls0, cancelled0 = value(start, "revpers_unet_calls_total"), value(start, "revpers_requests_total",
-                                                                         outcome="cancelled")
+    calls0, cancelled0 = (
+        value(start, "revpers_unet_calls_total"),
+        value(start, "revpers_requests_total", outcome="cancelled"),
+    )
     answers = []
-    ctx = client.async_infer(MODEL, inputs(png(real_photo()), params),
-                             lambda result, error: answers.append((result, error)), request_id="cancel-me")
+    ctx = client.async_infer(
+        MODEL,
+        inputs(png(real_photo()), params),
+        lambda result, error: answers.append((result, error)),
+        request_id="cancel-me",
+    )
     wait_for(lambda: value(scrape(url), "revpers_unet_calls_total") - calls0 >= 20, "20 UNet calls", 120)
     at_cancel = value(scrape(url), "revpers_unet_calls_total") - calls0
     ctx.cancel()
     t_cancel = time.perf_counter()
-    done = scrape_when(url, lambda rows: value(rows, "revpers_requests_total", outcome="cancelled") > cancelled0,
-                       "the request to be counted as cancelled", 120)
+    done = scrape_when(
+        url,
+        lambda rows: value(rows, "revpers_requests_total", outcome="cancelled") > cancelled0,
+        "the request to be counted as cancelled",
+        120,
+    )
     stopped_s = time.perf_counter() - t_cancel
     total = value(done, "revpers_unet_calls_total") - calls0
     after = total - at_cancel
     line = [x for x in log_lines(server) if x["request_id"] == "cancel-me"][-1]
-    print(f"cancel: {at_cancel:.0f} UNet calls before the cancel, {after:.0f} after; {total:.0f} of {full} made; "
-          f"counted as cancelled {stopped_s * 1e3:.0f} ms after the cancel; log line {line}")
+    print(
+        f"cancel: {at_cancel:.0f} UNet calls before the cancel, {after:.0f} after; {total:.0f} of {full} made; "
+        f"counted as cancelled {stopped_s * 1e3:.0f} ms after the cancel; log line {line}"
+    )
     assert line["outcome"] == "cancelled" and line["error"] == "cancelled"
     # at most: one call started between the scrape and the cancel, the call running at the cancel,
     # and one started before is_cancelled() turned true (2-5 ms); the rest (over 200 calls) never ran
@@ -309,7 +380,10 @@ def test_drain_file_turns_new_requests_away(server, client, drain_file):
         drain_file.unlink()
     assert err.status() == "StatusCode.UNAVAILABLE" and "server is draining" in err.message()
     after = scrape(server.urls.metrics)
-    assert value(after, "revpers_requests_total", outcome="unavailable") - value(
-        before, "revpers_requests_total", outcome="unavailable") == 1
+    assert (
+        value(after, "revpers_requests_total", outcome="unavailable")
+        - value(before, "revpers_requests_total", outcome="unavailable")
+        == 1
+    )
     image, report = infer(client, data, {"mode": "aligned", "steps": 2})  # the file gone, it serves again
     assert image and report["faces"]

@@ -25,8 +25,11 @@ def test_specs_from_bundle_match_the_loaded_modules(smoke_bundle, torch_models):
     unet = {t.name: t.shape for t in specs["unet"].inputs}
     assert unet["text"] == tuple(emb.text.shape[1:]) and unet["pooled"] == tuple(emb.pooled.shape[1:])
     assert specs["unet"].max_batch == 2 * 7 * 4 and specs["unet"].opt_batch == 2 * 7
-    modules = {"unet": torch_models.unet, "vae_encoder": torch_models.vae_encoder,
-               "vae_decoder": torch_models.vae_decoder}
+    modules = {
+        "unet": torch_models.unet,
+        "vae_encoder": torch_models.vae_encoder,
+        "vae_decoder": torch_models.vae_decoder,
+    }
     for name, module in modules.items():
         spec = specs[name]
         with torch.no_grad():
@@ -56,8 +59,14 @@ def test_full_size_specs_carry_one_face_per_unet_call(smoke_bundle_dir, tmp_path
     specs = {s.name: s for s in specs_from_bundle(load_bundle(root), inversion_batch=10)}
     unet = specs["unet"]
     assert {t.name: t.shape for t in unet.inputs} == {
-        "sample": (4, 128, 128), "timestep": (), "text": (77, 2048), "pooled": (1280,), "time_ids": (6,),
-        "identity": (512,), "ip_scale": ()}
+        "sample": (4, 128, 128),
+        "timestep": (),
+        "text": (77, 2048),
+        "pooled": (1280,),
+        "time_ids": (6,),
+        "identity": (512,),
+        "ip_scale": (),
+    }
     assert (unet.max_batch, unet.opt_batch) == (20, 20)
     assert specs["vae_encoder"].max_batch == specs["vae_decoder"].max_batch == 2
     small = {s.name: s for s in specs_from_bundle(load_bundle(smoke_bundle_dir), inversion_batch=10)}
@@ -98,8 +107,18 @@ def test_repository_targets_and_their_configs(smoke_bundle_dir, smoke_bundle, on
     assert {k: _param(bls, k) for k in limit_keys} == Limits().as_parameters()  # the safe defaults, written out
 
     mine = Limits(max_bytes=1000, max_pixels=4096, max_faces=2, max_steps=130, max_retries=3)
-    gpu = build_repository(None, tmp_path / "gpu", "pytorch", bundle=smoke_bundle_dir, gpu=True, bls_threads=4,
-                           component_instances=3, torch_compile=True, inversion_batch=5, limits=mine)
+    gpu = build_repository(
+        None,
+        tmp_path / "gpu",
+        "pytorch",
+        bundle=smoke_bundle_dir,
+        gpu=True,
+        bls_threads=4,
+        component_instances=3,
+        torch_compile=True,
+        inversion_batch=5,
+        limits=mine,
+    )
     read_back = {k: _param(_config(gpu, "revpers"), k) for k in ("bundle", "max_batch", *limit_keys)}
     assert Limits.from_parameters(read_back) == mine  # what model.py reads is what was asked for
     unet, bls = _config(gpu, "unet"), _config(gpu, "revpers")
@@ -111,11 +130,13 @@ def test_repository_targets_and_their_configs(smoke_bundle_dir, smoke_bundle, on
     assert _param(bls, "inversion_batch") == "5" and json.loads(_param(bls, "max_batch"))["unet"] == 40
 
     ort = build_repository(onnx_artifacts[0], tmp_path / "ort", "onnxruntime", bundle=smoke_bundle_dir)
-    assert _param(_config(ort, "revpers"), "inversion_batch") == str(onnx_artifacts[1]["components"]["unet"]["spec"]
-                                                                       ["opt_batch"] // 2)
+    assert _param(_config(ort, "revpers"), "inversion_batch") == str(
+        onnx_artifacts[1]["components"]["unet"]["spec"]["opt_batch"] // 2
+    )
     with pytest.raises(ValueError, match="differs from the exported one"):
-        build_repository(onnx_artifacts[0], tmp_path / "ort7", "onnxruntime", bundle=smoke_bundle_dir,
-                         inversion_batch=7)
+        build_repository(
+            onnx_artifacts[0], tmp_path / "ort7", "onnxruntime", bundle=smoke_bundle_dir, inversion_batch=7
+        )
     with pytest.raises(ValueError, match="needs exported artifacts"):
         build_repository(None, tmp_path / "x", "onnxruntime", bundle=smoke_bundle_dir)
     with pytest.raises(FileNotFoundError, match="no TensorRT engine"):
@@ -171,10 +192,20 @@ def test_torch_runner_warms_up_at_the_preferred_batches_from_the_config(smoke_bu
     specs = {s.name: s for s in specs_from_bundle(smoke_bundle, inversion_batch=3)}
     for name in ("unet", "vae_decoder"):
         spec = specs[name]
-        config = {"name": name, "max_batch_size": spec.max_batch,
-                  "input": [{"name": t.name, "data_type": TRITON_DTYPES[t.dtype], "dims": [str(d) for d in t.shape or (1,)],
-                             **({"reshape": {"shape": []}} if not t.shape else {})} for t in spec.inputs],
-                  "dynamic_batching": {"preferred_batch_size": list(spec.preferred_batches)}}
+        config = {
+            "name": name,
+            "max_batch_size": spec.max_batch,
+            "input": [
+                {
+                    "name": t.name,
+                    "data_type": TRITON_DTYPES[t.dtype],
+                    "dims": [str(d) for d in t.shape or (1,)],
+                    **({"reshape": {"shape": []}} if not t.shape else {}),
+                }
+                for t in spec.inputs
+            ],
+            "dynamic_batching": {"preferred_batch_size": list(spec.preferred_batches)},
+        }
         feeds = example_feeds(config, 5)
         assert [tuple(f.shape) for f in feeds] == [(5, *t.shape) for t in spec.inputs]
         runner = TorchRunner(smoke_bundle_dir, name)
@@ -234,8 +265,9 @@ def test_response_pool_answers_each_request_when_done_and_bounds_concurrency():
             with lock:
                 running.discard(request.name)
 
-    pool = ResponsePool(handle, lambda exc, request: f"error {type(exc).__name__}", FINAL, threads=2,
-                        on_count=counts.append)
+    pool = ResponsePool(
+        handle, lambda exc, request: f"error {type(exc).__name__}", FINAL, threads=2, on_count=counts.append
+    )
     submitter = threading.Thread(target=pool.submit, args=([_Request(n, sent) for n in ("slow", "fast", "third")],))
     submitter.start()
     submitter.join(20)
@@ -248,9 +280,13 @@ def test_response_pool_answers_each_request_when_done_and_bounds_concurrency():
     slow_may_finish.set()
     pool.submit([_Request("bad", sent), _Request("lost", sent, fail_send=True)])
     pool.close()
-    assert sorted((n, r) for n, r, _ in sent) == [("bad", "error ValueError"), ("fast", "response fast"),
-                                                   ("lost", "response lost"), ("slow", "response slow"),
-                                                   ("third", "response third")]
+    assert sorted((n, r) for n, r, _ in sent) == [
+        ("bad", "error ValueError"),
+        ("fast", "response fast"),
+        ("lost", "response lost"),
+        ("slow", "response slow"),
+        ("third", "response third"),
+    ]
     assert all(flags == FINAL for _, _, flags in sent)
     assert peak[0] == 2 and max(counts) == 2 and counts[-1] == 0 and pool.in_flight == 0
 
@@ -267,13 +303,14 @@ def test_torch_runner_computes_on_aligned_copies_of_its_inputs(smoke_bundle_dir,
     spec = next(s for s in specs_from_bundle(smoke_bundle, inversion_batch=3) if s.name == "unet")
     runner = TorchRunner(smoke_bundle_dir, "unet")
     gen = torch.Generator().manual_seed(0)
-    feeds = [torch.randn((2, *t.shape), generator=gen) if t.dtype == "FP32" else torch.full((2,), 250)
-             for t in spec.inputs]
+    feeds = [
+        torch.randn((2, *t.shape), generator=gen) if t.dtype == "FP32" else torch.full((2,), 250) for t in spec.inputs
+    ]
     feeds[-1] = torch.ones(2)  # ip_scale
 
     def offset(t: torch.Tensor, elements: int) -> torch.Tensor:  # the same values, 4*elements bytes further on
         buf = torch.empty(t.numel() + 16, dtype=t.dtype)
-        view = buf[elements:elements + t.numel()].view(t.shape)
+        view = buf[elements : elements + t.numel()].view(t.shape)
         view.copy_(t)
         return view
 
@@ -303,8 +340,9 @@ def test_pytorch_target_serves_the_same_images(smoke_bundle_dir, tmp_path):
     from revpers_client.core import RevpersClient
 
     inversion_batch = 10  # both sides: 6 steps' inversion in one UNet call
-    repo = build_repository(None, tmp_path / "repo", "pytorch", bundle=smoke_bundle_dir,
-                            inversion_batch=inversion_batch)
+    repo = build_repository(
+        None, tmp_path / "repo", "pytorch", bundle=smoke_bundle_dir, inversion_batch=inversion_batch
+    )
     srv = start_triton(repo, env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
     try:
         client = RevpersClient(srv.urls.grpc)
@@ -314,8 +352,11 @@ def test_pytorch_target_serves_the_same_images(smoke_bundle_dir, tmp_path):
     finally:
         srv.stop()
     got = decode_image(data)
-    want = Anonymizer(smoke_bundle_dir, inversion_batch=inversion_batch).anonymize_aligned(
-        rgb, Params(steps=6, seed=5)).image
+    want = (
+        Anonymizer(smoke_bundle_dir, inversion_batch=inversion_batch)
+        .anonymize_aligned(rgb, Params(steps=6, seed=5))
+        .image
+    )
     diff = int(np.abs(got.astype(int) - want.astype(int)).max())
     print(f"pytorch target vs in process: max diff {diff} levels; report device {report['device']}")
     assert np.array_equal(got, want)
@@ -331,8 +372,16 @@ def test_limits_refuse_unusable_values_and_huge_numbers_are_parameter_errors():
     from revpers.core.params import coerce_number
     from revpers.service.request import Limits
 
-    for bad in ({"max_steps": 99}, {"max_steps": 1001}, {"max_retries": 1}, {"max_retries": 6},
-                {"max_pixels": 2**40}, {"max_bytes": 2**31}, {"max_faces": 0}, {"max_faces": True}):
+    for bad in (
+        {"max_steps": 99},
+        {"max_steps": 1001},
+        {"max_retries": 1},
+        {"max_retries": 6},
+        {"max_pixels": 2**40},
+        {"max_bytes": 2**31},
+        {"max_faces": 0},
+        {"max_faces": True},
+    ):
         with pytest.raises(ParameterError, match=next(iter(bad))):
             Limits(**bad)
     with pytest.raises(ParameterError, match="max_steps must be an integer, got 'lots'"):
@@ -364,22 +413,24 @@ def test_onnxruntime_runner_is_invariant_to_batch_threads_and_alignment(onnx_art
         spec = ComponentSpec.from_dict(load_artifacts(out)["components"][name]["spec"])
         path = out / record["components"][name]["onnx"]
         names, outs = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
-        feeds = [torch.randn((5, *t.shape), generator=gen) if t.dtype == "FP32" else torch.tensor([1, 250, 999, 40, 7])
-                 for t in spec.inputs]
+        feeds = [
+            torch.randn((5, *t.shape), generator=gen) if t.dtype == "FP32" else torch.tensor([1, 250, 999, 40, 7])
+            for t in spec.inputs
+        ]
         if name == "unet":
             feeds[names.index("ip_scale")] = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0])
         runner = OnnxRuntimeRunner(path, names, outs, threads=ort_threads())
         want = runner(feeds)[0]
         for rows in ((0, 1), (1, 4), (4, 5)):  # alone, and in other batch compositions
-            got = runner([f[rows[0]:rows[1]] for f in feeds])[0]
-            assert torch.equal(got, want[rows[0]:rows[1]]), (name, rows)
+            got = runner([f[rows[0] : rows[1]] for f in feeds])[0]
+            assert torch.equal(got, want[rows[0] : rows[1]]), (name, rows)
         single = OnnxRuntimeRunner(path, names, outs, threads=1)
         assert torch.equal(single(feeds)[0], want), (name, "threads")
         for k in (1, 2, 3):  # the same values 4k bytes off their aligned place
             moved = []
             for f in feeds:
                 buf = torch.empty(f.numel() + 16, dtype=f.dtype)
-                view = buf[k:k + f.numel()].view(f.shape)
+                view = buf[k : k + f.numel()].view(f.shape)
                 view.copy_(f)
                 moved.append(view)
             assert torch.equal(runner(moved)[0], want), (name, "offset", k)

@@ -29,7 +29,7 @@ def test_full_size_smoke_models_are_sdxl_sized():
         te1 = CLIPTextModel(_text_config(vocab, False, full_size=True))
         te2 = CLIPTextModelWithProjection(_text_config(vocab, True, full_size=True))
     assert _params(unet) == 2_567_463_684  # SDXL base 1.0 UNet
-    assert _params(vae) == 83_653_863      # SDXL VAE
+    assert _params(vae) == 83_653_863  # SDXL VAE
     # CLIP ViT-L/14 text (123,060,480) and OpenCLIP bigG/14 text + projection (694,659,840) with
     # SDXL's 49,408-token vocabulary; the smoke tokenizer has `vocab` byte-level tokens instead
     assert _params(te1) == 123_060_480 - (49_408 - vocab) * 768

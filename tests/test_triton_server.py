@@ -268,7 +268,12 @@ def test_find_tritonserver_prefers_REVPERS_TRITONSERVER(tmp_path, monkeypatch):
     binary.chmod(0o755)
     monkeypatch.setenv("REVPERS_TRITONSERVER", str(binary))
     install = find_tritonserver()
-    assert (install.binary, install.kind, install.backends_dir, install.version) == (binary, "system", root / "backends", "2.99.0")
+    assert (install.binary, install.kind, install.backends_dir, install.version) == (
+        binary,
+        "system",
+        root / "backends",
+        "2.99.0",
+    )
     assert install.lib_dir is None
     assert prepare_backend_dir(install, tmp_path / "cache") == root / "backends"  # used as is
 
@@ -280,7 +285,11 @@ def test_find_tritonserver_prefers_REVPERS_TRITONSERVER(tmp_path, monkeypatch):
 def test_find_tritonserver_missing_names_the_server_extra(monkeypatch, tmp_path):
     monkeypatch.delenv("REVPERS_TRITONSERVER", raising=False)
     real_find_spec = launcher_install.importlib.util.find_spec
-    monkeypatch.setattr(launcher_install.importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        launcher_install.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a),
+    )
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(TritonNotFoundError, match=re.escape("pip install 'revpers[server]'")):
         find_tritonserver()
@@ -295,7 +304,9 @@ def test_port_in_use_is_reported_before_launching(tmp_path):
         busy = taken.getsockname()[1]
         assert port_in_use(busy, "127.0.0.1")
         install = TritonInstall(binary=Path("/nonexistent/tritonserver"), backends_dir=tmp_path, kind="system")
-        server = TritonServer(tmp_path / "models", grpc_port=grpc, http_port=busy, metrics_port=metrics, install=install)
+        server = TritonServer(
+            tmp_path / "models", grpc_port=grpc, http_port=busy, metrics_port=metrics, install=install
+        )
         with pytest.raises(PortInUseError, match=rf"HTTP port {busy} is already in use"):
             server.start(timeout=5)
         assert server.pid is None  # nothing was launched
@@ -375,15 +386,27 @@ def test_model_failing_in_initialize_makes_start_raise(install, cache_dir, tmp_p
     assert _processes_mentioning(str(repo)) == []
 
 
-def _launch_serve(repo: Path, ports, cache_dir: Path, log: Path, probe_dir: Path | None = None,
-                  extra=(), env=None) -> subprocess.Popen:
+def _launch_serve(
+    repo: Path, ports, cache_dir: Path, log: Path, probe_dir: Path | None = None, extra=(), env=None
+) -> subprocess.Popen:
     """`revpers serve` on ``ports`` (gRPC, HTTP, metrics, health) with no bind option (the default)."""
     pythonpath = os.pathsep.join(str(p) for p in (REPO_ROOT, probe_dir) if p)
     env = dict(os.environ, REVPERS_CACHE_DIR=str(cache_dir), PYTHONPATH=pythonpath, **(env or {}))
     cmd = [
-        sys.executable, "-m", "revpers.serving.launcher.serve", "--repository", str(repo),
-        "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
-        "--health-port", str(ports[3]), *extra,
+        sys.executable,
+        "-m",
+        "revpers.serving.launcher.serve",
+        "--repository",
+        str(repo),
+        "--grpc-port",
+        str(ports[0]),
+        "--http-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--health-port",
+        str(ports[3]),
+        *extra,
     ]
     with open(log, "wb") as err:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -492,25 +515,34 @@ LAUNCHER_MODELS = Path(__file__).resolve().parent / "launcher_models"
 
 
 def test_security_arguments_use_the_colon_form_and_split_inference_from_admin():
-    sec = Security(api_key="k1", admin_key="k2", tls_cert=Path("/c.pem"), tls_key=Path("/k.pem"),
-                   tls_ca=Path("/ca.pem"))
+    sec = Security(
+        api_key="k1", admin_key="k2", tls_cert=Path("/c.pem"), tls_key=Path("/k.pem"), tls_ca=Path("/ca.pem")
+    )
     args = sec.arguments()
     assert "--grpc-restricted-protocol=inference:x-api-key=k1" in args
     assert "--http-restricted-api=inference:x-api-key=k1" in args
     admin = "shared-memory,model-config,model-repository,statistics,trace,logging:x-admin-key=k2"
     assert f"--grpc-restricted-protocol={admin}" in args and f"--http-restricted-api={admin}" in args
-    assert {"--grpc-use-ssl=true", "--grpc-server-cert=/c.pem", "--grpc-server-key=/k.pem",
-            "--grpc-use-ssl-mutual=true", "--grpc-root-cert=/ca.pem"} <= set(args)
+    assert {
+        "--grpc-use-ssl=true",
+        "--grpc-server-cert=/c.pem",
+        "--grpc-server-key=/k.pem",
+        "--grpc-use-ssl-mutual=true",
+        "--grpc-root-cert=/ca.pem",
+    } <= set(args)
     assert Security().arguments() == []
     assert sec.redact("a k1 b k2") == "a *** b ***"
 
 
-@pytest.mark.parametrize("sec, message", [
-    (Security(tls_cert=Path("/c.pem")), "--tls-cert and --tls-key go together"),
-    (Security(tls_ca=Path("/ca.pem")), "needs --tls-cert"),
-    (Security(api_key="a:b"), "API key must be"),
-    (Security(admin_key=""), "admin key must be"),
-])
+@pytest.mark.parametrize(
+    "sec, message",
+    [
+        (Security(tls_cert=Path("/c.pem")), "--tls-cert and --tls-key go together"),
+        (Security(tls_ca=Path("/ca.pem")), "needs --tls-cert"),
+        (Security(api_key="a:b"), "API key must be"),
+        (Security(admin_key=""), "admin key must be"),
+    ],
+)
 def test_security_check_refuses_unusable_settings(sec, message):
     with pytest.raises(ServerUsageError, match=message):
         sec.check()
@@ -521,11 +553,15 @@ def test_serve_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty.key"
     empty.write_text("\n")
     for argv, message in [
-        (["--repository", str(tmp_path), "--api-key-file", str(tmp_path / "missing.key")],
-         "cannot read the API key file"),
+        (
+            ["--repository", str(tmp_path), "--api-key-file", str(tmp_path / "missing.key")],
+            "cannot read the API key file",
+        ),
         (["--repository", str(tmp_path), "--admin-key-file", str(empty)], "admin key file .* is empty"),
-        (["--repository", str(tmp_path), "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(empty)],
-         "no such file"),
+        (
+            ["--repository", str(tmp_path), "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(empty)],
+            "no such file",
+        ),
     ]:
         assert run_serve(parser.parse_args(argv)) == 2
         err = capsys.readouterr().err
@@ -533,10 +569,12 @@ def test_serve_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_in_flight_sums_the_gauge_and_tells_absence():
-    page = "# HELP revpers_requests_in_flight x\nrevpers_requests_in_flight{model=\"a\"} 2\n" \
-           "revpers_requests_in_flight{model=\"b\"} 1\nrevpers_requests_in_flight_other 7\n"
+    page = (
+        '# HELP revpers_requests_in_flight x\nrevpers_requests_in_flight{model="a"} 2\n'
+        'revpers_requests_in_flight{model="b"} 1\nrevpers_requests_in_flight_other 7\n'
+    )
     assert in_flight(page) == 3
-    assert in_flight("nv_inference_count{model=\"a\"} 4\n") is None
+    assert in_flight('nv_inference_count{model="a"} 4\n') is None
 
 
 @pytest.fixture()
@@ -666,11 +704,17 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
             pid, region = _stub(front_repo, model)
             t_kill = time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            line = _wait_for(lambda: re.search(_RECOVERED.format(instance=f"{model}_0_0", pid=pid, model=model),
-                                               log.read_text(errors="replace")), 60, f"the recovery of {model}")
+            line = _wait_for(
+                lambda: re.search(
+                    _RECOVERED.format(instance=f"{model}_0_0", pid=pid, model=model), log.read_text(errors="replace")
+                ),
+                60,
+                f"the recovery of {model}",
+            )
             t_line = time.monotonic()
-            _wait_for(lambda: any(sent > t_line for sent, _ in ok_at), 30,
-                      f"a request sent after {model} recovered served")
+            _wait_for(
+                lambda: any(sent > t_line for sent, _ in ok_at), 30, f"a request sent after {model} recovered served"
+            )
             first_ok = min(t for sent, t in ok_at if sent > t_kill)  # of the requests sent after the kill
             during = watch.between(t_kill, t_line)
             assert any(r == 503 for _, r, _ in during), f"/readyz never 503 while {model} was recovering"
@@ -679,8 +723,10 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
             assert _status(f"http://127.0.0.1:{ports[3]}/livez") == 200
             assert _shm_left([region]) == []  # the dead stub's region was removed
             assert _stub(front_repo, model)[0] != pid  # a new stub serves
-            figures.append(f"{model}: reloaded {float(line.group(1)):.2f} s after the death was seen; "
-                           f"kill -> first request sent after it served {first_ok - t_kill:.2f} s")
+            figures.append(
+                f"{model}: reloaded {float(line.group(1)):.2f} s after the death was seen; "
+                f"kill -> first request sent after it served {first_ok - t_kill:.2f} s"
+            )
         done.set()
         load.join(timeout=60)
         print("\n" + "\n".join(figures) + f"\nretried {len(retried)} times: {sorted(set(retried))}; ok {len(ok_at)}")
@@ -714,8 +760,14 @@ def test_sigterm_drains_four_requests_in_flight(install, cache_dir, front_repo, 
     gate = tmp_path / "release-front"
     ports = free_ports(4)
     log = tmp_path / "serve.log"
-    proc = _launch_serve(front_repo, ports, cache_dir, log, extra=["--entry-model", "front", "--drain-timeout", "120"],
-                         env={"FRONT_GATE_FILE": str(gate)})
+    proc = _launch_serve(
+        front_repo,
+        ports,
+        cache_dir,
+        log,
+        extra=["--entry-model", "front", "--drain-timeout", "120"],
+        env={"FRONT_GATE_FILE": str(gate)},
+    )
     client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
     results: list = []
     try:
@@ -768,7 +820,7 @@ def _listeners(port: int) -> list[str]:
                 if len(raw) == 4:
                     out.append(str(ipaddress.IPv4Address(raw[::-1])))
                 else:  # four little-endian 32-bit words
-                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
                     a6 = ipaddress.IPv6Address(words)
                     out.append(str(a6.ipv4_mapped or a6))
     return out
@@ -787,7 +839,8 @@ def _outward_address() -> str | None:
 
 @pytest.mark.server
 def test_serve_binds_loopback_by_default_prints_its_ready_line_quietly_and_closes_admin_apis(
-        install, cache_dir, front_repo, tmp_path):
+    install, cache_dir, front_repo, tmp_path
+):
     """`revpers serve --quiet` through the CLI (whose root logger is at WARNING): its ready line still
     prints; every port listens on 127.0.0.1 only; with no admin key given the admin APIs are shut."""
     from tritonclient.grpc import InferenceServerClient
@@ -798,18 +851,36 @@ def test_serve_binds_loopback_by_default_prints_its_ready_line_quietly_and_close
     env = dict(os.environ, REVPERS_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO_ROOT))
     env.pop("REVPERS_ADMIN_KEY", None)
     env.pop("REVPERS_API_KEY", None)
-    cmd = [sys.executable, "-m", "revpers.cli", "serve", "--repository", str(front_repo), "--quiet",
-           "--entry-model", "front", "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
-           "--metrics-port", str(ports[2]), "--health-port", str(ports[3])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "revpers.cli",
+        "serve",
+        "--repository",
+        str(front_repo),
+        "--quiet",
+        "--entry-model",
+        "front",
+        "--grpc-port",
+        str(ports[0]),
+        "--http-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--health-port",
+        str(ports[3]),
+    ]
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
     client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
     try:
         _wait_serving(proc, log)
         text = log.read_text()
-        assert re.search(rf"ready: grpc 127\.0\.0\.1:{ports[0]}, http http://127\.0\.0\.1:{ports[1]}, "
-                         rf"metrics http://127\.0\.0\.1:{ports[2]}/metrics, health http://127\.0\.0\.1:{ports[3]}/readyz",
-                         text), text
+        assert re.search(
+            rf"ready: grpc 127\.0\.0\.1:{ports[0]}, http http://127\.0\.0\.1:{ports[1]}, "
+            rf"metrics http://127\.0\.0\.1:{ports[2]}/metrics, health http://127\.0\.0\.1:{ports[3]}/readyz",
+            text,
+        ), text
         assert "successfully loaded" not in text  # --quiet: the server log is not streamed
         for port in ports:
             found = _listeners(port)
@@ -853,15 +924,56 @@ def _make_certs(d: Path) -> None:
     unrelated other-ca.pem."""
     d.mkdir(parents=True, exist_ok=True)
     for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=revpers test {ca}",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=revpers test {ca}",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            cwd=d,
+        )
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     for who in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=revpers test {who}",
-                 "-keyout", f"{who}.key", "-out", f"{who}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", f"{who}.ext", "-out", f"{who}.pem", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN=revpers test {who}",
+            "-keyout",
+            f"{who}.key",
+            "-out",
+            f"{who}.csr",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{who}.ext",
+            "-out",
+            f"{who}.pem",
+            cwd=d,
+        )
 
 
 @pytest.mark.server
@@ -881,16 +993,35 @@ def test_grpc_mutual_tls_and_api_keys(install, cache_dir, front_repo, tmp_path):
     (tmp_path / "admin.key").write_text(admin_key + "\n")
     ports = free_ports(4)
     log = tmp_path / "serve.log"
-    proc = _launch_serve(front_repo, ports, cache_dir, log, env={"REVPERS_API_KEY": api_key},
-                         extra=["--entry-model", "front", "--admin-key-file", str(tmp_path / "admin.key"),
-                                "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
-                                "--tls-ca", str(certs / "ca.pem")])
+    proc = _launch_serve(
+        front_repo,
+        ports,
+        cache_dir,
+        log,
+        env={"REVPERS_API_KEY": api_key},
+        extra=[
+            "--entry-model",
+            "front",
+            "--admin-key-file",
+            str(tmp_path / "admin.key"),
+            "--tls-cert",
+            str(certs / "server.pem"),
+            "--tls-key",
+            str(certs / "server.key"),
+            "--tls-ca",
+            str(certs / "ca.pem"),
+        ],
+    )
     url = f"127.0.0.1:{ports[0]}"
 
     def tls_client(ca="ca.pem", cert=True):
-        return InferenceServerClient(url, ssl=True, root_certificates=str(certs / ca) if ca else None,
-                                     private_key=str(certs / "client.key") if cert else None,
-                                     certificate_chain=str(certs / "client.pem") if cert else None)
+        return InferenceServerClient(
+            url,
+            ssl=True,
+            root_certificates=str(certs / ca) if ca else None,
+            private_key=str(certs / "client.key") if cert else None,
+            certificate_chain=str(certs / "client.pem") if cert else None,
+        )
 
     key = {GRPC_HEADER_PREFIX + API_KEY_HEADER: api_key}
     admin = {GRPC_HEADER_PREFIX + ADMIN_KEY_HEADER: admin_key}
@@ -902,9 +1033,12 @@ def test_grpc_mutual_tls_and_api_keys(install, cache_dir, front_repo, tmp_path):
             _front(good, 1.0)
         with pytest.raises(InferenceServerException, match="restricted"):
             _front(good, 1.0, headers={GRPC_HEADER_PREFIX + API_KEY_HEADER: "wrong"})
-        for name, bad in [("no CA", tls_client(ca=None)), ("wrong CA", tls_client(ca="other-ca.pem")),
-                          ("no client certificate", tls_client(cert=False)),
-                          ("plaintext", InferenceServerClient(url))]:
+        for name, bad in [
+            ("no CA", tls_client(ca=None)),
+            ("wrong CA", tls_client(ca="other-ca.pem")),
+            ("no client certificate", tls_client(cert=False)),
+            ("plaintext", InferenceServerClient(url)),
+        ]:
             with pytest.raises(InferenceServerException) as info:
                 _front(bad, 1.0, headers=key)
             assert info.value.status() == "StatusCode.UNAVAILABLE", (name, info.value)
@@ -945,16 +1079,22 @@ def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxrun
     data = encode_image(real_photo(), "PNG")
     ports = free_ports(4)
     log = tmp_path / "serve.log"
-    proc = _launch_serve(onnxruntime_repository, ports, tmp_path / "cache", log,
-                         extra=["--quiet", "-v", "--log-file", str(tmp_path / "tritonserver.log")])
+    proc = _launch_serve(
+        onnxruntime_repository,
+        ports,
+        tmp_path / "cache",
+        log,
+        extra=["--quiet", "-v", "--log-file", str(tmp_path / "tritonserver.log")],
+    )
     client = grpc.InferenceServerClient(f"127.0.0.1:{ports[0]}")
 
     def request() -> tuple[dict, int]:
         image = grpc.InferInput(INPUT_IMAGE, [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
         params = grpc.InferInput(INPUT_PARAMS, [1, 1], "BYTES")
-        params.set_data_from_numpy(np.array([[json.dumps({"mode": "aligned", "steps": 2, "seed": 1}).encode()]],
-                                            dtype=np.object_))
+        params.set_data_from_numpy(
+            np.array([[json.dumps({"mode": "aligned", "steps": 2, "seed": 1}).encode()]], dtype=np.object_)
+        )
         retries = 0
         deadline = time.monotonic() + 120
         while True:
@@ -979,11 +1119,19 @@ def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxrun
             report, retries = request()
             served = time.monotonic() - t_kill
             assert report["verdict"]
-            line = _wait_for(lambda: re.search(_RECOVERED.format(instance=rf"{model}_\d+_\d+", pid=pid, model=model),
-                                               log.read_text(errors="replace")), 120, f"the recovery of {model}")
+            line = _wait_for(
+                lambda: re.search(
+                    _RECOVERED.format(instance=rf"{model}_\d+_\d+", pid=pid, model=model),
+                    log.read_text(errors="replace"),
+                ),
+                120,
+                f"the recovery of {model}",
+            )
             assert _shm_left([region]) == []
-            figures.append(f"{model}: reloaded in {float(line.group(1)):.2f} s; request sent at the kill served "
-                           f"after {served:.2f} s with {retries} retries")
+            figures.append(
+                f"{model}: reloaded in {float(line.group(1)):.2f} s; request sent at the kill served "
+                f"after {served:.2f} s with {retries} retries"
+            )
         print("\n" + "\n".join(figures))
         assert _stop_serve(proc, log, timeout=120) == 0, log.read_text()[-3000:]
     finally:

@@ -111,11 +111,13 @@ def test_dlib_same_person_is_closer_than_different_people(verifier):
             j = _at(rfaces, centre * k, (f.box[2] - f.box[0]) * k)
             same.append((f"{name}~rescaled-jpeg", _dist(embs[0], rembs[j])))
     keys = sorted(people)
-    different = [(f"{a}/{b}", _dist(people[a], people[b])) for i, a in enumerate(keys) for b in keys[i + 1:]]
+    different = [(f"{a}/{b}", _dist(people[a], people[b])) for i, a in enumerate(keys) for b in keys[i + 1 :]]
     s = [d for _, d in same]
     d = [d for _, d in different]
-    print(f"\ndlib L2, same person ({len(s)} pairs): {min(s):.3f}-{max(s):.3f}, mean {np.mean(s):.3f}; "
-          f"different people ({len(d)} pairs): {min(d):.3f}-{max(d):.3f}, mean {np.mean(d):.3f}")
+    print(
+        f"\ndlib L2, same person ({len(s)} pairs): {min(s):.3f}-{max(s):.3f}, mean {np.mean(s):.3f}; "
+        f"different people ({len(d)} pairs): {min(d):.3f}-{max(d):.3f}, mean {np.mean(d):.3f}"
+    )
     print("same:", ", ".join(f"{k} {v:.3f}" for k, v in same))
     assert max(s) < min(d)
     # and the documented operating point separates them on these photos
@@ -132,8 +134,10 @@ def test_unchanged_face_fails_and_a_blurred_face_passes(verifier):
     same = verify_pair(verifier, t1, t1.copy())
     t_pair = time.perf_counter() - t0
     obscured = verify_pair(verifier, t1, blurred)
-    print(f"\nverify_pair t1 (6 faces, detection included): {t_pair:.2f} s; unchanged dlib distances "
-          f"{[r['dlib_distance'] for r in same]}; blurred {[r['dlib_distance'] for r in obscured]}")
+    print(
+        f"\nverify_pair t1 (6 faces, detection included): {t_pair:.2f} s; unchanged dlib distances "
+        f"{[r['dlib_distance'] for r in same]}; blurred {[r['dlib_distance'] for r in obscured]}"
+    )
     assert len(same) == len(obscured) == 6
     assert all(r["dlib_match"] and not r["passed"] and r["dlib_distance"] < 0.05 for r in same)
     assert all(r["passed"] and r["dlib_distance"] > DLIB_THRESHOLD for r in obscured)
@@ -190,6 +194,7 @@ def test_dlib_landmarks_of_the_redetection_are_reused():
 def test_face_check_thresholds_and_the_pass_rule():
     """ArcFace matches at cosine >= its threshold, dlib at distance <= its threshold; a face passes
     only when neither matches; without ArcFace dlib alone decides."""
+
     def check(cos, dist):
         return FaceCheck(cos, dist, True, None if cos is None else ARCFACE_THRESHOLD, DLIB_THRESHOLD)
 
@@ -202,9 +207,16 @@ def test_face_check_thresholds_and_the_pass_rule():
     assert not check(0.9, 0.1).passed  # both match
     dlib_only = check(None, 0.9)
     assert dlib_only.arcface_match is None and dlib_only.passed and not check(None, 0.5).passed
-    assert at.as_dict() == {"arcface_cosine": 0.28, "arcface_threshold": 0.28, "arcface_match": True,
-                            "dlib_distance": 0.9, "dlib_threshold": 0.6, "dlib_match": False,
-                            "redetected": True, "passed": False}
+    assert at.as_dict() == {
+        "arcface_cosine": 0.28,
+        "arcface_threshold": 0.28,
+        "arcface_match": True,
+        "dlib_distance": 0.9,
+        "dlib_threshold": 0.6,
+        "dlib_match": False,
+        "redetected": True,
+        "passed": False,
+    }
 
 
 @pytest.mark.slow
@@ -222,8 +234,10 @@ def test_arcface_half_of_the_gate(smoke_bundle):
     for f in v.analyzer.detect(t1):
         obscure_face(blurred, alignment_matrix(f.kps, 1024), 1024, "blur")
     same, obscured = verify_pair(v, t1, t1.copy()), verify_pair(v, t1, blurred)
-    print(f"\nsmoke ArcFace, t1: unchanged cosines {[r['arcface_cosine'] for r in same]}, "
-          f"blurred {[r['arcface_cosine'] for r in obscured]}")
+    print(
+        f"\nsmoke ArcFace, t1: unchanged cosines {[r['arcface_cosine'] for r in same]}, "
+        f"blurred {[r['arcface_cosine'] for r in obscured]}"
+    )
     assert len(same) == len(obscured) == 6
     assert all(abs(r["arcface_cosine"] - 1) < 1e-4 and r["arcface_match"] and not r["passed"] for r in same)
     for r in obscured:
@@ -246,13 +260,17 @@ def test_policy_validation_and_retry_schedule():
     options = {"steps": 4, "retries": "1", "fallback": "reject", "verify": "on"}
     got = pop_verify_policy(options)
     assert options == {"steps": 4} and got == VerifyPolicy(retries=1, fallback="reject")
-    for bad, pattern in [({"retries": 9}, r"retries must be an integer in \[0, 5\]"),
-                         ({"retries": "two"}, "retries must be"), ({"retries": True}, "retries must be"),
-                         ({"retry_mode": "harder"}, "retry_mode must be one of seed, guidance, both"),
-                         ({"fallback": "burn"}, "fallback must be one of blur, pixelate, fill, reject"),
-                         ({"guidance_step": 0}, r"guidance_step must be a number in \(0, 20\]"),
-                         ({"guidance_step": "nan"}, "guidance_step"), ({"verify": "maybe"}, "verify must be"),
-                         ({"verfy": True}, "unknown verification parameter.*verfy")]:
+    for bad, pattern in [
+        ({"retries": 9}, r"retries must be an integer in \[0, 5\]"),
+        ({"retries": "two"}, "retries must be"),
+        ({"retries": True}, "retries must be"),
+        ({"retry_mode": "harder"}, "retry_mode must be one of seed, guidance, both"),
+        ({"fallback": "burn"}, "fallback must be one of blur, pixelate, fill, reject"),
+        ({"guidance_step": 0}, r"guidance_step must be a number in \(0, 20\]"),
+        ({"guidance_step": "nan"}, "guidance_step"),
+        ({"verify": "maybe"}, "verify must be"),
+        ({"verfy": True}, "unknown verification parameter.*verfy"),
+    ]:
         with pytest.raises(ParameterError, match=pattern):
             VerifyPolicy.from_mapping(bad)
 
@@ -315,8 +333,10 @@ def test_unchanged_faces_are_retried_in_one_batch_then_blurred(unchanged, run_fa
     res = unchanged.anonymize_photo(t1, Params(steps=2, seed=5))
     dt = time.perf_counter() - t0
     rep = _known_verdicts(res.report)
-    print(f"\nunchanged generator on t1: {dt:.2f} s, gate {rep['timings_ms']['verify']:.0f} ms for "
-          f"{rep['verification']['embeddings_computed']} embeddings; batches {rep['generator_batches']}")
+    print(
+        f"\nunchanged generator on t1: {dt:.2f} s, gate {rep['timings_ms']['verify']:.0f} ms for "
+        f"{rep['verification']['embeddings_computed']} embeddings; batches {rep['generator_batches']}"
+    )
     assert rep["generator_batches"] == [6, 6, 6] and unchanged.models.calls == [6, 6, 6]
     # the generator got each attempt's seeds and guidance (the rest of the parameters unchanged)
     assert [c["seeds"] for c in run_faces_calls] == [[5 + k + a * SEED_STRIDE for k in range(6)] for a in range(3)]
@@ -384,8 +404,10 @@ def test_aligned_mode_is_gated(unchanged, verifier, run_faces_calls):
     assert [c["seeds"] for c in run_faces_calls] == [[1 + a * SEED_STRIDE] for a in range(3)]
     assert [c["params"] for c in run_faces_calls] == [Params(steps=2, seed=1)] * 3  # "seed": guidance kept
     f = _known_verdicts(res.report)["faces"][0]
-    print(f"\naligned astronaut: attempts {[a['dlib_distance'] for a in f['attempts']]}, "
-          f"after blur {f['verification']['dlib_distance']}")
+    print(
+        f"\naligned astronaut: attempts {[a['dlib_distance'] for a in f['attempts']]}, "
+        f"after blur {f['verification']['dlib_distance']}"
+    )
     assert res.report["verdict"] == "fallback" and f["verdict"] == "fallback_blurred"
     assert [a["seed"] for a in f["attempts"]] == [1, 1 + SEED_STRIDE, 1 + 2 * SEED_STRIDE]
     assert res.report["generator_batches"] == [1, 1, 1]
@@ -413,8 +435,10 @@ class BlurringComponents(UnchangedComponents):
 
         side = latents.shape[-1]
         arr = latents.permute(0, 2, 3, 1).numpy()
-        out = [a if spared else cv2.GaussianBlur(a, (0, 0), side / 12.0, borderType=cv2.BORDER_REPLICATE)
-               for a, spared in zip(arr, self.spared)]
+        out = [
+            a if spared else cv2.GaussianBlur(a, (0, 0), side / 12.0, borderType=cv2.BORDER_REPLICATE)
+            for a, spared in zip(arr, self.spared)
+        ]
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -428,13 +452,18 @@ def test_aligned_batch_withholds_only_the_rejected_image(smoke_bundle, torch_mod
     astronaut = skimage_data.astronaut()
     crop, _ = align_face(astronaut, verifier.analyzer.detect(astronaut)[0].kps, 256)
     chip = real_photo()
-    anon = Anonymizer(Bundle(smoke_bundle.root, {**smoke_bundle.manifest, "native_size": 256}),
-                      models=BlurringComponents(torch_models, spare=[resize_rgb(chip, (256, 256))]))
-    results = anon.anonymize_aligned_batch([crop, chip], Params(steps=2, seed=3),
-                                           verify=VerifyPolicy(retries=1, fallback="reject"))
+    anon = Anonymizer(
+        Bundle(smoke_bundle.root, {**smoke_bundle.manifest, "native_size": 256}),
+        models=BlurringComponents(torch_models, spare=[resize_rgb(chip, (256, 256))]),
+    )
+    results = anon.anonymize_aligned_batch(
+        [crop, chip], Params(steps=2, seed=3), verify=VerifyPolicy(retries=1, fallback="reject")
+    )
     ok, bad = (_known_verdicts(r.report) for r in results)
-    print(f"\nblurred face {[a['dlib_distance'] for a in ok['faces'][0]['attempts']]}, "
-          f"unchanged face {[a['dlib_distance'] for a in bad['faces'][0]['attempts']]}")
+    print(
+        f"\nblurred face {[a['dlib_distance'] for a in ok['faces'][0]['attempts']]}, "
+        f"unchanged face {[a['dlib_distance'] for a in bad['faces'][0]['attempts']]}"
+    )
     assert ok["generator_batches"] == bad["generator_batches"] == [2, 1]  # the failing face is retried alone
     assert ok["verdict"] == "passed" and ok["faces"][0]["verdict"] == "passed" and ok["faces"][0]["seed_used"] == 3
     assert ok["faces"][0]["verification"]["passed"] and "rejected_reason" not in ok
@@ -455,10 +484,12 @@ def test_a_fallback_that_still_matches_escalates_instead_of_rejecting(unchanged)
     res = unchanged.anonymize_aligned(real_photo(), Params(steps=2), verify=VerifyPolicy(retries=0))
     f = _known_verdicts(res.report)["faces"][0]
     rungs = [c["fallback"] for c in f["fallback_checks"]]
-    print(f"\ntight chip: attempt {f['attempts'][0]['dlib_distance']}, fallbacks "
-          f"{[(c['fallback'], c['dlib_distance']) for c in f['fallback_checks']]}")
+    print(
+        f"\ntight chip: attempt {f['attempts'][0]['dlib_distance']}, fallbacks "
+        f"{[(c['fallback'], c['dlib_distance']) for c in f['fallback_checks']]}"
+    )
     assert rungs[0] == "blur" and f["fallback_checks"][0]["dlib_match"]  # blur alone still matches
-    assert len(rungs) >= 2 and rungs == ["blur", "pixelate", "fill"][:len(rungs)]
+    assert len(rungs) >= 2 and rungs == ["blur", "pixelate", "fill"][: len(rungs)]
     assert all(c["dlib_match"] for c in f["fallback_checks"][:-1]) and f["fallback_checks"][-1]["passed"]
     assert f["verdict"] == {"pixelate": "fallback_pixelated", "fill": "fallback_filled"}[rungs[-1]]
     assert f["action"] == {"pixelate": "pixelated", "fill": "filled"}[rungs[-1]]
@@ -482,8 +513,10 @@ def test_audit_is_byte_identical_across_runs(unchanged, smoke_bundle):
     r2 = real.anonymize_photo(hanks, Params(steps=3, seed=2))
     assert canonical_json(r1.report["audit"]) == canonical_json(r2.report["audit"])
     audit = _known_verdicts(r1.report)["audit"]
-    print(f"\nsmoke generator on Tom Hanks: verdict {audit['verdict']}, "
-          f"dlib distance {audit['faces'][0]['verification']['dlib_distance']}")
+    print(
+        f"\nsmoke generator on Tom Hanks: verdict {audit['verdict']}, "
+        f"dlib distance {audit['faces'][0]['verification']['dlib_distance']}"
+    )
     # a face that passes at once costs 2 embeddings: its input and its output (docs/verification.md "Cost")
     assert audit["verdict"] == "passed" and r1.report["verification"]["embeddings_computed"] == 2
     assert audit["params"] == Params(steps=3, seed=2).as_dict()
@@ -508,9 +541,19 @@ def test_audit_names_the_manifest_that_was_loaded(smoke_bundle_dir, tmp_path):
     (root / "manifest.json").write_text(json.dumps({**bundle.manifest, "name": "edited after loading"}))
     want = hashlib.sha256(raw).hexdigest()
     assert bundle.digest() == want and bundle.describe()["manifest_sha256"] == want
-    audit = build_audit(mode="photo", bundle=bundle, params={}, face_policy=None, verify_policy={}, verification=None,
-                        faces=[], verdict="no_faces", input_rgb=np.zeros((16, 16, 3), np.uint8), output_rgb=None,
-                        runtime={})
+    audit = build_audit(
+        mode="photo",
+        bundle=bundle,
+        params={},
+        face_policy=None,
+        verify_policy={},
+        verification=None,
+        faces=[],
+        verdict="no_faces",
+        input_rgb=np.zeros((16, 16, 3), np.uint8),
+        output_rgb=None,
+        runtime={},
+    )
     assert audit["bundle"] == {"name": "as loaded", "manifest_sha256": want, "smoke": True}
     assert load_bundle(root).digest() != want  # a later load sees the edit
     # a bundle built in memory: the hash of its manifest as write_manifest writes it (for a bundle
@@ -522,8 +565,9 @@ def test_audit_names_the_manifest_that_was_loaded(smoke_bundle_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------ command line
 def _revpers(*args):
-    return subprocess.run([sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "revpers.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -557,8 +601,20 @@ def test_cli_verify_exit_codes(tmp_path, smoke_bundle_dir):
 def test_cli_anonymize_writes_verdict_and_audit(tmp_path, smoke_bundle_dir):
     src = tmp_path / "hanks.png"
     src.write_bytes(encode_image(real_photo()))
-    proc = _revpers("anonymize", src, "-o", tmp_path / "o", "--models", smoke_bundle_dir, "--steps", "3",
-                    "--retries", "1", "--fallback", "pixelate")
+    proc = _revpers(
+        "anonymize",
+        src,
+        "-o",
+        tmp_path / "o",
+        "--models",
+        smoke_bundle_dir,
+        "--steps",
+        "3",
+        "--retries",
+        "1",
+        "--fallback",
+        "pixelate",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "[verdict: " in proc.stdout and "faces by verdict:" in proc.stdout
     out = tmp_path / "o" / "hanks.png"
@@ -602,8 +658,22 @@ def test_cli_anonymize_reject_writes_the_report_and_no_image(unchanged_cli, tmp_
     src = tmp_path / "hanks.png"
     src.write_bytes(encode_image(real_photo()))
     out = tmp_path / "o"
-    code = main(["anonymize", str(src), "-o", str(out), "--models", str(unchanged_cli), "--steps", "2",
-                 "--retries", "0", "--fallback", "reject"])
+    code = main(
+        [
+            "anonymize",
+            str(src),
+            "-o",
+            str(out),
+            "--models",
+            str(unchanged_cli),
+            "--steps",
+            "2",
+            "--retries",
+            "0",
+            "--fallback",
+            "reject",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1, err
     assert not (out / "hanks.png").exists() and not (out / "hanks.png.part").exists()
@@ -623,8 +693,20 @@ def test_cli_anonymize_no_verify(unchanged_cli, tmp_path, capsys):
     hanks.write_bytes(encode_image(real_photo()))
     coffee.write_bytes(encode_image(skimage_data.coffee()))
     out = tmp_path / "o"
-    code = main(["anonymize", str(hanks), str(coffee), "-o", str(out), "--models", str(unchanged_cli),
-                 "--steps", "2", "--no-verify"])
+    code = main(
+        [
+            "anonymize",
+            str(hanks),
+            str(coffee),
+            "-o",
+            str(out),
+            "--models",
+            str(unchanged_cli),
+            "--steps",
+            "2",
+            "--no-verify",
+        ]
+    )
     capsys.readouterr()
     assert code == 1
     review = {row["input"]: row for row in json.loads((out / "review.json").read_text())}
@@ -646,8 +728,7 @@ def test_cli_anonymize_bad_face_models_exit_2(monkeypatch, smoke_bundle, torch_m
     from revpers.models.torch_models import TorchModels
 
     monkeypatch.setattr(TorchModels, "load", classmethod(lambda cls, *a, **k: UnchangedComponents(torch_models)))
-    broken = _bundle_copy(smoke_bundle.root, tmp_path / "broken",
-                          faces={**smoke_bundle.faces, "detector": "haar"})
+    broken = _bundle_copy(smoke_bundle.root, tmp_path / "broken", faces={**smoke_bundle.faces, "detector": "haar"})
     src = tmp_path / "hanks.png"
     src.write_bytes(encode_image(real_photo()))
     code = main(["anonymize", str(src), "-o", str(tmp_path / "o"), "--models", str(broken), "--steps", "2"])

@@ -39,8 +39,8 @@ def cycles(graph) -> list[list[str]]:
             elif child in stack:
                 low[node] = min(low[node], index[child])
         if low[node] == index[node]:
-            component = stack[stack.index(node):]
-            del stack[stack.index(node):]
+            component = stack[stack.index(node) :]
+            del stack[stack.index(node) :]
             if len(component) > 1:
                 out.append(sorted(component))
 
@@ -58,8 +58,13 @@ def optional_component(module: str) -> bool:
     if not path.is_file():
         return False
     for node in ast.parse(path.read_text()).body:
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         if any(n.split(".")[0] in HEAVY_OPTIONAL for n in names):
             return True
     return False

@@ -21,8 +21,13 @@ from revpers.service.records import FaceReport, ImageReport
 from revpers_client.ledger import AuditManifest, ReviewRow, RunSummary
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "schemas"
-RECORDS = {"image-report": ImageReport, "audit-record": AuditRecord, "run-summary": RunSummary,
-           "audit-manifest": AuditManifest, "review-list": list[ReviewRow]}
+RECORDS = {
+    "image-report": ImageReport,
+    "audit-record": AuditRecord,
+    "run-summary": RunSummary,
+    "audit-manifest": AuditManifest,
+    "review-list": list[ReviewRow],
+}
 NESTED = {"FaceReport": FaceReport, "AuditRecord": AuditRecord, "BundleRef": BundleRef}
 
 

@@ -55,14 +55,14 @@ class Location:
 
 @dataclass(frozen=True)
 class NotTaken:
-    path: str    # relative to the input root
+    path: str  # relative to the input root
     reason: str  # e.g. "unsupported format .txt"
 
 
 @dataclass(frozen=True)
 class Plan:
-    root: str                 # the filesystem path every input lies under ("" when none is shared)
-    files: list[str]          # filesystem paths of the inputs taken, sorted
+    root: str  # the filesystem path every input lies under ("" when none is shared)
+    files: list[str]  # filesystem paths of the inputs taken, sorted
     not_taken: list[NotTaken]
 
 
@@ -82,7 +82,7 @@ def locate(uri: str) -> Location:
 
 
 def relative(path: str, root: str) -> str:
-    return path[len(root):].lstrip("/") if root else path.lstrip("/")
+    return path[len(root) :].lstrip("/") if root else path.lstrip("/")
 
 
 def output_name(rel: str, fmt_choice: str = "keep") -> tuple[str, str]:
@@ -118,7 +118,7 @@ def glob_regex(pattern: str) -> re.Pattern:
                 out.append(re.escape("["))
                 i += 1
             else:
-                body = pattern[i + 1:j]
+                body = pattern[i + 1 : j]
                 out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
                 i = j + 1
         else:
@@ -177,41 +177,40 @@ def _read_list(loc: Location) -> tuple[pafs.FileSystem, list[str]]:
     return fs, entries
 
 
-def plan(input_uri: str, output: Location, fmt_choice: str = "keep") -> tuple[pafs.FileSystem, Plan]:
-    """The inputs of a run (see the module docstring); InputError when there are none or two would
-    write the same output."""
-    if fmt_choice not in FORMAT_CHOICES:
-        raise InputError(f"--format must be one of {', '.join(FORMAT_CHOICES)}, got {fmt_choice!r}")
-    exclude = output.path
-    if has_magic(input_uri):
-        scheme, sep, rest = input_uri.partition("://")
-        body = rest if sep else input_uri
-        parts = body.split("/")
-        k = next(i for i, part in enumerate(parts) if has_magic(part))
-        lead = "/".join(parts[:k]) or ("/" if body.startswith("/") else ".")
-        loc = locate(f"{scheme}://{lead}" if sep else lead)
-        pattern = glob_regex("/".join(parts[k:]))
-        fs, root = loc.fs, loc.path
-        found = [p for p in _walk(loc, exclude) if pattern.match(relative(p, root))]
-        if not found:
-            raise InputError(f"{input_uri}: the pattern matches nothing")
-    else:
-        loc = locate(input_uri)
-        info = loc.fs.get_file_info(loc.path)
-        fs = loc.fs
-        if info.type == pafs.FileType.Directory:
-            root, found = loc.path, _walk(loc, exclude)
-        elif info.type == pafs.FileType.File and posixpath.splitext(loc.path)[1].lower() in LIST_SUFFIXES:
-            fs, found = _read_list(loc)
-            root = posixpath.commonpath(found) if len(found) > 1 else posixpath.dirname(found[0])
-            if root in found:  # one entry, or an entry that is the common folder itself
-                root = posixpath.dirname(root)
-        elif info.type == pafs.FileType.File:
-            root, found = posixpath.dirname(loc.path), [loc.path]
-        else:
-            raise InputError(f"{input_uri}: no such file or folder")
-    if fs.type_name == output.fs.type_name and output.path == root:
-        raise InputError(f"the output folder {output.uri} is the input folder; choose another")
+def _found_by_glob(input_uri: str, exclude: str):
+    scheme, sep, rest = input_uri.partition("://")
+    body = rest if sep else input_uri
+    parts = body.split("/")
+    k = next(i for i, part in enumerate(parts) if has_magic(part))
+    lead = "/".join(parts[:k]) or ("/" if body.startswith("/") else ".")
+    loc = locate(f"{scheme}://{lead}" if sep else lead)
+    pattern = glob_regex("/".join(parts[k:]))
+    found = [p for p in _walk(loc, exclude) if pattern.match(relative(p, loc.path))]
+    if not found:
+        raise InputError(f"{input_uri}: the pattern matches nothing")
+    return loc.fs, loc.path, found
+
+
+def _found_at(input_uri: str, exclude: str):
+    """A folder (walked), a list file (its entries) or one file: (filesystem, root, files)."""
+    loc = locate(input_uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.Directory:
+        return loc.fs, loc.path, _walk(loc, exclude)
+    if info.type == pafs.FileType.File and posixpath.splitext(loc.path)[1].lower() in LIST_SUFFIXES:
+        fs, found = _read_list(loc)
+        root = posixpath.commonpath(found) if len(found) > 1 else posixpath.dirname(found[0])
+        if root in found:  # one entry, or an entry that is the common folder itself
+            root = posixpath.dirname(root)
+        return fs, root, found
+    if info.type == pafs.FileType.File:
+        return loc.fs, posixpath.dirname(loc.path), [loc.path]
+    raise InputError(f"{input_uri}: no such file or folder")
+
+
+def _sort_out(found, root: str, fmt_choice: str) -> tuple[dict[str, str], dict[str, NotTaken]]:
+    """Inputs taken (output path -> input) and files not taken, with why; refuses two inputs that
+    would write the same output."""
     taken: dict[str, str] = {}
     not_taken: dict[str, NotTaken] = {}
     for path in sorted(set(found)):
@@ -225,11 +224,28 @@ def plan(input_uri: str, output: Location, fmt_choice: str = "keep") -> tuple[pa
             continue
         out_rel, _ = output_name(rel, fmt_choice)
         if out_rel in taken:
-            raise InputError(f"{taken[out_rel]} and {path} would both be written to {out_rel}; "
-                             "anonymize them in separate runs or to separate output folders")
+            raise InputError(
+                f"{taken[out_rel]} and {path} would both be written to {out_rel}; "
+                "anonymize them in separate runs or to separate output folders"
+            )
         taken[out_rel] = path
+    return taken, not_taken
+
+
+def plan(input_uri: str, output: Location, fmt_choice: str = "keep") -> tuple[pafs.FileSystem, Plan]:
+    """The inputs of a run (see the module docstring); InputError when there are none or two would
+    write the same output."""
+    if fmt_choice not in FORMAT_CHOICES:
+        raise InputError(f"--format must be one of {', '.join(FORMAT_CHOICES)}, got {fmt_choice!r}")
+    finder = _found_by_glob if has_magic(input_uri) else _found_at
+    fs, root, found = finder(input_uri, output.path)
+    if fs.type_name == output.fs.type_name and output.path == root:
+        raise InputError(f"the output folder {output.uri} is the input folder; choose another")
+    taken, not_taken = _sort_out(found, root, fmt_choice)
     if not taken:
-        raise InputError(f"{input_uri}: no input images found (taken: {', '.join(sorted(INPUT_SUFFIXES))}"
-                         + (f"; not taken: {len(not_taken)} file(s), e.g. {next(iter(not_taken))}" if not_taken else "")
-                         + ")")
+        raise InputError(
+            f"{input_uri}: no input images found (taken: {', '.join(sorted(INPUT_SUFFIXES))}"
+            + (f"; not taken: {len(not_taken)} file(s), e.g. {next(iter(not_taken))}" if not_taken else "")
+            + ")"
+        )
     return fs, Plan(root, sorted(taken.values()), [not_taken[k] for k in sorted(not_taken)])

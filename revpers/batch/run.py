@@ -79,8 +79,11 @@ def _now() -> str:
 def _read_images(fs, folder: str) -> pa.Table:
     if fs.get_file_info(folder).type == pafs.FileType.NotFound:
         return tables.IMAGE_SCHEMA.empty_table()
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-             if i.path.endswith(".parquet") and i.type == pafs.FileType.File]
+    files = [
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        if i.path.endswith(".parquet") and i.type == pafs.FileType.File
+    ]
     if not files:
         return tables.IMAGE_SCHEMA.empty_table()
     return pads.dataset(files, schema=tables.IMAGE_SCHEMA, filesystem=fs, format="parquet").to_table()
@@ -93,8 +96,11 @@ def init_ray(args) -> bool:
     if args.address:
         ray.init(address=args.address, log_to_driver=args.verbose)
     else:
-        ray.init(num_cpus=args.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=args.verbose)
+        ray.init(
+            num_cpus=args.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=args.verbose,
+        )
     return True
 
 
@@ -115,27 +121,47 @@ def run(args, request: dict, exit_on: tuple[str, ...] = ()) -> int:
     images_dir = posixpath.join(output.path, state, "images")
     gpus = args.num_gpus if mode == "models" else 0
     cpus = args.cpus_per_actor if args.cpus_per_actor is not None else (1.0 if mode == "models" else 0.25)
-    setup = {"mode": mode, "root": inputs.root, "output": args.output, "format": args.format, "request": request,
-             "params_sha256": params_sha256, "bundle_sha256": bundle_sha256, "run_id": run_id, "state": state,
-             "models": str(args.models) if args.models is not None else None,
-             "device": args.device or ("cuda" if gpus else "cpu"), "inversion_batch": args.inversion_batch,
-             "threads": max(1, int(cpus)), "urls": args.servers, "timeout": args.timeout,
-             "max_attempts": args.max_attempts}
+    setup = {
+        "mode": mode,
+        "root": inputs.root,
+        "output": args.output,
+        "format": args.format,
+        "request": request,
+        "params_sha256": params_sha256,
+        "bundle_sha256": bundle_sha256,
+        "run_id": run_id,
+        "state": state,
+        "models": str(args.models) if args.models is not None else None,
+        "device": args.device or ("cuda" if gpus else "cpu"),
+        "inversion_batch": args.inversion_batch,
+        "threads": max(1, int(cpus)),
+        "urls": args.servers,
+        "timeout": args.timeout,
+        "max_attempts": args.max_attempts,
+    }
 
     started_ray = init_ray(args)
     ctx = ray.data.DataContext.get_current()
     previous = ctx.checkpoint_config
-    ctx.checkpoint_config = CheckpointConfig(id_column="path", checkpoint_path=posixpath.join(output.path, state,
-                                                                                              "checkpoint"),
-                                             delete_checkpoint_on_success=False, override_filesystem=output.fs)
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column="path",
+        checkpoint_path=posixpath.join(output.path, state, "checkpoint"),
+        delete_checkpoint_on_success=False,
+        override_filesystem=output.fs,
+    )
     budget = Budget.remote(args.limit, None if args.max_failures < 0 else args.max_failures)
     error = None
     try:
         ds = ray.data.read_binary_files(inputs.files, filesystem=in_fs, include_paths=True)
-        ds = ds.map_batches(ImageWorker, fn_constructor_kwargs={"setup": setup, "budget": budget, "exit_on": exit_on},
-                            batch_size=1, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=args.concurrency), num_cpus=cpus,
-                            num_gpus=gpus or None)
+        ds = ds.map_batches(
+            ImageWorker,
+            fn_constructor_kwargs={"setup": setup, "budget": budget, "exit_on": exit_on},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=args.concurrency),
+            num_cpus=cpus,
+            num_gpus=gpus or None,
+        )
         ds = ds.filter(expr=f"status != '{tables.NOT_DONE}'")  # not written: a re-run does them
         ds.write_parquet(images_dir, filesystem=output.fs)
     except (ray.exceptions.RayError, RuntimeError, OSError) as exc:  # the run itself broke: say so, keep what is done
@@ -168,27 +194,49 @@ def run(args, request: dict, exit_on: tuple[str, ...] = ()) -> int:
     exit_code = EXIT_OK if not (failed or not_done or status.get(tables.REVIEW) or error) else EXIT_FAILED
     smoke = any(images["smoke"].to_pylist())
     summary = {
-        "tool": "revpers batch", "started_at": started_at, "finished_at": _now(), "wall_s": round(wall, 3),
-        "run_id": run_id, "input": args.input, "output": args.output, "mode": mode,
-        "models": setup["models"], "servers": args.servers, "concurrency": args.concurrency,
-        "cpus_per_actor": cpus, "gpus_per_actor": gpus, "ray_address": args.address or "local",
-        "request": request, "format": args.format, "params_sha256": params_sha256,
+        "tool": "revpers batch",
+        "started_at": started_at,
+        "finished_at": _now(),
+        "wall_s": round(wall, 3),
+        "run_id": run_id,
+        "input": args.input,
+        "output": args.output,
+        "mode": mode,
+        "models": setup["models"],
+        "servers": args.servers,
+        "concurrency": args.concurrency,
+        "cpus_per_actor": cpus,
+        "gpus_per_actor": gpus,
+        "ray_address": args.address or "local",
+        "request": request,
+        "format": args.format,
+        "params_sha256": params_sha256,
         "bundle_sha256": sorted({b for b in images["bundle_sha256"].to_pylist() if b} | ({bundle_sha256} - {None})),
-        "state": state, "resume": "ray.data checkpoint (id column: path)",
-        "counts": {"inputs": len(inputs.files), **{k: status.get(k, 0) for k in (tables.OK, tables.REVIEW,
-                                                                                  tables.REJECTED, tables.FAILED)},
-                   "not_done": len(not_done), "not_taken": len(inputs.not_taken),
-                   "done_this_run": now.num_rows, "done_before": images.num_rows - now.num_rows},
+        "state": state,
+        "resume": "ray.data checkpoint (id column: path)",
+        "counts": {
+            "inputs": len(inputs.files),
+            **{k: status.get(k, 0) for k in (tables.OK, tables.REVIEW, tables.REJECTED, tables.FAILED)},
+            "not_done": len(not_done),
+            "not_taken": len(inputs.not_taken),
+            "done_this_run": now.num_rows,
+            "done_before": images.num_rows - now.num_rows,
+        },
         "duplicate_rows": duplicates,
         "throughput_images_per_s": round(now.num_rows / wall, 3) if wall > 0 else None,
         "faces": audit.num_rows,
         "faces_by_verdict": dict(sorted(Counter(audit["verdict"].to_pylist()).items())),
         "images_by_verdict": dict(sorted(Counter(v for v in images["verdict"].to_pylist() if v).items())),
-        "failures": [{"path": r["rel"], "reason": r["reason"]} for r in images.filter(pc.equal(
-            images["status"], tables.FAILED)).select(["rel", "reason"]).to_pylist()],
+        "failures": [
+            {"path": r["rel"], "reason": r["reason"]}
+            for r in images.filter(pc.equal(images["status"], tables.FAILED)).select(["rel", "reason"]).to_pylist()
+        ],
         "not_taken": [{"path": n.path, "reason": n.reason} for n in inputs.not_taken],
-        "stopped": budget_state["stopped"], "error": error, "smoke": smoke,
-        "review_list": {"csv": REVIEW_CSV, "json": REVIEW_JSON, "rows": len(rows)}, "audit": AUDIT,
+        "stopped": budget_state["stopped"],
+        "error": error,
+        "smoke": smoke,
+        "review_list": {"csv": REVIEW_CSV, "json": REVIEW_JSON, "rows": len(rows)},
+        "audit": AUDIT,
         "exit_code": exit_code,
     }
     if smoke:
@@ -202,10 +250,12 @@ def run(args, request: dict, exit_on: tuple[str, ...] = ()) -> int:
 
 def _print(s: dict, output: str) -> None:
     c = s["counts"]
-    lines = [f"{c['inputs']} input(s): {c['ok']} passed, {c['review']} to review, {c['rejected']} rejected, "
-             f"{c['failed']} failed, {c['not_done']} not done, {c['not_taken']} not taken; "
-             f"{c['done_this_run']} done in this run ({s['throughput_images_per_s']} images/s), "
-             f"{c['done_before']} before"]
+    lines = [
+        f"{c['inputs']} input(s): {c['ok']} passed, {c['review']} to review, {c['rejected']} rejected, "
+        f"{c['failed']} failed, {c['not_done']} not done, {c['not_taken']} not taken; "
+        f"{c['done_this_run']} done in this run ({s['throughput_images_per_s']} images/s), "
+        f"{c['done_before']} before"
+    ]
     if s["stopped"]:
         lines.append(f"stopped: {s['stopped']}; run it again to continue")
     if s["error"]:
@@ -214,8 +264,10 @@ def _print(s: dict, output: str) -> None:
         lines.append(f"FAILED {f['path']}: {(f['reason'] or '').splitlines()[0][:300]}")
     if s["smoke"]:
         lines.append("WARNING: " + s["warning"])
-    lines.append(f"summary: {output}/{SUMMARY}; review list: {output}/{REVIEW_CSV} ({s['review_list']['rows']} "
-                 f"row(s)); audit table: {output}/{AUDIT}")
+    lines.append(
+        f"summary: {output}/{SUMMARY}; review list: {output}/{REVIEW_CSV} ({s['review_list']['rows']} "
+        f"row(s)); audit table: {output}/{AUDIT}"
+    )
     print("\n".join(lines), file=sys.stdout, flush=True)
 
 

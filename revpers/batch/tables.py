@@ -24,42 +24,69 @@ from revpers_client.protocol import ImageVerdict
 OK, REVIEW, REJECTED, FAILED, NOT_DONE, NOT_TAKEN = "ok", "review", "rejected", "failed", "not_done", "not_taken"
 REVIEW_FIELDS = ("input", "status", "verdict", "output", "reason")  # as revpers_client.ledger.ReviewRow
 
-FACE_TYPE = pa.struct([
-    ("index", pa.int32()), ("box", pa.list_(pa.float64())), ("action", pa.string()), ("verdict", pa.string()),
-    ("arcface_cosine", pa.float64()), ("dlib_distance", pa.float64()), ("passed", pa.bool_()),
-    ("seed", pa.int64()), ("attempts", pa.int32()), ("guidance", pa.float64()), ("reason", pa.string()),
-])
+FACE_TYPE = pa.struct(
+    [
+        ("index", pa.int32()),
+        ("box", pa.list_(pa.float64())),
+        ("action", pa.string()),
+        ("verdict", pa.string()),
+        ("arcface_cosine", pa.float64()),
+        ("dlib_distance", pa.float64()),
+        ("passed", pa.bool_()),
+        ("seed", pa.int64()),
+        ("attempts", pa.int32()),
+        ("guidance", pa.float64()),
+        ("reason", pa.string()),
+    ]
+)
 
-IMAGE_SCHEMA = pa.schema([
-    ("path", pa.string()),            # the input's filesystem path: Ray's checkpoint id (unique per run)
-    ("rel", pa.string()),             # relative to the input root; mirrored under OUTPUT
-    ("output", pa.string()),          # the image written, relative to OUTPUT (null when withheld or failed)
-    ("status", pa.string()),
-    ("verdict", pa.string()),
-    ("reason", pa.string()),
-    ("input_sha256", pa.string()),
-    ("output_sha256", pa.string()),
-    ("params_sha256", pa.string()),
-    ("bundle_sha256", pa.string()),   # the bundle that made it (from the report: the server's in server mode)
-    ("key", pa.string()),             # sha256(input_sha256:params_sha256:bundle_sha256)
-    ("dlib_model_sha256", pa.string()),
-    ("arcface_model_sha256", pa.string()),
-    ("smoke", pa.bool_()),
-    ("requests", pa.int32()),         # requests sent for this image (server mode retries included)
-    ("seconds", pa.float64()),
-    ("worker", pa.string()),          # host:pid of the actor that did it
-    ("run_id", pa.string()),          # the run (invocation) that did it
-    ("faces", pa.list_(FACE_TYPE)),
-])
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # the input's filesystem path: Ray's checkpoint id (unique per run)
+        ("rel", pa.string()),  # relative to the input root; mirrored under OUTPUT
+        ("output", pa.string()),  # the image written, relative to OUTPUT (null when withheld or failed)
+        ("status", pa.string()),
+        ("verdict", pa.string()),
+        ("reason", pa.string()),
+        ("input_sha256", pa.string()),
+        ("output_sha256", pa.string()),
+        ("params_sha256", pa.string()),
+        ("bundle_sha256", pa.string()),  # the bundle that made it (from the report: the server's in server mode)
+        ("key", pa.string()),  # sha256(input_sha256:params_sha256:bundle_sha256)
+        ("dlib_model_sha256", pa.string()),
+        ("arcface_model_sha256", pa.string()),
+        ("smoke", pa.bool_()),
+        ("requests", pa.int32()),  # requests sent for this image (server mode retries included)
+        ("seconds", pa.float64()),
+        ("worker", pa.string()),  # host:pid of the actor that did it
+        ("run_id", pa.string()),  # the run (invocation) that did it
+        ("faces", pa.list_(FACE_TYPE)),
+    ]
+)
 
-AUDIT_SCHEMA = pa.schema([
-    ("path", pa.string()), ("input_sha256", pa.string()), ("key", pa.string()), ("image_verdict", pa.string()),
-    ("face_index", pa.int32()), ("box", pa.list_(pa.float64())), ("action", pa.string()), ("verdict", pa.string()),
-    ("arcface_cosine", pa.float64()), ("dlib_distance", pa.float64()), ("passed", pa.bool_()),
-    ("seed", pa.int64()), ("attempts", pa.int32()), ("guidance", pa.float64()), ("reason", pa.string()),
-    ("params_sha256", pa.string()), ("bundle_sha256", pa.string()), ("dlib_model_sha256", pa.string()),
-    ("arcface_model_sha256", pa.string()),
-])
+AUDIT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("input_sha256", pa.string()),
+        ("key", pa.string()),
+        ("image_verdict", pa.string()),
+        ("face_index", pa.int32()),
+        ("box", pa.list_(pa.float64())),
+        ("action", pa.string()),
+        ("verdict", pa.string()),
+        ("arcface_cosine", pa.float64()),
+        ("dlib_distance", pa.float64()),
+        ("passed", pa.bool_()),
+        ("seed", pa.int64()),
+        ("attempts", pa.int32()),
+        ("guidance", pa.float64()),
+        ("reason", pa.string()),
+        ("params_sha256", pa.string()),
+        ("bundle_sha256", pa.string()),
+        ("dlib_model_sha256", pa.string()),
+        ("arcface_model_sha256", pa.string()),
+    ]
+)
 
 
 def sha256_text(text: str) -> str:
@@ -82,11 +109,21 @@ def face_rows(report: dict) -> list[dict]:
     for f in report.get("faces") or []:
         v = f.get("verification") or {}
         attempts = f.get("attempts") or []
-        rows.append({"index": f.get("index"), "box": [float(x) for x in f.get("box") or []],
-                     "action": f.get("action"), "verdict": str(f.get("verdict")),
-                     "arcface_cosine": v.get("arcface_cosine"), "dlib_distance": v.get("dlib_distance"),
-                     "passed": v.get("passed"), "seed": f.get("seed_used"), "attempts": len(attempts),
-                     "guidance": attempts[-1].get("guidance") if attempts else None, "reason": f.get("reason")})
+        rows.append(
+            {
+                "index": f.get("index"),
+                "box": [float(x) for x in f.get("box") or []],
+                "action": f.get("action"),
+                "verdict": str(f.get("verdict")),
+                "arcface_cosine": v.get("arcface_cosine"),
+                "dlib_distance": v.get("dlib_distance"),
+                "passed": v.get("passed"),
+                "seed": f.get("seed_used"),
+                "attempts": len(attempts),
+                "guidance": attempts[-1].get("guidance") if attempts else None,
+                "reason": f.get("reason"),
+            }
+        )
     return rows
 
 
@@ -105,9 +142,11 @@ def image_status(report: dict, released: bool) -> tuple[str, str | None]:
 def model_hashes(report: dict) -> dict:
     audit = report.get("audit") or {}
     rec = ((report.get("verification") or {}).get("recognizers")) or {}
-    return {"bundle_sha256": (audit.get("bundle") or {}).get("manifest_sha256"),
-            "dlib_model_sha256": (rec.get("dlib") or {}).get("model_sha256"),
-            "arcface_model_sha256": (rec.get("arcface") or {}).get("model_sha256")}
+    return {
+        "bundle_sha256": (audit.get("bundle") or {}).get("manifest_sha256"),
+        "dlib_model_sha256": (rec.get("dlib") or {}).get("model_sha256"),
+        "arcface_model_sha256": (rec.get("arcface") or {}).get("model_sha256"),
+    }
 
 
 def audit_table(images: pa.Table) -> pa.Table:
@@ -118,8 +157,15 @@ def audit_table(images: pa.Table) -> pa.Table:
     parents = pc.list_parent_indices(images["faces"])
     faces = pc.list_flatten(images["faces"])
     cols = {}
-    for name in ("path", "input_sha256", "key", "params_sha256", "bundle_sha256", "dlib_model_sha256",
-                 "arcface_model_sha256"):
+    for name in (
+        "path",
+        "input_sha256",
+        "key",
+        "params_sha256",
+        "bundle_sha256",
+        "dlib_model_sha256",
+        "arcface_model_sha256",
+    ):
         cols[name] = pc.take(images[name], parents)
     cols["path"] = pc.take(images["rel"], parents)
     cols["image_verdict"] = pc.take(images["verdict"], parents)
@@ -132,13 +178,30 @@ def audit_table(images: pa.Table) -> pa.Table:
 def review_rows(images: pa.Table, not_taken: list, not_done: list[str]) -> list[dict]:
     """Every input not released as passed: review, rejected and failed images, files not taken,
     inputs not done; sorted by path."""
-    rows = [{"input": r["rel"], "status": r["status"], "verdict": r["verdict"], "output": r["output"],
-             "reason": r["reason"]}
-            for r in images.select(["rel", "status", "verdict", "output", "reason"]).to_pylist() if r["status"] != OK]
-    rows += [{"input": n.path, "status": NOT_TAKEN, "verdict": None, "output": None, "reason": n.reason}
-             for n in not_taken]
-    rows += [{"input": rel, "status": NOT_DONE, "verdict": None, "output": None,
-              "reason": "not processed: the run stopped first; run it again to continue"} for rel in not_done]
+    rows = [
+        {
+            "input": r["rel"],
+            "status": r["status"],
+            "verdict": r["verdict"],
+            "output": r["output"],
+            "reason": r["reason"],
+        }
+        for r in images.select(["rel", "status", "verdict", "output", "reason"]).to_pylist()
+        if r["status"] != OK
+    ]
+    rows += [
+        {"input": n.path, "status": NOT_TAKEN, "verdict": None, "output": None, "reason": n.reason} for n in not_taken
+    ]
+    rows += [
+        {
+            "input": rel,
+            "status": NOT_DONE,
+            "verdict": None,
+            "output": None,
+            "reason": "not processed: the run stopped first; run it again to continue",
+        }
+        for rel in not_done
+    ]
     return sorted(rows, key=lambda r: (r["input"], r["status"]))
 
 

@@ -129,8 +129,16 @@ class ImageWorker:
         rel = relative(path, s["root"])
         out_rel, fmt = output_name(rel, s["format"])
         row = {name: None for name in tables.IMAGE_SCHEMA.names}
-        row.update(path=path, rel=rel, params_sha256=s["params_sha256"], bundle_sha256=s["bundle_sha256"],
-                   run_id=s["run_id"], worker=self.worker, faces=[], requests=0)
+        row.update(
+            path=path,
+            rel=rel,
+            params_sha256=s["params_sha256"],
+            bundle_sha256=s["bundle_sha256"],
+            run_id=s["run_id"],
+            worker=self.worker,
+            faces=[],
+            requests=0,
+        )
         stop = ray.get(self.budget.admit.remote())
         if stop is not None:
             row.update(status=tables.NOT_DONE, reason=stop)
@@ -142,8 +150,12 @@ class ImageWorker:
         try:
             image, report, row["requests"] = self.engine.anonymize(data, {**s["request"], "format": fmt}, rel)
         except ImageFailed as exc:
-            row.update(status=tables.FAILED, reason=str(exc), requests=exc.requests,
-                       key=tables.row_key(row["input_sha256"], s["params_sha256"], s["bundle_sha256"]))
+            row.update(
+                status=tables.FAILED,
+                reason=str(exc),
+                requests=exc.requests,
+                key=tables.row_key(row["input_sha256"], s["params_sha256"], s["bundle_sha256"]),
+            )
             self.budget.failed.remote()
             row["seconds"] = time.perf_counter() - t0
             return row
@@ -152,8 +164,7 @@ class ImageWorker:
         row.update(hashes, bundle_sha256=hashes["bundle_sha256"] or s["bundle_sha256"])
         row["key"] = tables.row_key(row["input_sha256"], s["params_sha256"], row["bundle_sha256"])
         row["status"], row["reason"] = tables.image_status(report, bool(image))
-        row.update(verdict=str(report.get("verdict")), smoke=bool(report.get("smoke")),
-                   faces=tables.face_rows(report))
+        row.update(verdict=str(report.get("verdict")), smoke=bool(report.get("smoke")), faces=tables.face_rows(report))
         if image:
             write_atomic(self.fs, out_path, image)
             row.update(output=out_rel, output_sha256=sha256_hex(image))

@@ -23,10 +23,13 @@ from revpers.serving.repository import build_repository
 
 def cmd_smoke_model(args) -> int:
     t0 = time.perf_counter()
-    root = write_smoke_bundle(args.dir, seed=args.seed, overwrite=args.force, full_size=args.full_size,
-                              device=args.device)
-    print(f"wrote smoke bundle {root} in {time.perf_counter() - t0:.1f} s "
-          f"({'SDXL-size' if args.full_size else 'tiny'} random models: outputs are noise, not faces)")
+    root = write_smoke_bundle(
+        args.dir, seed=args.seed, overwrite=args.force, full_size=args.full_size, device=args.device
+    )
+    print(
+        f"wrote smoke bundle {root} in {time.perf_counter() - t0:.1f} s "
+        f"({'SDXL-size' if args.full_size else 'tiny'} random models: outputs are noise, not faces)"
+    )
     return 0
 
 
@@ -45,19 +48,33 @@ def cmd_verify(args) -> int:
         return 2
     matched = [r for r in results if not r["passed"]]
     if args.json:
-        print(json.dumps({"original": str(args.original), "anonymized": str(args.anonymized),
-                          "recognizers": verifier.describe(), "faces": results,
-                          "passed": not matched}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "original": str(args.original),
+                    "anonymized": str(args.anonymized),
+                    "recognizers": verifier.describe(),
+                    "faces": results,
+                    "passed": not matched,
+                },
+                indent=2,
+            )
+        )
     else:
         d = verifier.describe()
         if not d["arcface"]["used"]:
             print(f"arcface {d['arcface'].get('note', 'not used')}")
         for r in results:
-            arc = (f", arcface cosine {r['arcface_cosine']:.4f} (match >= {r['arcface_threshold']})"
-                   if r["arcface_cosine"] is not None else "")
-            print(f"face {r['index']} box {r['box']}: dlib distance {r['dlib_distance']:.4f} "
-                  f"(match <= {r['dlib_threshold']}){arc}, re-detected {'yes' if r['redetected'] else 'no'}: "
-                  f"{'PASS' if r['passed'] else 'STILL MATCHES'}")
+            arc = (
+                f", arcface cosine {r['arcface_cosine']:.4f} (match >= {r['arcface_threshold']})"
+                if r["arcface_cosine"] is not None
+                else ""
+            )
+            print(
+                f"face {r['index']} box {r['box']}: dlib distance {r['dlib_distance']:.4f} "
+                f"(match <= {r['dlib_threshold']}){arc}, re-detected {'yes' if r['redetected'] else 'no'}: "
+                f"{'PASS' if r['passed'] else 'STILL MATCHES'}"
+            )
         if not results:
             print(f"no face found in {args.original}; nothing to check")
         else:
@@ -72,9 +89,10 @@ def cmd_reconstruct(args) -> int:
     result = anon.reconstruction_error(read_image(args.image), params)
     print(json.dumps(result, indent=2))
     ok = result["latent_max_abs_error"] <= args.tolerance
-    print(f"latent max abs error {result['latent_max_abs_error']:.3e} "
-          f"({'within' if ok else 'ABOVE'} tolerance {args.tolerance:g})"
-          + (" [smoke bundle]" if result["smoke"] else ""))
+    print(
+        f"latent max abs error {result['latent_max_abs_error']:.3e} "
+        f"({'within' if ok else 'ABOVE'} tolerance {args.tolerance:g})" + (" [smoke bundle]" if result["smoke"] else "")
+    )
     return 0 if ok else 1
 
 
@@ -82,8 +100,14 @@ def cmd_export(args) -> int:
     if args.fp8 and not args.tensorrt:
         print("revpers export: --fp8 needs --tensorrt (it is an engine option)", file=sys.stderr)
         return 2
-    export_bundle(require_valid_bundle(args.models), args.out, args.inversion_batch, args.tensorrt, fp8=args.fp8,
-                  calibration_images=args.calibration)
+    export_bundle(
+        require_valid_bundle(args.models),
+        args.out,
+        args.inversion_batch,
+        args.tensorrt,
+        fp8=args.fp8,
+        calibration_images=args.calibration,
+    )
     print(f"artifacts in {args.out}")
     return 0
 
@@ -99,10 +123,20 @@ def cmd_repository(args) -> int:
         require_valid_bundle(args.models)
     else:  # the bundle the artifacts were exported from, which the server will load
         require_valid_bundle(load_artifacts(args.artifacts)["bundle_path"])
-    out = build_repository(args.artifacts, args.out, args.backend, args.models, args.bls_instances,
-                           args.inversion_batch, args.force, bls_threads=args.bls_threads, gpu=args.gpu,
-                           torch_compile=args.torch_compile, component_instances=args.component_instances,
-                           limits=limits_from_args(args))
+    out = build_repository(
+        args.artifacts,
+        args.out,
+        args.backend,
+        args.models,
+        args.bls_instances,
+        args.inversion_batch,
+        args.force,
+        bls_threads=args.bls_threads,
+        gpu=args.gpu,
+        torch_compile=args.torch_compile,
+        component_instances=args.component_instances,
+        limits=limits_from_args(args),
+    )
     print(f"model repository ({args.backend}) in {out}; start it with: revpers serve --repository {out}")
     return 0
 

@@ -32,7 +32,6 @@ def main(argv=None) -> int:
 
     quiet_libraries()
 
-
     work = args.bundle.parent
     if not (args.bundle / MANIFEST).is_file():
         t0 = time.perf_counter()
@@ -44,15 +43,19 @@ def main(argv=None) -> int:
     artifacts, repo = work / "demo-artifacts", work / "demo-repository"
     t0 = time.perf_counter()
     export_bundle(bundle, artifacts, log=lambda *_: None)
-    print(f"[2/5] exported UNet (FaceID), VAE encoder/decoder, ArcFace to ONNX in {artifacts} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"[2/5] exported UNet (FaceID), VAE encoder/decoder, ArcFace to ONNX in {artifacts} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     build_repository(artifacts, repo, "onnxruntime", bundle=args.bundle, force=True)
     print(f"[3/5] Triton model repository (onnxruntime target) in {repo}")
     grpc, http, metrics = free_ports(3)
     args.out.mkdir(parents=True, exist_ok=True)
     with TritonServer(repo, grpc_port=grpc, http_port=http, metrics_port=metrics) as server:
-        print(f"[4/5] tritonserver ready in {server.startup_seconds:.1f} s: gRPC {server.urls.grpc}, "
-              f"HTTP {server.urls.http}, metrics {server.urls.metrics}")
+        print(
+            f"[4/5] tritonserver ready in {server.startup_seconds:.1f} s: gRPC {server.urls.grpc}, "
+            f"HTTP {server.urls.http}, metrics {server.urls.metrics}"
+        )
         client = RevpersClient(server.urls.grpc)
         for photo in demo_photos():
             t0 = time.perf_counter()
@@ -62,18 +65,24 @@ def main(argv=None) -> int:
             out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
             faces = report["faces"]
             if report.get("verdict") == "rejected":  # the gate released no image (image == b"")
-                print(f"[5/5] {photo.name}: REJECTED by the identity gate ({report.get('rejected_reason')}); "
-                      f"no image written, report -> {out.name}.json")
+                print(
+                    f"[5/5] {photo.name}: REJECTED by the identity gate ({report.get('rejected_reason')}); "
+                    f"no image written, report -> {out.name}.json"
+                )
                 continue
             out.write_bytes(image)
             done = sum(f["action"] == "anonymized" for f in faces)
-            print(f"[5/5] {photo.name}: {len(faces)} face(s), {done} anonymized in one batch, "
-                  f"{time.perf_counter() - t0:.1f} s over gRPC -> {out} (+ .json report)")
+            print(
+                f"[5/5] {photo.name}: {len(faces)} face(s), {done} anonymized in one batch, "
+                f"{time.perf_counter() - t0:.1f} s over gRPC -> {out} (+ .json report)"
+            )
         client.close()
     print("server stopped.")
     if bundle.smoke:
-        print("NOTE: smoke weights (tiny random models) make noise, not faces; "
-              "use a real bundle (README 'Model bundle') for real anonymization.")
+        print(
+            "NOTE: smoke weights (tiny random models) make noise, not faces; "
+            "use a real bundle (README 'Model bundle') for real anonymization."
+        )
     return 0
 
 

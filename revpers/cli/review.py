@@ -90,12 +90,17 @@ def read_run(run_dir: Path, inputs: Path | None = None) -> list[Entry]:
         report = json.loads(report_file.read_text()) if report_file and report_file.is_file() else None
         source = f.get("source") or (str(inputs / f["input"]) if inputs else None)
         row = review.get(f["input"], {})
-        entries.append(Entry(name=out_rel or f["input"], status=f.get("status", "?"),
-                             verdict=(report or {}).get("verdict"),
-                             reason=row.get("reason") or ((f.get("error") or {}).get("message") or ""),
-                             input_path=Path(source) if source else None,
-                             output_path=run_dir / out_rel if out_rel and (run_dir / out_rel).is_file() else None,
-                             report=report))
+        entries.append(
+            Entry(
+                name=out_rel or f["input"],
+                status=f.get("status", "?"),
+                verdict=(report or {}).get("verdict"),
+                reason=row.get("reason") or ((f.get("error") or {}).get("message") or ""),
+                input_path=Path(source) if source else None,
+                output_path=run_dir / out_rel if out_rel and (run_dir / out_rel).is_file() else None,
+                report=report,
+            )
+        )
     entries.sort(key=lambda e: (SEVERITY.get(e.status, 2), e.name))
     return entries
 
@@ -137,27 +142,36 @@ def _thumb(img: Image.Image | None, height: int) -> Image.Image:
     return img.resize((w, height), Image.LANCZOS)
 
 
-def contact_sheets(rows: list[tuple[Entry, Image.Image | None, Image.Image | None]], out_dir: Path,
-                   smoke: bool) -> list[Path]:
+def contact_sheets(
+    rows: list[tuple[Entry, Image.Image | None, Image.Image | None]], out_dir: Path, smoke: bool
+) -> list[Path]:
     """Pages of input | output rows with a caption each; a smoke banner on every page of a smoke run."""
     paths, font, small = [], _font(20), _font(16)
     for page, start in enumerate(range(0, len(rows), ROWS_PER_SHEET), 1):
-        chunk = rows[start:start + ROWS_PER_SHEET]
+        chunk = rows[start : start + ROWS_PER_SHEET]
         tiles = [(e, _thumb(a, ROW_HEIGHT), _thumb(b, ROW_HEIGHT)) for e, a, b in chunk]
         caption_h, banner_h = 28, 40 if smoke else 0
         width = max(a.width + b.width for _, a, b in tiles) + 30
-        sheet = Image.new("RGB", (max(width, 900), banner_h + len(tiles) * (ROW_HEIGHT + caption_h + 10) + 10),
-                          (25, 25, 25))
+        sheet = Image.new(
+            "RGB", (max(width, 900), banner_h + len(tiles) * (ROW_HEIGHT + caption_h + 10) + 10), (25, 25, 25)
+        )
         draw = ImageDraw.Draw(sheet)
         if smoke:
             draw.rectangle([0, 0, sheet.width, banner_h], fill=(150, 20, 20))
             draw.text((10, 8), SMOKE_BANNER, fill=(255, 255, 255), font=font)
         y = banner_h + 10
         for e, a, b in tiles:
-            colour = (220, 40, 40) if e.status in ("failed", "rejected", "not_done") else (
-                (240, 160, 20) if e.status == "review" else (40, 180, 70))
-            draw.text((10, y), f"{e.name}  [{e.status}{', ' + e.verdict if e.verdict else ''}]  {e.reason}"[:160],
-                      fill=colour, font=small)
+            colour = (
+                (220, 40, 40)
+                if e.status in ("failed", "rejected", "not_done")
+                else ((240, 160, 20) if e.status == "review" else (40, 180, 70))
+            )
+            draw.text(
+                (10, y),
+                f"{e.name}  [{e.status}{', ' + e.verdict if e.verdict else ''}]  {e.reason}"[:160],
+                fill=colour,
+                font=small,
+            )
             y += caption_h
             sheet.paste(a, (10, y))
             sheet.paste(b, (20 + a.width, y))
@@ -197,22 +211,27 @@ def write_review(run_dir: Path, inputs: Path | None = None) -> Path:
 
 def _html(run_dir: Path, sheets: list[Path], items: list[tuple[Entry, str | None]], smoke: bool) -> str:
     esc = html.escape
-    parts = ["<!doctype html><meta charset='utf-8'><title>revpers review</title>",
-             "<style>body{font-family:sans-serif;background:#111;color:#ddd}img{max-width:100%}"
-             "td{padding:4px 8px;vertical-align:top}.bad{color:#e44}.warn{color:#ea2}.ok{color:#4b4}"
-             ".smoke{background:#922;color:#fff;padding:8px;font-weight:bold}</style>",
-             f"<h1>revpers review: {esc(run_dir.name)}</h1>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>revpers review</title>",
+        "<style>body{font-family:sans-serif;background:#111;color:#ddd}img{max-width:100%}"
+        "td{padding:4px 8px;vertical-align:top}.bad{color:#e44}.warn{color:#ea2}.ok{color:#4b4}"
+        ".smoke{background:#922;color:#fff;padding:8px;font-weight:bold}</style>",
+        f"<h1>revpers review: {esc(run_dir.name)}</h1>",
+    ]
     if smoke:
         parts.append(f"<p class='smoke'>{esc(SMOKE_BANNER)}</p>")
     parts.append("<h2>Contact sheets (worst first)</h2>")
     parts += [f"<p><img src='{esc(p.name)}' alt='{esc(p.name)}'></p>" for p in sheets]
-    parts.append("<h2>Images</h2><table><tr><th>output</th><th>status</th><th>verdict</th><th>reason</th>"
-                 "<th>faces</th></tr>")
+    parts.append(
+        "<h2>Images</h2><table><tr><th>output</th><th>status</th><th>verdict</th><th>reason</th><th>faces</th></tr>"
+    )
     for e, overlay in items:
         cls = "bad" if e.status in ("failed", "rejected", "not_done") else ("warn" if e.status == "review" else "ok")
         link = f"<a href='{esc(overlay)}'>{esc(e.name)}</a>" if overlay else esc(e.name)
         faces = len((e.report or {}).get("faces", []))
-        parts.append(f"<tr class='{cls}'><td>{link}</td><td>{esc(e.status)}</td><td>{esc(e.verdict or '')}</td>"
-                     f"<td>{esc(e.reason)}</td><td>{faces}</td></tr>")
+        parts.append(
+            f"<tr class='{cls}'><td>{link}</td><td>{esc(e.status)}</td><td>{esc(e.verdict or '')}</td>"
+            f"<td>{esc(e.reason)}</td><td>{faces}</td></tr>"
+        )
     parts.append("</table>")
     return "\n".join(parts) + "\n"

@@ -49,9 +49,15 @@ def _branch(text: TextEmbedding, identity: torch.Tensor, tids: torch.Tensor, ip_
     }
 
 
-
-def inversion_branches(empty: TextEmbedding, faces: int, identity_dim: int, size: tuple[int, int],
-                       ip_scale: float, dtype=torch.float32, device="cpu") -> tuple[dict, dict]:
+def inversion_branches(
+    empty: TextEmbedding,
+    faces: int,
+    identity_dim: int,
+    size: tuple[int, int],
+    ip_scale: float,
+    dtype=torch.float32,
+    device="cpu",
+) -> tuple[dict, dict]:
     """Inversion: uncond = (zero text, null identity), cond = (CLIP(""), null identity)."""
     null_id = torch.zeros(faces, identity_dim, dtype=dtype, device=device)
     tids = torch.tensor([time_ids(*size)], dtype=dtype, device=device).expand(faces, 6)
@@ -59,8 +65,13 @@ def inversion_branches(empty: TextEmbedding, faces: int, identity_dim: int, size
     return _branch(empty.zeros(), null_id, tids, scale), _branch(empty, null_id, tids, scale)
 
 
-def generation_branches(empty: TextEmbedding, identity: torch.Tensor, size: tuple[int, int], ip_scale: float,
-                        prompt: TextEmbedding | None = None) -> tuple[dict, dict]:
+def generation_branches(
+    empty: TextEmbedding,
+    identity: torch.Tensor,
+    size: tuple[int, int],
+    ip_scale: float,
+    prompt: TextEmbedding | None = None,
+) -> tuple[dict, dict]:
     """Generation: uncond = (zero text or CLIP(prompt), null identity), cond = (CLIP(""), identity)."""
     faces, dtype, device = identity.shape[0], identity.dtype, identity.device
     null_id = torch.zeros_like(identity)

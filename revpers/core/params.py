@@ -63,8 +63,14 @@ class Params:
     seed: int = 0
     prompt: str | None = None
 
-    LIMITS = {"guidance": (-50.0, 50.0), "ip_scale": (0.0, 5.0), "id_scale": (0.0, 5.0), "steps": (1, 1000),
-              "skip": (0.0, 0.99), "seed": (0, 2**63 - 1)}
+    LIMITS = {
+        "guidance": (-50.0, 50.0),
+        "ip_scale": (0.0, 5.0),
+        "id_scale": (0.0, 5.0),
+        "steps": (1, 1000),
+        "skip": (0.0, 0.99),
+        "seed": (0, 2**63 - 1),
+    }
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Params":

@@ -86,10 +86,19 @@ class FaceBatchResult:
     x_out: torch.Tensor
 
 
-def run_faces(models: Components, crops: list[np.ndarray], identities: np.ndarray | torch.Tensor, params: Params,
-              native_size: int, *, inversion_batch: int = 10, timings: Timings | None = None,
-              seeds: list[int] | None = None, reconstruct: bool = False,
-              cancelled: Callable[[], bool] | None = None) -> FaceBatchResult:
+def run_faces(
+    models: Components,
+    crops: list[np.ndarray],
+    identities: np.ndarray | torch.Tensor,
+    params: Params,
+    native_size: int,
+    *,
+    inversion_batch: int = 10,
+    timings: Timings | None = None,
+    seeds: list[int] | None = None,
+    reconstruct: bool = False,
+    cancelled: Callable[[], bool] | None = None,
+) -> FaceBatchResult:
     """Anonymize F aligned face crops (same size, multiple of 8) in one batch.
 
     identities: (F, E) ArcFace embeddings of the crops. Face f's noise is drawn from seed
@@ -107,10 +116,12 @@ def run_faces(models: Components, crops: list[np.ndarray], identities: np.ndarra
     faces = len(crops)
     denoise = models.denoise
     if cancelled is not None:
+
         def denoise(x, t, cond):
             if cancelled():
                 raise Cancelled("request cancelled; stopped before the next UNet call")
             return models.denoise(x, t, cond)
+
     device = torch.device(getattr(models, "math_device", None) or "cpu")
     identity = torch.as_tensor(np.asarray(identities, dtype=np.float32)).reshape(faces, -1).to(device)
     identity = identity * params.id_scale
@@ -125,8 +136,9 @@ def run_faces(models: Components, crops: list[np.ndarray], identities: np.ndarra
     noise = [n.to(device) for n in sampling.draw_noise(x0.shape, seeds, ts)]
     inv_u, inv_c = inversion_branches(empty, faces, identity.shape[1], (h, w), params.ip_scale, device=device)
     with _Timer(timings, "inversion", device):
-        x_T, zs = sampling.invert(denoise, x0, ts, models.schedule, inv_u, inv_c, params.guidance, noise,
-                                  batch_steps=inversion_batch)
+        x_T, zs = sampling.invert(
+            denoise, x0, ts, models.schedule, inv_u, inv_c, params.guidance, noise, batch_steps=inversion_batch
+        )
     if reconstruct:
         gen_u, gen_c = inv_u, inv_c
     else:

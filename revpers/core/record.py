@@ -30,8 +30,9 @@ class Record(Mapping):
     OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
 
     def _present(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)
-                if not (f.name in self.OMIT_NONE and getattr(self, f.name) is None)]
+        return [
+            f.name for f in dataclasses.fields(self) if not (f.name in self.OMIT_NONE and getattr(self, f.name) is None)
+        ]
 
     def __getitem__(self, key: str):
         if key in self._present():

@@ -36,8 +36,7 @@ def concat_cond(a: Cond, b: Cond) -> dict[str, torch.Tensor]:
     return {k: torch.cat([a[k], b[k]], dim=0) for k in a}
 
 
-def guided_eps(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, branches: Cond,
-               guidance: float) -> torch.Tensor:
+def guided_eps(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, branches: Cond, guidance: float) -> torch.Tensor:
     """eps = eps_uncond + w * (eps_cond - eps_uncond), both branches in one denoiser call.
 
     ``branches`` is ``concat_cond(uncond, cond)`` for this batch, built once per pass by the caller
@@ -54,8 +53,15 @@ def data_prediction(schedule: NoiseSchedule, x: torch.Tensor, eps: torch.Tensor,
     return (x - schedule.sigma(t) * eps) / schedule.alpha(t)
 
 
-def sde_dpmpp_2m_step(schedule: NoiseSchedule, x_s: torch.Tensor, m0: torch.Tensor, s: int, t: int,
-                      m1: torch.Tensor | None = None, s_prev: int | None = None) -> tuple[torch.Tensor, float]:
+def sde_dpmpp_2m_step(
+    schedule: NoiseSchedule,
+    x_s: torch.Tensor,
+    m0: torch.Tensor,
+    s: int,
+    t: int,
+    m1: torch.Tensor | None = None,
+    s_prev: int | None = None,
+) -> tuple[torch.Tensor, float]:
     """One SDE-DPM-Solver++ step from timestep ``s`` to ``t`` (< s).
 
     Returns (mu, sigma_noise); the next sample is ``mu + sigma_noise * z``. First order when no
@@ -77,8 +83,9 @@ def sde_dpmpp_2m_step(schedule: NoiseSchedule, x_s: torch.Tensor, m0: torch.Tens
 
 
 # ---------------------------------------------------------------------------------- inversion
-def draw_noise(shape: Sequence[int], seeds: Sequence[int], timesteps: Sequence[int],
-               dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+def draw_noise(
+    shape: Sequence[int], seeds: Sequence[int], timesteps: Sequence[int], dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
     """The forward-process noise of the inversion, one tensor per timestep in ``timesteps`` order.
 
     Each face f gets its own CPU generator seeded with ``seeds[f]``; it draws one (1, C, h, w)
@@ -99,10 +106,18 @@ def draw_noise(shape: Sequence[int], seeds: Sequence[int], timesteps: Sequence[i
     return [torch.cat([drawn[f][i] for f in range(faces)], dim=0) for i in range(len(timesteps))]
 
 
-def invert(denoise: Denoiser, x0: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
-           uncond: Cond, cond: Cond, guidance: float, noise: Sequence[torch.Tensor],
-           batch_steps: int = 1, on_progress: Callable[[int, int], None] | None = None,
-           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def invert(
+    denoise: Denoiser,
+    x0: torch.Tensor,
+    timesteps: Sequence[int],
+    schedule: NoiseSchedule,
+    uncond: Cond,
+    cond: Cond,
+    guidance: float,
+    noise: Sequence[torch.Tensor],
+    batch_steps: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Edit-friendly DDPM inversion with guidance ("conditional inversion").
 
     x0: clean latents (F, C, h, w); timesteps in descending order; noise[i] is x0-shaped and
@@ -137,16 +152,23 @@ def invert(denoise: Denoiser, x0: torch.Tensor, timesteps: Sequence[int], schedu
         t_next = timesteps[i + 1] if i + 1 < n else 0
         target = xs[i + 1] if i + 1 < n else x0
         m0 = data_prediction(schedule, xs[i], eps[i], s)
-        mu, sigma_noise = sde_dpmpp_2m_step(schedule, xs[i], m0, s, t_next, m_prev,
-                                            timesteps[i - 1] if i > 0 else None)
+        mu, sigma_noise = sde_dpmpp_2m_step(schedule, xs[i], m0, s, t_next, m_prev, timesteps[i - 1] if i > 0 else None)
         zs.append((target - mu) / sigma_noise)
         m_prev = m0
     return xs[0], zs
 
 
-def generate(denoise: Denoiser, x_T: torch.Tensor, zs: Sequence[torch.Tensor], timesteps: Sequence[int],
-             schedule: NoiseSchedule, uncond: Cond, cond: Cond, guidance: float,
-             on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def generate(
+    denoise: Denoiser,
+    x_T: torch.Tensor,
+    zs: Sequence[torch.Tensor],
+    timesteps: Sequence[int],
+    schedule: NoiseSchedule,
+    uncond: Cond,
+    cond: Cond,
+    guidance: float,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Run the solver from x_T with the inversion's noise maps as the step noise.
 
     The solver history starts fresh (first step first order). The reference implementation
@@ -164,8 +186,7 @@ def generate(denoise: Denoiser, x_T: torch.Tensor, zs: Sequence[torch.Tensor], t
         t = torch.full((x.shape[0],), s, dtype=torch.int64, device=x.device)
         e = guided_eps(denoise, x, t, branches, guidance)
         m0 = data_prediction(schedule, x, e, s)
-        mu, sigma_noise = sde_dpmpp_2m_step(schedule, x, m0, s, t_next, m_prev,
-                                            timesteps[i - 1] if i > 0 else None)
+        mu, sigma_noise = sde_dpmpp_2m_step(schedule, x, m0, s, t_next, m_prev, timesteps[i - 1] if i > 0 else None)
         x = mu + sigma_noise * zs[i].to(x)
         m_prev = m0
         if on_progress:

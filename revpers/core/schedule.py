@@ -20,8 +20,9 @@ class NoiseSchedule:
     alphas_cumprod: np.ndarray  # float64, shape (T,)
 
     @classmethod
-    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012,
-                      num_train_timesteps: int = 1000) -> "NoiseSchedule":
+    def scaled_linear(
+        cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000
+    ) -> "NoiseSchedule":
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
         abar = torch.cumprod(1.0 - betas, dim=0)
         return cls(abar.double().numpy())
@@ -35,8 +36,11 @@ class NoiseSchedule:
         pred = config.get("prediction_type", "epsilon")
         if pred != "epsilon":
             raise ValueError(f"unsupported prediction_type {pred!r}: the solver expects epsilon prediction")
-        return cls.scaled_linear(float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)),
-                                 int(config.get("num_train_timesteps", 1000)))
+        return cls.scaled_linear(
+            float(config.get("beta_start", 0.00085)),
+            float(config.get("beta_end", 0.012)),
+            int(config.get("num_train_timesteps", 1000)),
+        )
 
     @property
     def num_train_timesteps(self) -> int:

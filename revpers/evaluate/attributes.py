@@ -56,12 +56,15 @@ MIRROR_68 = np.array(
     + [54, 53, 52, 51, 50, 49, 48]  # outer lip top 48..54
     + [59, 58, 57, 56, 55]  # outer lip bottom 55..59
     + [64, 63, 62, 61, 60]  # inner lip top 60..64
-    + [67, 66, 65])  # inner lip bottom 65..67
+    + [67, 66, 65]
+)  # inner lip bottom 65..67
 RIGID = np.array([27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 39, 42, 45])  # eye corners, nose
 EXPRESSIVE = np.r_[17:27, 36:48, 48:68]  # brows, eye lids, mouth
-GAZE_SKIPPED = ("not measured: gaze needs iris/pupil landmarks (e.g. mediapipe's face mesh with iris, or a gaze "
-                "network) and none installs offline here (mediapipe pins numpy < 2); dlib's 68 points outline "
-                "only the eye lids")
+GAZE_SKIPPED = (
+    "not measured: gaze needs iris/pupil landmarks (e.g. mediapipe's face mesh with iris, or a gaze "
+    "network) and none installs offline here (mediapipe pins numpy < 2); dlib's 68 points outline "
+    "only the eye lids"
+)
 POSE_TEMPLATE = "insightface/data/objects/meanshape_68.pkl (symmetrised)"
 
 

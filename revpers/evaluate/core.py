@@ -23,8 +23,9 @@ from revpers.faces.analysis import DLIB_LOCK
 SMOKE_NOTE = "smoke weights: numbers meaningless"
 THUMB = 128  # side of the face thumbnails kept for the contact sheets
 IMAGE_THUMB = 256  # height of the whole-image thumbnails
-FACE_IQA_SKIPPED = ("not measured: no face image-quality model (e.g. CR-FIQA, SER-FIQ as in the paper) installs "
-                    "offline here")
+FACE_IQA_SKIPPED = (
+    "not measured: no face image-quality model (e.g. CR-FIQA, SER-FIQ as in the paper) installs offline here"
+)
 ROUND = 6
 
 
@@ -39,7 +40,9 @@ def _r(v):
 def _thumb(rgb: np.ndarray, height: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     k = height / float(h)
-    return cv2.resize(rgb, (max(1, int(round(w * k))), height), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+    return cv2.resize(
+        rgb, (max(1, int(round(w * k))), height), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
+    )
 
 
 def _outline(thumb: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -99,8 +102,10 @@ class Evaluator:
     def add(self, name: str, original: np.ndarray, anonymized: np.ndarray) -> dict:
         original, anonymized = np.asarray(original), np.asarray(anonymized)
         if original.shape != anonymized.shape:
-            raise EvaluationInputError(f"{name}: the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
-                             f"anonymized {anonymized.shape[1]}x{anonymized.shape[0]}")
+            raise EvaluationInputError(
+                f"{name}: the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
+                f"anonymized {anonymized.shape[1]}x{anonymized.shape[0]}"
+            )
         v = self.verifier
         sites = face_sites(v, original, self.aligned)
         side = float(v.size)
@@ -119,9 +124,15 @@ class Evaluator:
                 c = float(np.dot(e.embed(crop_o, ref.face.kps), e.embed(crop_a, out.face.kps)))
                 scores[e.name] = c
                 matches[e.name] = None if e.threshold is None else bool(c >= e.threshold)
-            rec = {"image": name, "face": site.index, "box": site.box, "redetected": bool(out.redetected),
-                   "original_redetected": bool(ref.redetected),
-                   "scores": {k: _r(s) for k, s in scores.items()}, "matches": matches}
+            rec = {
+                "image": name,
+                "face": site.index,
+                "box": site.box,
+                "redetected": bool(out.redetected),
+                "original_redetected": bool(ref.redetected),
+                "scores": {k: _r(s) for k, s in scores.items()},
+                "matches": matches,
+            }
             if ref.redetected and out.redetected:
                 lo, la = self._landmarks68(crop_o, ref.face), self._landmarks68(crop_a, out.face)
                 po, pa = attr.head_pose(lo, side), attr.head_pose(la, side)
@@ -130,8 +141,11 @@ class Evaluator:
                 rec["pose_difference"] = {k: _r(x) for k, x in attr.pose_difference(po, pa).items()}
                 rec["expression_difference"] = _r(attr.expression_difference(lo, la))
             else:
-                rec["attributes"] = ("not measured: the face was not re-detected in the "
-                                     + ("anonymized" if ref.redetected else "original") + " crop")
+                rec["attributes"] = (
+                    "not measured: the face was not re-detected in the "
+                    + ("anonymized" if ref.redetected else "original")
+                    + " crop"
+                )
             records.append(rec)
             self.thumbs[(name, site.index)] = (_thumb(crop_o, THUMB), _thumb(crop_a, THUMB))
             if self.inception is not None:
@@ -142,9 +156,13 @@ class Evaluator:
             self.features["anonymized"].append(self.inception(feats_a))
         region = quality.face_region(original.shape, [self._mask_matrix(s.matrix) for s in sites])
         background = ~region
-        img = {"image": name, "faces": len(sites), "background_fraction": _r(background.mean()),
-               "background_psnr_db": _r(quality.psnr(original, anonymized, background)),
-               "background_ssim": _r(quality.ssim(original, anonymized, background))}
+        img = {
+            "image": name,
+            "faces": len(sites),
+            "background_fraction": _r(background.mean()),
+            "background_psnr_db": _r(quality.psnr(original, anonymized, background)),
+            "background_ssim": _r(quality.ssim(original, anonymized, background)),
+        }
         self.images.append(img)
         self.faces.extend(records)
         self.image_thumbs[name] = (_thumb(original, IMAGE_THUMB), _outline(_thumb(anonymized, IMAGE_THUMB), region))
@@ -163,11 +181,18 @@ class Evaluator:
             vals = [f["scores"][n] for f in self.faces if f["scores"].get(n) is not None]
             has_op = described[n].get("threshold") is not None
             identity[n] = summarize(vals, [f["matches"][n] for f in self.faces] if has_op else None)
-            identity[n].update({"metric": described[n]["metric"], "match_when": described[n]["match_when"],
-                                "threshold": described[n].get("threshold")})
+            identity[n].update(
+                {
+                    "metric": described[n]["metric"],
+                    "match_when": described[n]["match_when"],
+                    "threshold": described[n].get("threshold"),
+                }
+            )
         measured = [f for f in self.faces if "pose_difference" in f]
-        pose = {ax: summarize([f["pose_difference"][ax] for f in measured], None) for ax in
-                ("yaw", "pitch", "roll", "l2_rad")}
+        pose = {
+            ax: summarize([f["pose_difference"][ax] for f in measured], None)
+            for ax in ("yaw", "pitch", "roll", "l2_rad")
+        }
         for s in pose.values():
             s.pop("reid_rate", None)
         expr = summarize([f["expression_difference"] for f in measured], None)
@@ -176,45 +201,75 @@ class Evaluator:
         redetected = sum(f["redetected"] for f in self.faces)
         psnrs = [i["background_psnr_db"] for i in self.images if i["background_psnr_db"] is not None]
         ssims = [i["background_ssim"] for i in self.images if i["background_ssim"] is not None]
-        bg = {"psnr_db": summarize(psnrs, None), "ssim": summarize(ssims, None),
-              "psnr_cap_db": quality.PSNR_CAP,
-              "identical_images": int(sum(p >= quality.PSNR_CAP for p in psnrs))}
+        bg = {
+            "psnr_db": summarize(psnrs, None),
+            "ssim": summarize(ssims, None),
+            "psnr_cap_db": quality.PSNR_CAP,
+            "identical_images": int(sum(p >= quality.PSNR_CAP for p in psnrs)),
+        }
         for s in (bg["psnr_db"], bg["ssim"]):
             s.pop("reid_rate", None)
-        q = {"background": bg,
-             "detection_agreement": {"original_faces": n_faces, "redetected": int(redetected),
-                                     "rate": (redetected / n_faces) if n_faces else None},
-             "face_iqa": {"skipped": FACE_IQA_SKIPPED}}
+        q = {
+            "background": bg,
+            "detection_agreement": {
+                "original_faces": n_faces,
+                "redetected": int(redetected),
+                "rate": (redetected / n_faces) if n_faces else None,
+            },
+            "face_iqa": {"skipped": FACE_IQA_SKIPPED},
+        }
         q.update(self._fid_kid())
-        m = {"format": "revpers-evaluation", "version": 1, "smoke": bool(self.smoke),
-             **({"warning": SMOKE_NOTE} if self.smoke else {}),
-             "mode": "aligned" if self.aligned else "photo",
-             "images": {"evaluated": len(self.images), "withheld": len(self.withheld),
-                        "withheld_names": list(self.withheld), "unmatched": list(self.unmatched),
-                        "without_faces": int(sum(i["faces"] == 0 for i in self.images))},
-             "faces": {"measured": n_faces, "attributes_measured": len(measured)},
-             "recognizers": {n: described[n] for n in described},
-             "identity": identity,
-             "attributes": {"pose_degrees": {k: pose[k] for k in ("yaw", "pitch", "roll")},
-                            "pose_distance_rad": pose["l2_rad"], "expression": expr,
-                            "gaze": {"skipped": attr.GAZE_SKIPPED},
-                            "pose_template": attr.POSE_TEMPLATE},
-             "quality": q, "per_image": self.images, "per_face": self.faces}
+        m = {
+            "format": "revpers-evaluation",
+            "version": 1,
+            "smoke": bool(self.smoke),
+            **({"warning": SMOKE_NOTE} if self.smoke else {}),
+            "mode": "aligned" if self.aligned else "photo",
+            "images": {
+                "evaluated": len(self.images),
+                "withheld": len(self.withheld),
+                "withheld_names": list(self.withheld),
+                "unmatched": list(self.unmatched),
+                "without_faces": int(sum(i["faces"] == 0 for i in self.images)),
+            },
+            "faces": {"measured": n_faces, "attributes_measured": len(measured)},
+            "recognizers": {n: described[n] for n in described},
+            "identity": identity,
+            "attributes": {
+                "pose_degrees": {k: pose[k] for k in ("yaw", "pitch", "roll")},
+                "pose_distance_rad": pose["l2_rad"],
+                "expression": expr,
+                "gaze": {"skipped": attr.GAZE_SKIPPED},
+                "pose_template": attr.POSE_TEMPLATE,
+            },
+            "quality": q,
+            "per_image": self.images,
+            "per_face": self.faces,
+        }
         return m
 
     def _fid_kid(self) -> dict:
         if self.inception is None:
-            return {"fid": None, "kid": None,
-                    "fid_kid_skipped": "no Inception weights given (--inception PATH; docs/evaluation.md)"}
+            return {
+                "fid": None,
+                "kid": None,
+                "fid_kid_skipped": "no Inception weights given (--inception PATH; docs/evaluation.md)",
+            }
         fo = np.concatenate(self.features["original"]) if self.features["original"] else np.zeros((0, 1))
         fa = np.concatenate(self.features["anonymized"]) if self.features["anonymized"] else np.zeros((0, 1))
         if len(fo) < 2:
             return {"fid": None, "kid": None, "fid_kid_skipped": f"{len(fo)} face(s): FID/KID need at least 2"}
-        out = {"fid": _r(quality.fid(fo, fa)), "kid": _r(quality.kid(fo, fa)), "fid_kid_faces": int(len(fo)),
-               "inception": str(self.inception.path)}
+        out = {
+            "fid": _r(quality.fid(fo, fa)),
+            "kid": _r(quality.kid(fo, fa)),
+            "fid_kid_faces": int(len(fo)),
+            "inception": str(self.inception.path),
+        }
         if len(fo) <= fo.shape[1]:
-            out["fid_note"] = (f"{len(fo)} faces for {fo.shape[1]}-d features: FID is strongly biased at this size; "
-                               "compare KID, and only between configurations on the same faces")
+            out["fid_note"] = (
+                f"{len(fo)} faces for {fo.shape[1]}-d features: FID is strongly biased at this size; "
+                "compare KID, and only between configurations on the same faces"
+            )
         return out
 
 

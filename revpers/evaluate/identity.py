@@ -54,12 +54,15 @@ class OnnxRecognizer:
         try:
             self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise RecognizerSpecError(f"recognizer {self.name}: {self.path} is not a usable ONNX model: "
-                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise RecognizerSpecError(
+                f"recognizer {self.name}: {self.path} is not a usable ONNX model: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise RecognizerSpecError(f"recognizer {self.name}: expected one (N, 3, S, S) input, got "
-                                      f"{[(i.name, i.shape) for i in inputs]}")
+            raise RecognizerSpecError(
+                f"recognizer {self.name}: expected one (N, 3, S, S) input, got {[(i.name, i.shape) for i in inputs]}"
+            )
         shape = inputs[0].shape
         side = shape[2] if isinstance(shape[2], int) else 112
         if (isinstance(shape[3], int) and shape[3] != side) or (isinstance(shape[1], int) and shape[1] != 3):
@@ -72,8 +75,9 @@ class OnnxRecognizer:
 
         with warnings.catch_warnings():  # insightface calls skimage's deprecated SimilarityTransform.estimate
             warnings.simplefilter("ignore", FutureWarning)
-            return face_align.norm_crop(np.ascontiguousarray(rgb), landmark=np.asarray(kps, np.float32),
-                                        image_size=self.size)
+            return face_align.norm_crop(
+                np.ascontiguousarray(rgb), landmark=np.asarray(kps, np.float32), image_size=self.size
+            )
 
     def embed(self, rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:
         chip = self.chip(rgb, kps)
@@ -88,11 +92,19 @@ class OnnxRecognizer:
         return emb / norm
 
     def describe(self) -> dict:
-        return {"used": True, "metric": "cosine similarity", "match_when": ">= threshold",
-                "threshold": self.threshold, "model": str(self.path), "input": f"{self.size}x{self.size} "
-                f"{'BGR' if self.bgr else 'RGB'} norm_crop, (x - 127.5) / 127.5",
-                **({} if self.threshold is not None else
-                   {"note": "no threshold given: similarity distribution only, no re-ID rate"})}
+        return {
+            "used": True,
+            "metric": "cosine similarity",
+            "match_when": ">= threshold",
+            "threshold": self.threshold,
+            "model": str(self.path),
+            "input": f"{self.size}x{self.size} {'BGR' if self.bgr else 'RGB'} norm_crop, (x - 127.5) / 127.5",
+            **(
+                {}
+                if self.threshold is not None
+                else {"note": "no threshold given: similarity distribution only, no re-ID rate"}
+            ),
+        }
 
 
 def parse_recognizer(spec: str) -> OnnxRecognizer:
@@ -126,8 +138,13 @@ def summarize(values: list[float], matches: list[bool] | None) -> dict:
     out = {"count": int(arr.size)}
     if arr.size:
         q = np.quantile(arr, [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
-        out.update({"mean": float(arr.mean()), "std": float(arr.std()),
-                    "quantiles": {k: float(v) for k, v in zip(("min", "p05", "p25", "median", "p75", "p95", "max"), q)}})
+        out.update(
+            {
+                "mean": float(arr.mean()),
+                "std": float(arr.std()),
+                "quantiles": {k: float(v) for k, v in zip(("min", "p05", "p25", "median", "p75", "p95", "max"), q)},
+            }
+        )
     if matches is not None and arr.size:
         out["reidentified"] = int(sum(bool(m) for m in matches))
         out["reid_rate"] = out["reidentified"] / arr.size

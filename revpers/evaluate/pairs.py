@@ -91,8 +91,9 @@ def _read_reports(anonymized: Path, result: Pairing) -> dict[str, tuple[dict, Pa
     return reports
 
 
-def _pair_original(orig: Path, reports: dict[str, tuple[dict, Path | None]], by_stem: dict[str, Path],
-                   result: Pairing) -> None:
+def _pair_original(
+    orig: Path, reports: dict[str, tuple[dict, Path | None]], by_stem: dict[str, Path], result: Pairing
+) -> None:
     if orig.name in reports:
         rep, out = reports[orig.name]
         if out is None and rep.get("verdict") != "rejected":
@@ -119,8 +120,10 @@ def collect_pairs(originals: Path, anonymized: Path) -> Pairing:
     for orig in originals_list:
         _pair_original(orig, reports, by_stem, result)
     if not result.pairs:
-        raise PairingError(f"no anonymized file in {anonymized} matches an original in {originals} "
-                           "(pairs are found by revpers anonymize reports or by file stem)")
+        raise PairingError(
+            f"no anonymized file in {anonymized} matches an original in {originals} "
+            "(pairs are found by revpers anonymize reports or by file stem)"
+        )
     return result
 
 
@@ -135,10 +138,17 @@ class FaceSite:
 
 def face_sites(verifier, original: np.ndarray, aligned: bool) -> list[FaceSite]:
     if aligned:
-        return [FaceSite(0, [0.0, 0.0, float(original.shape[1]), float(original.shape[0])],
-                         aligned_matrix(original.shape, verifier.size))]
-    return [FaceSite(i, [round(float(v), 2) for v in f.box], verifier.matrix_for(f.kps))
-            for i, f in enumerate(verifier.analyzer.detect(original))]
+        return [
+            FaceSite(
+                0,
+                [0.0, 0.0, float(original.shape[1]), float(original.shape[0])],
+                aligned_matrix(original.shape, verifier.size),
+            )
+        ]
+    return [
+        FaceSite(i, [round(float(v), 2) for v in f.box], verifier.matrix_for(f.kps))
+        for i, f in enumerate(verifier.analyzer.detect(original))
+    ]
 
 
 __all__ = ["FaceSite", "ImagePair", "Pairing", "PairingError", "collect_pairs", "face_sites"]

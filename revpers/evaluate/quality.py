@@ -61,7 +61,7 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
     mse = float(np.mean(d * d))
     if mse == 0.0:
         return PSNR_CAP
-    return float(min(PSNR_CAP, 10.0 * math.log10(255.0 ** 2 / mse)))
+    return float(min(PSNR_CAP, 10.0 * math.log10(255.0**2 / mse)))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
@@ -100,8 +100,10 @@ class InceptionFeatures:
             try:
                 self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
             except Exception as exc:
-                raise InceptionError(f"--inception {self.path} is not a usable ONNX model: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                raise InceptionError(
+                    f"--inception {self.path} is not a usable ONNX model: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
             self.input_name = self.session.get_inputs()[0].name
             self.kind = "onnx"
         else:
@@ -110,15 +112,25 @@ class InceptionFeatures:
             try:
                 self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
             except Exception as exc:
-                raise InceptionError(f"--inception {self.path} is neither ONNX (.onnx) nor a TorchScript file: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                raise InceptionError(
+                    f"--inception {self.path} is neither ONNX (.onnx) nor a TorchScript file: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
             self.kind = "torchscript"
 
     def __call__(self, crops: list[np.ndarray], batch: int = 16) -> np.ndarray:
         feats = []
         for i in range(0, len(crops), batch):
-            x = np.stack([cv2.resize(c, (self.SIDE, self.SIDE), interpolation=cv2.INTER_AREA
-                                     if c.shape[0] > self.SIDE else cv2.INTER_CUBIC) for c in crops[i:i + batch]])
+            x = np.stack(
+                [
+                    cv2.resize(
+                        c,
+                        (self.SIDE, self.SIDE),
+                        interpolation=cv2.INTER_AREA if c.shape[0] > self.SIDE else cv2.INTER_CUBIC,
+                    )
+                    for c in crops[i : i + batch]
+                ]
+            )
             x = np.ascontiguousarray((x.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2))
             if self.kind == "onnx":
                 out = self.session.run(None, {self.input_name: x})[0]
@@ -160,8 +172,9 @@ def kid(x: np.ndarray, y: np.ndarray) -> float:
         raise ValueError("KID needs at least two samples per set")
     d = x.shape[1]
     kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                 - 2.0 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2.0 * kxy.mean()
+    )
 
 
 __all__ = ["PSNR_CAP", "InceptionError", "InceptionFeatures", "face_region", "fid", "kid", "psnr", "ssim"]

@@ -31,11 +31,23 @@ def table_rows(metrics: dict, label: str) -> tuple[list[str], list[str]]:
     gaze, expression (lower is better except face IQA)."""
     ident = metrics["identity"]
     a, q = metrics["attributes"], metrics["quality"]
-    head = ["Setting"] + [f"Re-ID % ({LABELS.get(n, n)}) ↓" for n in ident] + [
-        "FID ↓", "KID ↓", "Face IQA ↑", "Pose (rad) ↓", "Gaze ↓", "Expression ↓"]
-    row = [label] + [_fmt(s.get("reid_rate"), 2, pct=True) for s in ident.values()] + [
-        _fmt(q.get("fid"), 3), _fmt(q.get("kid"), 4), "skipped", _fmt(a["pose_distance_rad"].get("mean"), 3),
-        "skipped", _fmt(a["expression"].get("mean"), 3)]
+    head = (
+        ["Setting"]
+        + [f"Re-ID % ({LABELS.get(n, n)}) ↓" for n in ident]
+        + ["FID ↓", "KID ↓", "Face IQA ↑", "Pose (rad) ↓", "Gaze ↓", "Expression ↓"]
+    )
+    row = (
+        [label]
+        + [_fmt(s.get("reid_rate"), 2, pct=True) for s in ident.values()]
+        + [
+            _fmt(q.get("fid"), 3),
+            _fmt(q.get("kid"), 4),
+            "skipped",
+            _fmt(a["pose_distance_rad"].get("mean"), 3),
+            "skipped",
+            _fmt(a["expression"].get("mean"), 3),
+        ]
+    )
     return head, row
 
 
@@ -50,48 +62,106 @@ def markdown(metrics: dict, label: str = "revpers") -> str:
     q, a, ident = metrics["quality"], metrics["attributes"], metrics["identity"]
     out = ["# revpers evaluation", ""]
     if metrics.get("smoke"):
-        out += [(f"**{SMOKE_NOTE}**: the anonymized images were made with a smoke bundle "
-                 "(tiny random models)."), ""]
+        out += [(f"**{SMOKE_NOTE}**: the anonymized images were made with a smoke bundle (tiny random models)."), ""]
     im = metrics["images"]
-    out += [f"{im['evaluated']} image pair(s), {metrics['faces']['measured']} face(s) "
-            f"({metrics['faces']['attributes_measured']} with attributes measured), {im['withheld']} withheld by "
-            f"the gate, {len(im['unmatched'])} original(s) without an anonymized file. Mode: {metrics['mode']}.", "",
-            "## Table 1 layout", "", md_table(head, [row])]
-    out += ["Pose: mean L2 norm of the (yaw, pitch, roll) difference in radians. Expression: mean landmark "
-            "distance after a rigid-point similarity fit, as a fraction of the inter-ocular distance. Gaze: "
-            f"{a['gaze']['skipped']}. Face IQA: {q['face_iqa']['skipped']}."
-            + (f" FID/KID: {q['fid_kid_skipped']}." if q.get("fid_kid_skipped") else "")
-            + (f" {q['fid_note']}." if q.get("fid_note") else ""), ""]
-    out += ["## Identity removal", "", md_table(
-        ["Recognizer", "Metric", "Match when", "Threshold", "Faces", "Re-ID %", "Mean", "Median", "p05", "p95"],
-        [[LABELS.get(n, n), s["metric"], s["match_when"], s["threshold"] if s["threshold"] is not None else "none",
-          s["count"], _fmt(s.get("reid_rate"), 2, pct=True), _fmt(s.get("mean"), 4),
-          _fmt(s.get("quantiles", {}).get("median"), 4), _fmt(s.get("quantiles", {}).get("p05"), 4),
-          _fmt(s.get("quantiles", {}).get("p95"), 4)] for n, s in ident.items()])]
+    out += [
+        f"{im['evaluated']} image pair(s), {metrics['faces']['measured']} face(s) "
+        f"({metrics['faces']['attributes_measured']} with attributes measured), {im['withheld']} withheld by "
+        f"the gate, {len(im['unmatched'])} original(s) without an anonymized file. Mode: {metrics['mode']}.",
+        "",
+        "## Table 1 layout",
+        "",
+        md_table(head, [row]),
+    ]
+    out += [
+        "Pose: mean L2 norm of the (yaw, pitch, roll) difference in radians. Expression: mean landmark "
+        "distance after a rigid-point similarity fit, as a fraction of the inter-ocular distance. Gaze: "
+        f"{a['gaze']['skipped']}. Face IQA: {q['face_iqa']['skipped']}."
+        + (f" FID/KID: {q['fid_kid_skipped']}." if q.get("fid_kid_skipped") else "")
+        + (f" {q['fid_note']}." if q.get("fid_note") else ""),
+        "",
+    ]
+    out += [
+        "## Identity removal",
+        "",
+        md_table(
+            ["Recognizer", "Metric", "Match when", "Threshold", "Faces", "Re-ID %", "Mean", "Median", "p05", "p95"],
+            [
+                [
+                    LABELS.get(n, n),
+                    s["metric"],
+                    s["match_when"],
+                    s["threshold"] if s["threshold"] is not None else "none",
+                    s["count"],
+                    _fmt(s.get("reid_rate"), 2, pct=True),
+                    _fmt(s.get("mean"), 4),
+                    _fmt(s.get("quantiles", {}).get("median"), 4),
+                    _fmt(s.get("quantiles", {}).get("p05"), 4),
+                    _fmt(s.get("quantiles", {}).get("p95"), 4),
+                ]
+                for n, s in ident.items()
+            ],
+        ),
+    ]
     notes = [f"{LABELS.get(n, n)}: {d['note']}" for n, d in metrics["recognizers"].items() if d.get("note")]
     if notes:
         out += ["Notes: " + "; ".join(notes) + ".", ""]
     pd = a["pose_degrees"]
-    out += ["## Attribute preservation", "", md_table(
-        ["Difference", "Unit", "Faces", "Mean", "Median", "p95", "Max"],
-        [[k, "degrees", pd[k]["count"], _fmt(pd[k].get("mean"), 2), _fmt(pd[k].get("quantiles", {}).get("median"), 2),
-          _fmt(pd[k].get("quantiles", {}).get("p95"), 2), _fmt(pd[k].get("quantiles", {}).get("max"), 2)]
-         for k in ("yaw", "pitch", "roll")]
-        + [["expression", "inter-ocular", a["expression"]["count"], _fmt(a["expression"].get("mean"), 4),
-            _fmt(a["expression"].get("quantiles", {}).get("median"), 4),
-            _fmt(a["expression"].get("quantiles", {}).get("p95"), 4),
-            _fmt(a["expression"].get("quantiles", {}).get("max"), 4)]])]
+    out += [
+        "## Attribute preservation",
+        "",
+        md_table(
+            ["Difference", "Unit", "Faces", "Mean", "Median", "p95", "Max"],
+            [
+                [
+                    k,
+                    "degrees",
+                    pd[k]["count"],
+                    _fmt(pd[k].get("mean"), 2),
+                    _fmt(pd[k].get("quantiles", {}).get("median"), 2),
+                    _fmt(pd[k].get("quantiles", {}).get("p95"), 2),
+                    _fmt(pd[k].get("quantiles", {}).get("max"), 2),
+                ]
+                for k in ("yaw", "pitch", "roll")
+            ]
+            + [
+                [
+                    "expression",
+                    "inter-ocular",
+                    a["expression"]["count"],
+                    _fmt(a["expression"].get("mean"), 4),
+                    _fmt(a["expression"].get("quantiles", {}).get("median"), 4),
+                    _fmt(a["expression"].get("quantiles", {}).get("p95"), 4),
+                    _fmt(a["expression"].get("quantiles", {}).get("max"), 4),
+                ]
+            ],
+        ),
+    ]
     bg, det = q["background"], q["detection_agreement"]
-    out += ["## Image quality", "", md_table(
-        ["Measure", "Value"],
-        [["background PSNR dB (mean / min)", f"{_fmt(bg['psnr_db'].get('mean'), 2)} / "
-          f"{_fmt(bg['psnr_db'].get('quantiles', {}).get('min'), 2)} ({bg['psnr_cap_db']:g} = identical)"],
-         ["background SSIM (mean / min)", f"{_fmt(bg['ssim'].get('mean'), 4)} / "
-          f"{_fmt(bg['ssim'].get('quantiles', {}).get('min'), 4)}"],
-         ["images with an identical background", f"{bg['identical_images']} of {im['evaluated']}"],
-         ["detection agreement (original faces re-detected)",
-          f"{det['redetected']} of {det['original_faces']} ({_fmt(det['rate'], 1, pct=True)} %)"],
-         ["FID / KID", f"{_fmt(q.get('fid'), 3)} / {_fmt(q.get('kid'), 4)}"]])]
+    out += [
+        "## Image quality",
+        "",
+        md_table(
+            ["Measure", "Value"],
+            [
+                [
+                    "background PSNR dB (mean / min)",
+                    f"{_fmt(bg['psnr_db'].get('mean'), 2)} / "
+                    f"{_fmt(bg['psnr_db'].get('quantiles', {}).get('min'), 2)} ({bg['psnr_cap_db']:g} = identical)",
+                ],
+                [
+                    "background SSIM (mean / min)",
+                    f"{_fmt(bg['ssim'].get('mean'), 4)} / {_fmt(bg['ssim'].get('quantiles', {}).get('min'), 4)}",
+                ],
+                ["images with an identical background", f"{bg['identical_images']} of {im['evaluated']}"],
+                [
+                    "detection agreement (original faces re-detected)",
+                    f"{det['redetected']} of {det['original_faces']} ({_fmt(det['rate'], 1, pct=True)} %)",
+                ],
+                ["FID / KID", f"{_fmt(q.get('fid'), 3)} / {_fmt(q.get('kid'), 4)}"],
+            ],
+        ),
+    ]
     return "\n".join(out)
 
 
@@ -134,14 +204,19 @@ def plots(metrics: dict, out: Path) -> tuple[list[dict], str | None]:
         else:
             _empty(ax)
         if s["threshold"] is not None:
-            ax.axvline(s["threshold"], color="red", ls="--",
-                       label=f"threshold {s['threshold']:g} (match {s['match_when']})")
+            ax.axvline(
+                s["threshold"], color="red", ls="--", label=f"threshold {s['threshold']:g} (match {s['match_when']})"
+            )
             ax.legend(fontsize=8)
         ax.set_xlabel(f"{LABELS.get(name, name)}: {s['metric']} (original vs anonymized)")
         ax.set_ylabel("faces")
         rate = s.get("reid_rate")
-        ax.set_title(f"re-ID {_fmt(rate, 1, pct=True)} % of {s['count']} faces" if rate is not None
-                     else f"{s['count']} faces (no operating point)", fontsize=10)
+        ax.set_title(
+            f"re-ID {_fmt(rate, 1, pct=True)} % of {s['count']} faces"
+            if rate is not None
+            else f"{s['count']} faces (no operating point)",
+            fontsize=10,
+        )
         _smoke_title(fig, smoke)
         fig.tight_layout()
         fn = f"similarity_{name}.png"
@@ -215,7 +290,7 @@ def contact_sheet(cells: list[tuple[np.ndarray, np.ndarray, list[str]]], smoke: 
     padded = [np.pad(t, ((0, h - t.shape[0]), (0, w - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
     rows = []
     for i in range(0, len(padded), cols):
-        row = padded[i:i + cols]
+        row = padded[i : i + cols]
         row += [np.full_like(padded[0], 255)] * (cols - len(row)) if len(padded) > cols else []
         rows.append(np.hstack([np.pad(t, ((6, 6), (6, 6), (0, 0)), constant_values=255) for t in row]))
     sheet = np.vstack(rows)
@@ -232,20 +307,41 @@ def worst_cases(metrics: dict) -> list[dict]:
         cos = s["metric"].startswith("cosine")
         cand = [f for f in faces if f["scores"].get(name) is not None]
         cand.sort(key=lambda f: -f["scores"][name] if cos else f["scores"][name])
-        out.append({"key": f"reid_{name}", "title": f"most identifiable faces: {LABELS.get(name, name)} "
-                    f"({'highest cosine' if cos else 'smallest distance'})", "faces": cand[:SHEET_CASES],
-                    "label": lambda f, n=name: f"{n} {f['scores'][n]:.3f}"
-                    + (" MATCH" if f["matches"].get(n) else "")})
+        out.append(
+            {
+                "key": f"reid_{name}",
+                "title": f"most identifiable faces: {LABELS.get(name, name)} "
+                f"({'highest cosine' if cos else 'smallest distance'})",
+                "faces": cand[:SHEET_CASES],
+                "label": lambda f, n=name: f"{n} {f['scores'][n]:.3f}" + (" MATCH" if f["matches"].get(n) else ""),
+            }
+        )
     measured = [f for f in faces if "pose_difference" in f]
-    out.append({"key": "pose", "title": "largest head-pose differences",
-                "faces": sorted(measured, key=lambda f: -f["pose_difference"]["l2_rad"])[:SHEET_CASES],
-                "label": lambda f: "y{yaw:.0f} p{pitch:.0f} r{roll:.0f} deg".format(**f["pose_difference"])})
-    out.append({"key": "expression", "title": "largest expression differences",
-                "faces": sorted(measured, key=lambda f: -f["expression_difference"])[:SHEET_CASES],
-                "label": lambda f: f"expression {f['expression_difference']:.3f}"})
+    out.append(
+        {
+            "key": "pose",
+            "title": "largest head-pose differences",
+            "faces": sorted(measured, key=lambda f: -f["pose_difference"]["l2_rad"])[:SHEET_CASES],
+            "label": lambda f: "y{yaw:.0f} p{pitch:.0f} r{roll:.0f} deg".format(**f["pose_difference"]),
+        }
+    )
+    out.append(
+        {
+            "key": "expression",
+            "title": "largest expression differences",
+            "faces": sorted(measured, key=lambda f: -f["expression_difference"])[:SHEET_CASES],
+            "label": lambda f: f"expression {f['expression_difference']:.3f}",
+        }
+    )
     lost = [f for f in faces if not f["redetected"]]
-    out.append({"key": "not_redetected", "title": "original faces not re-detected in the anonymized image",
-                "faces": lost[:SHEET_CASES], "label": lambda f: "not re-detected"})
+    out.append(
+        {
+            "key": "not_redetected",
+            "title": "original faces not re-detected in the anonymized image",
+            "faces": lost[:SHEET_CASES],
+            "label": lambda f: "not re-detected",
+        }
+    )
     return out
 
 
@@ -266,18 +362,32 @@ def write_report(metrics: dict, evaluator, out: Path, label: str = "revpers") ->
         fn = f"worst_{case['key']}.png"
         cv2.imwrite(str(out / fn), cv2.cvtColor(contact_sheet(cells, smoke), cv2.COLOR_RGB2BGR))
         sheets.append({"file": fn, "caption": case["title"] + " (left original, right anonymized)"})
-    imgs = sorted((i for i in metrics["per_image"] if i["background_psnr_db"] is not None),
-                  key=lambda i: i["background_psnr_db"])[:SHEET_CASES]
+    imgs = sorted(
+        (i for i in metrics["per_image"] if i["background_psnr_db"] is not None), key=lambda i: i["background_psnr_db"]
+    )[:SHEET_CASES]
     if imgs:
-        cells = [(*evaluator.image_thumbs[i["image"]], [i["image"][:30], f"background {i['background_psnr_db']:.1f} dB"])
-                 for i in imgs]
-        cv2.imwrite(str(out / "worst_background.png"), cv2.cvtColor(contact_sheet(cells, smoke, cols=2),
-                                                                    cv2.COLOR_RGB2BGR))
-        sheets.append({"file": "worst_background.png",
-                       "caption": "largest change outside the faces (lowest background PSNR; left original, right "
-                       "anonymized with the excluded face region outlined in green)"})
-    metrics = dict(metrics, outputs={"plots": [m["file"] for m in made], "contact_sheets": [s["file"] for s in sheets],
-                                     **({"plots_skipped": skipped} if skipped else {})})
+        cells = [
+            (*evaluator.image_thumbs[i["image"]], [i["image"][:30], f"background {i['background_psnr_db']:.1f} dB"])
+            for i in imgs
+        ]
+        cv2.imwrite(
+            str(out / "worst_background.png"), cv2.cvtColor(contact_sheet(cells, smoke, cols=2), cv2.COLOR_RGB2BGR)
+        )
+        sheets.append(
+            {
+                "file": "worst_background.png",
+                "caption": "largest change outside the faces (lowest background PSNR; left original, right "
+                "anonymized with the excluded face region outlined in green)",
+            }
+        )
+    metrics = dict(
+        metrics,
+        outputs={
+            "plots": [m["file"] for m in made],
+            "contact_sheets": [s["file"] for s in sheets],
+            **({"plots_skipped": skipped} if skipped else {}),
+        },
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     md = markdown(metrics, label)
     (out / "table.md").write_text(md)
@@ -293,9 +403,13 @@ def _md_tables_to_html(md: str) -> str:
         if table:
             rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
             cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
-            parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
-                         + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
-                         + "</table>")
+            parts.append(
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in cells[0])
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
+                + "</table>"
+            )
             table.clear()
 
     for line in md.splitlines():
@@ -314,18 +428,27 @@ def _md_tables_to_html(md: str) -> str:
     return "\n".join(parts)
 
 
-def index_html(metrics: dict, md: str, plots_made: list, sheets: list, skipped: str | None,
-               extra_sections: str = "") -> str:
-    banner = (f'<p class="smoke">{html.escape(SMOKE_NOTE.upper())}: these images were made with a smoke bundle '
-              "(tiny random models); every number here is meaningless.</p>" if metrics.get("smoke") else "")
-    figs = "".join(f'<figure><img src="{html.escape(p["file"])}"><figcaption>{html.escape(p["caption"])}'
-                   "</figcaption></figure>" for p in plots_made)
+def index_html(
+    metrics: dict, md: str, plots_made: list, sheets: list, skipped: str | None, extra_sections: str = ""
+) -> str:
+    banner = (
+        f'<p class="smoke">{html.escape(SMOKE_NOTE.upper())}: these images were made with a smoke bundle '
+        "(tiny random models); every number here is meaningless.</p>"
+        if metrics.get("smoke")
+        else ""
+    )
+    figs = "".join(
+        f'<figure><img src="{html.escape(p["file"])}"><figcaption>{html.escape(p["caption"])}</figcaption></figure>'
+        for p in plots_made
+    )
     if skipped:
         figs = f"<p>{html.escape(skipped)}</p>"
     sh = "".join(f'<h3>{html.escape(s["caption"])}</h3><img src="{html.escape(s["file"])}">' for s in sheets)
-    body = (f"{_md_tables_to_html(md)}\n{extra_sections}\n<h2>Plots</h2>{figs}\n"
-            f"<h2>Worst cases</h2>{sh or '<p>no faces</p>'}\n"
-            '<p><a href="metrics.json">metrics.json</a> · <a href="table.md">table.md</a></p>')
+    body = (
+        f"{_md_tables_to_html(md)}\n{extra_sections}\n<h2>Plots</h2>{figs}\n"
+        f"<h2>Worst cases</h2>{sh or '<p>no faces</p>'}\n"
+        '<p><a href="metrics.json">metrics.json</a> · <a href="table.md">table.md</a></p>'
+    )
     return html_page("revpers evaluation", banner, body)
 
 

@@ -72,36 +72,73 @@ def aggressiveness(row: dict) -> tuple:
 
 def recommend(rows: list[dict], target: float) -> dict:
     meeting = [r for r in rows if r["reid_headline"] is not None and r["reid_headline"] <= target]
-    out = {"target_reid": target, "rule": "a setting meets the target when the highest re-ID rate among the "
-           "recognizers with an operating point is <= target", "meeting": [r["tag"] for r in meeting]}
+    out = {
+        "target_reid": target,
+        "rule": "a setting meets the target when the highest re-ID rate among the "
+        "recognizers with an operating point is <= target",
+        "meeting": [r["tag"] for r in meeting],
+    }
     if not meeting:
         scored = [r for r in rows if r["reid_headline"] is not None]
-        out.update({"least_aggressive": None, "cheapest": None,
-                    "note": "no setting meets the target" + (
-                        f"; the lowest re-ID was {100 * min(r['reid_headline'] for r in scored):.2f} % "
-                        f"({min(scored, key=lambda r: r['reid_headline'])['tag']})" if scored else
-                        "; no recognizer with an operating point measured any face")})
+        out.update(
+            {
+                "least_aggressive": None,
+                "cheapest": None,
+                "note": "no setting meets the target"
+                + (
+                    f"; the lowest re-ID was {100 * min(r['reid_headline'] for r in scored):.2f} % "
+                    f"({min(scored, key=lambda r: r['reid_headline'])['tag']})"
+                    if scored
+                    else "; no recognizer with an operating point measured any face"
+                ),
+            }
+        )
         return out
     least = min(meeting, key=aggressiveness)
     # equal sample counts are equal compute: the less aggressive wins before (noisy) seconds decide
-    cheap = min(meeting, key=lambda r: (r["cost"]["unet_samples_per_face"] or 0, aggressiveness(r),
-                                        r["cost"]["seconds_per_face"] or 0))
-    out.update({"least_aggressive": {"tag": least["tag"], **least["setting"]},
-                "cheapest": {"tag": cheap["tag"], **cheap["setting"]}})
+    cheap = min(
+        meeting,
+        key=lambda r: (r["cost"]["unet_samples_per_face"] or 0, aggressiveness(r), r["cost"]["seconds_per_face"] or 0),
+    )
+    out.update(
+        {
+            "least_aggressive": {"tag": least["tag"], **least["setting"]},
+            "cheapest": {"tag": cheap["tag"], **cheap["setting"]},
+        }
+    )
     return out
 
 
-def run_sweep_settings(anon, originals: list[tuple[str, np.ndarray]], settings: list[Setting], out: Path, *,
-                       seed: int, skip: float, aligned: bool, extras: list, inception, target: float,
-                       sources: dict | None = None, log=print) -> dict:
+def run_sweep_settings(
+    anon,
+    originals: list[tuple[str, np.ndarray]],
+    settings: list[Setting],
+    out: Path,
+    *,
+    seed: int,
+    skip: float,
+    aligned: bool,
+    extras: list,
+    inception,
+    target: float,
+    sources: dict | None = None,
+    log=print,
+) -> dict:
     """``sources``: name -> input path, recorded in the per-image reports (``IMAGE.png.json``, the
     anonymize report format, so ``revpers evaluate ORIGINALS settings/TAG/images`` pairs them)."""
 
     smoke = bool(anon.bundle.smoke)
     off = VerifyPolicy(verify=False)
     rows = []
-    params_list = [(s, Params.from_mapping({"guidance": s.guidance, "ip_scale": s.ip_scale, "steps": s.steps,
-                                            "seed": seed, "skip": skip})) for s in settings]  # validate all first
+    params_list = [
+        (
+            s,
+            Params.from_mapping(
+                {"guidance": s.guidance, "ip_scale": s.ip_scale, "steps": s.steps, "seed": seed, "skip": skip}
+            ),
+        )
+        for s in settings
+    ]  # validate all first
     for k, (s, params) in enumerate(params_list):
         sdir = out / "settings" / s.tag
         (sdir / "images").mkdir(parents=True, exist_ok=True)
@@ -110,45 +147,72 @@ def run_sweep_settings(anon, originals: list[tuple[str, np.ndarray]], settings: 
         with count_unet_calls(anon.models) as counter:
             for name, rgb in originals:
                 t0 = time.perf_counter()
-                result = (anon.anonymize_aligned(rgb, params, verify=off) if aligned
-                          else anon.anonymize_photo(rgb, params, verify=off))
+                result = (
+                    anon.anonymize_aligned(rgb, params, verify=off)
+                    if aligned
+                    else anon.anonymize_photo(rgb, params, verify=off)
+                )
                 seconds += time.perf_counter() - t0
                 generated += sum(f.get("action") == "anonymized" for f in result.report.get("faces", []))
                 outputs.append((name, result.image))
                 target_png = sdir / "images" / f"{name}.png"
                 target_png.write_bytes(encode_image(result.image, "PNG"))
-                report = dict(result.report.to_dict(), input=str((sources or {}).get(name, name)),
-                              output=str(target_png))
+                report = dict(
+                    result.report.to_dict(), input=str((sources or {}).get(name, name)), output=str(target_png)
+                )
                 target_png.with_name(target_png.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
         ev = Evaluator(anon.verifier, extras=extras, inception=inception, aligned=aligned, smoke=smoke)
         for (name, rgb), (_, img) in zip(originals, outputs, strict=True):
             ev.add(name, rgb, img)
         metrics = write_report(ev.metrics(), ev, sdir, label=s.tag)
+
         def per(v, n=generated):
             return v / n if n else None
 
-        row = {"tag": s.tag, "setting": s.as_dict(), "report": f"settings/{s.tag}/index.html",
-               "reid": {n: v.get("reid_rate") for n, v in metrics["identity"].items()},
-               "reid_headline": reid_headline(metrics),
-               "pose_distance_rad": metrics["attributes"]["pose_distance_rad"].get("mean"),
-               "expression": metrics["attributes"]["expression"].get("mean"),
-               "background_psnr_db": metrics["quality"]["background"]["psnr_db"].get("mean"),
-               "detection_agreement": metrics["quality"]["detection_agreement"]["rate"],
-               "fid": metrics["quality"].get("fid"), "kid": metrics["quality"].get("kid"),
-               "faces_generated": generated,
-               "cost": {"unet_calls": counter.calls, "unet_samples": counter.samples, "seconds": round(seconds, 3),
-                        "unet_calls_per_face": per(counter.calls), "unet_samples_per_face": per(counter.samples),
-                        "seconds_per_face": per(seconds)},
-               "table_row": table_rows(metrics, s.tag)}
+        row = {
+            "tag": s.tag,
+            "setting": s.as_dict(),
+            "report": f"settings/{s.tag}/index.html",
+            "reid": {n: v.get("reid_rate") for n, v in metrics["identity"].items()},
+            "reid_headline": reid_headline(metrics),
+            "pose_distance_rad": metrics["attributes"]["pose_distance_rad"].get("mean"),
+            "expression": metrics["attributes"]["expression"].get("mean"),
+            "background_psnr_db": metrics["quality"]["background"]["psnr_db"].get("mean"),
+            "detection_agreement": metrics["quality"]["detection_agreement"]["rate"],
+            "fid": metrics["quality"].get("fid"),
+            "kid": metrics["quality"].get("kid"),
+            "faces_generated": generated,
+            "cost": {
+                "unet_calls": counter.calls,
+                "unet_samples": counter.samples,
+                "seconds": round(seconds, 3),
+                "unet_calls_per_face": per(counter.calls),
+                "unet_samples_per_face": per(counter.samples),
+                "seconds_per_face": per(seconds),
+            },
+            "table_row": table_rows(metrics, s.tag),
+        }
         rows.append(row)
-        log(f"[{k + 1}/{len(settings)}] {s.tag}: {generated} face(s), re-ID "
+        log(
+            f"[{k + 1}/{len(settings)}] {s.tag}: {generated} face(s), re-ID "
             + ", ".join(f"{n} {_fmt(v, 1, pct=True)} %" for n, v in row["reid"].items())
             + f"; {row['cost']['unet_samples_per_face'] or 0:g} UNet samples/face, "
-            f"{row['cost']['seconds_per_face'] or 0:.2f} s/face" + (f" [{SMOKE_NOTE}]" if smoke else ""))
-    summary = {"format": "revpers-sweep", "version": 1, "smoke": smoke, **({"warning": SMOKE_NOTE} if smoke else {}),
-               "bundle": anon.bundle.describe(), "images": [n for n, _ in originals], "aligned": aligned,
-               "seed": seed, "skip": skip, "gate": "off (the curves show the generator itself)",
-               "settings": rows, "recommendation": recommend(rows, target)}
+            f"{row['cost']['seconds_per_face'] or 0:.2f} s/face" + (f" [{SMOKE_NOTE}]" if smoke else "")
+        )
+    summary = {
+        "format": "revpers-sweep",
+        "version": 1,
+        "smoke": smoke,
+        **({"warning": SMOKE_NOTE} if smoke else {}),
+        "bundle": anon.bundle.describe(),
+        "images": [n for n, _ in originals],
+        "aligned": aligned,
+        "seed": seed,
+        "skip": skip,
+        "gate": "off (the curves show the generator itself)",
+        "settings": rows,
+        "recommendation": recommend(rows, target),
+    }
     made, skipped = sweep_plots(summary, out)
     summary["outputs"] = {"plots": made, **({"plots_skipped": skipped} if skipped else {})}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -171,9 +235,11 @@ def _nan(v):
     return np.nan if v is None else v
 
 
-_CURVES = (("guidance", ("ip_scale", "steps"), "guidance w"),
-           ("ip_scale", ("guidance", "steps"), "IP-Adapter scale"),
-           ("steps", ("guidance", "ip_scale"), "steps N"))
+_CURVES = (
+    ("guidance", ("ip_scale", "steps"), "guidance w"),
+    ("ip_scale", ("guidance", "steps"), "IP-Adapter scale"),
+    ("steps", ("guidance", "ip_scale"), "steps N"),
+)
 
 
 def _plot_series(plt, axes, ax2, rows: list[dict], x: str, group: tuple[str, ...], names: list[str]) -> None:
@@ -186,8 +252,9 @@ def _plot_series(plt, axes, ax2, rows: list[dict], x: str, group: tuple[str, ...
         xs = [r["setting"][x] for r in rs]
         for j, n in enumerate(names):
             ys = [100 * r["reid"][n] if r["reid"][n] is not None else np.nan for r in rs]
-            axes[0].plot(xs, ys, marker="o", color=color, ls=styles[j % len(styles)],
-                         label=f"{LABELS.get(n, n)} ({lab})")
+            axes[0].plot(
+                xs, ys, marker="o", color=color, ls=styles[j % len(styles)], label=f"{LABELS.get(n, n)} ({lab})"
+            )
         axes[1].plot(xs, [_nan(r["background_psnr_db"]) for r in rs], marker="o", color=color, ls="-")
         ax2.plot(xs, [_nan(r["pose_distance_rad"]) for r in rs], marker="s", color=color, ls=":")
 
@@ -207,12 +274,23 @@ def _curve_plot(plt, summary: dict, out: Path, x: str, group: tuple[str, ...], x
     axes[1].set_ylabel("background PSNR (dB), solid")
     ax2.set_ylabel("pose distance (rad), dotted")
     if all(r["pose_distance_rad"] is None for r in rows):
-        ax2.text(0.5, 0.6, "pose: no face re-detected in both crops", ha="center", transform=ax2.transAxes,
-                 color="#666", fontsize=8)
+        ax2.text(
+            0.5,
+            0.6,
+            "pose: no face re-detected in both crops",
+            ha="center",
+            transform=ax2.transAxes,
+            color="#666",
+            fontsize=8,
+        )
     from matplotlib.lines import Line2D
 
-    axes[1].legend([Line2D([], [], color="k", marker="o", ls="-"), Line2D([], [], color="k", marker="s", ls=":")],
-                   ["background PSNR (left axis)", "pose distance (right axis)"], fontsize=7, loc="lower left")
+    axes[1].legend(
+        [Line2D([], [], color="k", marker="o", ls="-"), Line2D([], [], color="k", marker="s", ls=":")],
+        ["background PSNR (left axis)", "pose distance (right axis)"],
+        fontsize=7,
+        loc="lower left",
+    )
     values = sorted({r["setting"][x] for r in rows})
     for ax in axes:
         ax.set_xlabel(xlabel + " (colours as in the left legend)" if ax is axes[1] else xlabel)
@@ -255,8 +333,11 @@ def sweep_plots(summary: dict, out: Path) -> tuple[list[str], str | None]:
     if plt is None:
         return [], "matplotlib is not installed; plots skipped"
     rows = summary["settings"]
-    made = [_curve_plot(plt, summary, out, x, group, xlabel) for x, group, xlabel in _CURVES
-            if len({r["setting"][x] for r in rows}) >= 2]
+    made = [
+        _curve_plot(plt, summary, out, x, group, xlabel)
+        for x, group, xlabel in _CURVES
+        if len({r["setting"][x] for r in rows}) >= 2
+    ]
     made.append(_cost_plot(plt, summary, out))
     return made, None
 
@@ -266,22 +347,53 @@ def sweep_markdown(summary: dict) -> str:
     out = ["# revpers sweep", ""]
     if summary["smoke"]:
         out += [f"**{SMOKE_NOTE}**: made with a smoke bundle (tiny random models).", ""]
-    out += [f"{len(summary['images'])} image(s), {len(rows)} setting(s), seed {summary['seed']}, skip "
-            f"{summary['skip']}, verification gate {summary['gate']}.", ""]
+    out += [
+        f"{len(summary['images'])} image(s), {len(rows)} setting(s), seed {summary['seed']}, skip "
+        f"{summary['skip']}, verification gate {summary['gate']}.",
+        "",
+    ]
     if rows:
-        out += ["## Table 1 layout per setting", "", md_table(rows[0]["table_row"][0], [r["table_row"][1] for r in rows])]
-    out += ["## Cost and quality", "", md_table(
-        ["Setting", "Faces", "UNet calls/face", "UNet samples/face", "s/face", "Highest re-ID %", "Background PSNR dB",
-         "Detection agreement %"],
-        [[r["tag"], r["faces_generated"], _fmt(r["cost"]["unet_calls_per_face"], 1),
-          _fmt(r["cost"]["unet_samples_per_face"], 1), _fmt(r["cost"]["seconds_per_face"], 3),
-          _fmt(r["reid_headline"], 2, pct=True), _fmt(r["background_psnr_db"], 2),
-          _fmt(r["detection_agreement"], 1, pct=True)] for r in rows])]
+        out += [
+            "## Table 1 layout per setting",
+            "",
+            md_table(rows[0]["table_row"][0], [r["table_row"][1] for r in rows]),
+        ]
+    out += [
+        "## Cost and quality",
+        "",
+        md_table(
+            [
+                "Setting",
+                "Faces",
+                "UNet calls/face",
+                "UNet samples/face",
+                "s/face",
+                "Highest re-ID %",
+                "Background PSNR dB",
+                "Detection agreement %",
+            ],
+            [
+                [
+                    r["tag"],
+                    r["faces_generated"],
+                    _fmt(r["cost"]["unet_calls_per_face"], 1),
+                    _fmt(r["cost"]["unet_samples_per_face"], 1),
+                    _fmt(r["cost"]["seconds_per_face"], 3),
+                    _fmt(r["reid_headline"], 2, pct=True),
+                    _fmt(r["background_psnr_db"], 2),
+                    _fmt(r["detection_agreement"], 1, pct=True),
+                ]
+                for r in rows
+            ],
+        ),
+    ]
     rec = summary["recommendation"]
     out += ["## Recommendation", "", f"Target re-ID rate {100 * rec['target_reid']:g} % ({rec['rule']})."]
     if rec.get("least_aggressive"):
-        out += [f"- least aggressive setting meeting it: **{rec['least_aggressive']['tag']}**",
-                f"- cheapest setting meeting it: **{rec['cheapest']['tag']}**"]
+        out += [
+            f"- least aggressive setting meeting it: **{rec['least_aggressive']['tag']}**",
+            f"- cheapest setting meeting it: **{rec['cheapest']['tag']}**",
+        ]
     else:
         out += [f"- {rec['note']}"]
     if summary["smoke"]:
@@ -291,15 +403,22 @@ def sweep_markdown(summary: dict) -> str:
 
 def sweep_html(summary: dict, md: str) -> str:
     smoke = summary["smoke"]
-    banner = (f'<p class="smoke">{html.escape(SMOKE_NOTE.upper())}: made with a smoke bundle; every number, curve '
-              "and recommendation here is meaningless.</p>" if smoke else "")
+    banner = (
+        f'<p class="smoke">{html.escape(SMOKE_NOTE.upper())}: made with a smoke bundle; every number, curve '
+        "and recommendation here is meaningless.</p>"
+        if smoke
+        else ""
+    )
     plots = "".join(f'<figure><img src="{html.escape(p)}"></figure>' for p in summary["outputs"]["plots"])
-    links = "".join(f'<li><a href="{html.escape(r["report"])}">{html.escape(r["tag"])}</a></li>'
-                    for r in summary["settings"])
-    body = (f"{_md_tables_to_html(md)}\n<h2>Curves</h2>"
-            f"{plots or html.escape(summary['outputs'].get('plots_skipped', ''))}\n"
-            f"<h2>Per-setting reports</h2><ul>{links}</ul>\n"
-            '<p><a href="sweep.json">sweep.json</a> · <a href="sweep.md">sweep.md</a></p>')
+    links = "".join(
+        f'<li><a href="{html.escape(r["report"])}">{html.escape(r["tag"])}</a></li>' for r in summary["settings"]
+    )
+    body = (
+        f"{_md_tables_to_html(md)}\n<h2>Curves</h2>"
+        f"{plots or html.escape(summary['outputs'].get('plots_skipped', ''))}\n"
+        f"<h2>Per-setting reports</h2><ul>{links}</ul>\n"
+        '<p><a href="sweep.json">sweep.json</a> · <a href="sweep.md">sweep.md</a></p>'
+    )
     return html_page("revpers sweep", banner, body)
 
 

@@ -29,8 +29,10 @@ import numpy as np
 from revpers.faces.analysis import Face
 
 # insightface face_align.arcface_dst: left eye, right eye, nose, left mouth, right mouth (image left first)
-ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
+ARCFACE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
 
 EYE_DISTANCE = 0.25  # of the crop side
 EYE_CENTRE = (0.50, 0.40)  # (x, y) of the eye midpoint, fractions of the crop side
@@ -118,8 +120,9 @@ def warp_to_crop(rgb: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     to_photo = np.array([[1 / kx, 0, 0.5 / kx - 0.5 + x0], [0, 1 / ky, 0.5 / ky - 0.5 + y0]])
     m2 = m[:, :2] @ to_photo[:, :2]
     t2 = m[:, :2] @ to_photo[:, 2] + m[:, 2]
-    return cv2.warpAffine(small, np.hstack([m2, t2[:, None]]), (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(
+        small, np.hstack([m2, t2[:, None]]), (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
 
 
 def align_face(rgb: np.ndarray, kps: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +158,13 @@ def template_face(size: int) -> Face:
     return Face(box=box, score=0.0, kps=pts)
 
 
-def locate_in_crop(analyzer, crop: np.ndarray, near: np.ndarray | None = None, tolerance: float | None = None,
-                   fallback: Face | None = None) -> tuple[Face, bool]:
+def locate_in_crop(
+    analyzer,
+    crop: np.ndarray,
+    near: np.ndarray | None = None,
+    tolerance: float | None = None,
+    fallback: Face | None = None,
+) -> tuple[Face, bool]:
     """The face in an aligned crop, and whether the detector found it there.
 
     Detects on the crop (``analyzer.detect_in_crop`` when the backend has a faster path for

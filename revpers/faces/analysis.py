@@ -106,11 +106,17 @@ class ArcFaceRecognizer:
         bgr = cv2.cvtColor(_check_rgb(rgb), cv2.COLOR_RGB2BGR)
         with warnings.catch_warnings():  # insightface calls skimage's deprecated SimilarityTransform.estimate
             warnings.simplefilter("ignore", FutureWarning)
-            chips = [face_align.norm_crop(bgr, landmark=f.kps.astype(np.float32), image_size=self.input_size)
-                     for f in faces]
+            chips = [
+                face_align.norm_crop(bgr, landmark=f.kps.astype(np.float32), image_size=self.input_size) for f in faces
+            ]
         r = self.runner
-        blob = cv2.dnn.blobFromImages(chips, 1.0 / r.input_std, (self.input_size, self.input_size),
-                                      (r.input_mean, r.input_mean, r.input_mean), swapRB=True)
+        blob = cv2.dnn.blobFromImages(
+            chips,
+            1.0 / r.input_std,
+            (self.input_size, self.input_size),
+            (r.input_mean, r.input_mean, r.input_mean),
+            swapRB=True,
+        )
         return np.ascontiguousarray(blob, dtype=np.float32)
 
     def features(self, blob: np.ndarray) -> np.ndarray:
@@ -134,8 +140,10 @@ def face_recognition_models_dir() -> pathlib.Path:
     (its ``__init__`` imports pkg_resources, which setuptools >= 81 no longer provides)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise FaceModelError("the package face-recognition-models is not installed "
-                             "(pip install face-recognition-models); it carries dlib's landmark model")
+        raise FaceModelError(
+            "the package face-recognition-models is not installed "
+            "(pip install face-recognition-models); it carries dlib's landmark model"
+        )
     for loc in spec.submodule_search_locations:
         models = pathlib.Path(loc) / "models"
         if models.is_dir():
@@ -206,9 +214,20 @@ def _rotated_canvas(rgb: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarr
 class DlibAnalyzer:
     name = "dlib"
 
-    def __init__(self, recognizer: ArcFaceRecognizer, landmarks: pathlib.Path | None = None,
-                 upsample: int = 1, max_pixels: float = 24e6, rotations=(-30.0, 30.0), min_score: float = 0.0):
-        landmarks = pathlib.Path(landmarks) if landmarks else face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
+    def __init__(
+        self,
+        recognizer: ArcFaceRecognizer,
+        landmarks: pathlib.Path | None = None,
+        upsample: int = 1,
+        max_pixels: float = 24e6,
+        rotations=(-30.0, 30.0),
+        min_score: float = 0.0,
+    ):
+        landmarks = (
+            pathlib.Path(landmarks)
+            if landmarks
+            else face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
+        )
         if not landmarks.is_file():
             raise FaceModelError(f"dlib landmark model {landmarks} does not exist")
         self.predictor = _shape_predictor(str(landmarks))
@@ -221,7 +240,7 @@ class DlibAnalyzer:
 
     def _upsample_for(self, shape) -> int:
         n, px = self.upsample, float(shape[0] * shape[1])
-        while n > 0 and px * 4 ** n > self.max_pixels:
+        while n > 0 and px * 4**n > self.max_pixels:
             n -= 1
         return n
 
@@ -248,8 +267,12 @@ class DlibAnalyzer:
             m[:, 2] += np.array([size / 2.0, size / 2.0]) - np.asarray(centre)
             patch = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             half = side / 2.0
-            r = dlib.rectangle(int(round(size / 2 - half)), int(round(size / 2 - half)),
-                               int(round(size / 2 + half)) - 1, int(round(size / 2 + half)) - 1)
+            r = dlib.rectangle(
+                int(round(size / 2 - half)),
+                int(round(size / 2 - half)),
+                int(round(size / 2 + half)) - 1,
+                int(round(size / 2 + half)) - 1,
+            )
             inv = cv2.invertAffineTransform(m)
             pts = self._predict(patch, r) @ inv[:, :2].T + inv[:, 2]
         return pts
@@ -286,7 +309,7 @@ class DlibAnalyzer:
         add(self._pass(rgb, 0, False), rgb, None, "upright")
         up = self._upsample_for(rgb.shape)
         if up > 0:
-            add(self._pass(rgb, up, True), rgb, None, f"upright x{2 ** up}")
+            add(self._pass(rgb, up, True), rgb, None, f"upright x{2**up}")
         for angle in self.rotations:
             rot, m = _rotated_canvas(rgb, angle)
             add(self._pass(rot, 0, False), rot, cv2.invertAffineTransform(m), f"rotated {angle:g}")
@@ -323,13 +346,21 @@ class InsightFaceAnalyzer:
 
     name = "insightface"
 
-    def __init__(self, pack: pathlib.Path, recognizer: ArcFaceRecognizer, det_thresh: float = 0.1,
-                 det_size: int = 640, detector_file: str = INSIGHTFACE_DETECTOR_FILE):
+    def __init__(
+        self,
+        pack: pathlib.Path,
+        recognizer: ArcFaceRecognizer,
+        det_thresh: float = 0.1,
+        det_size: int = 640,
+        detector_file: str = INSIGHTFACE_DETECTOR_FILE,
+    ):
         pack = pathlib.Path(pack)
         det_path = pack / detector_file
         if not pack.is_dir():
-            raise FaceModelError(f"insightface model pack {pack} is not a directory (it is never downloaded: "
-                                 f"put buffalo_l's {detector_file} and w600k_r50.onnx there)")
+            raise FaceModelError(
+                f"insightface model pack {pack} is not a directory (it is never downloaded: "
+                f"put buffalo_l's {detector_file} and w600k_r50.onnx there)"
+            )
         if not det_path.is_file():
             raise FaceModelError(f"insightface detector {det_path} does not exist")
         import onnxruntime
@@ -368,14 +399,23 @@ def load_face_analyzer(spec: dict, root: pathlib.Path, det_thresh: float = 0.1, 
     recognizer = ArcFaceRecognizer(root / spec["recognizer"])
     if kind == "dlib":
         landmarks = spec.get("landmarks")
-        return DlibAnalyzer(recognizer, landmarks=root / landmarks if landmarks else None,
-                            upsample=int(spec.get("upsample", 1)), max_pixels=float(spec.get("max_pixels", 24e6)),
-                            rotations=spec.get("rotations", (-30.0, 30.0)), min_score=float(spec.get("min_score", 0.0)))
+        return DlibAnalyzer(
+            recognizer,
+            landmarks=root / landmarks if landmarks else None,
+            upsample=int(spec.get("upsample", 1)),
+            max_pixels=float(spec.get("max_pixels", 24e6)),
+            rotations=spec.get("rotations", (-30.0, 30.0)),
+            min_score=float(spec.get("min_score", 0.0)),
+        )
     if "pack" not in spec:
         raise FaceModelError("the insightface detector needs 'pack' (a local buffalo_l-style directory)")
-    return InsightFaceAnalyzer(root / spec["pack"], recognizer, det_thresh=float(spec.get("det_thresh", det_thresh)),
-                               det_size=int(spec.get("det_size", det_size)),
-                               detector_file=str(spec.get("detector_file", INSIGHTFACE_DETECTOR_FILE)))
+    return InsightFaceAnalyzer(
+        root / spec["pack"],
+        recognizer,
+        det_thresh=float(spec.get("det_thresh", det_thresh)),
+        det_size=int(spec.get("det_size", det_size)),
+        detector_file=str(spec.get("detector_file", INSIGHTFACE_DETECTOR_FILE)),
+    )
 
 
 def buffalo_pack_from_env() -> pathlib.Path | None:

@@ -60,8 +60,9 @@ class MaskGeometry:
         return 1.5 / (self.width * self.short_axis_px)
 
 
-def mask_geometry(matrix: np.ndarray, size: int, min_feather_px: float = MIN_FEATHER_PX,
-                  limit_to_crop: bool = True) -> MaskGeometry:
+def mask_geometry(
+    matrix: np.ndarray, size: int, min_feather_px: float = MIN_FEATHER_PX, limit_to_crop: bool = True
+) -> MaskGeometry:
     scale = crop_scale(matrix)
     short = min(MASK_AXES) * size / scale
     width = max(FEATHER_REL, min_feather_px / short)
@@ -107,8 +108,9 @@ def _alpha_in_roi(matrix: np.ndarray, size: int, geom: MaskGeometry, roi) -> np.
     return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
 
 
-def face_alpha(matrix: np.ndarray, size: int, shape, *, min_feather_px: float = MIN_FEATHER_PX,
-               limit_to_crop: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+def face_alpha(
+    matrix: np.ndarray, size: int, shape, *, min_feather_px: float = MIN_FEATHER_PX, limit_to_crop: bool = True
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """Soft mask of one face: (alpha over the ROI, ROI) with alpha == 0 everywhere outside the ROI."""
     geom = mask_geometry(matrix, size, min_feather_px, limit_to_crop)
     roi = mask_roi(matrix, size, geom, shape)
@@ -143,8 +145,13 @@ def warp_crop_back(crop: np.ndarray, matrix: np.ndarray, roi) -> np.ndarray:
         f = k / n  # crop pixel q -> reduced pixel (q + 0.5) * f - 0.5
         lin, t = lin * f, t * f + 0.5 * f - 0.5
     roi_to_src = np.hstack([lin, t[:, None]])
-    return cv2.warpAffine(src, roi_to_src, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(
+        src,
+        roi_to_src,
+        (x1 - x0, y1 - y0),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
 
 
 def _lab(rgb_u8: np.ndarray) -> np.ndarray:
@@ -179,8 +186,14 @@ def composite(out: np.ndarray, roi, alpha: np.ndarray, new: np.ndarray) -> None:
     region[sel] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def paste_face(out: np.ndarray, crop: np.ndarray, matrix: np.ndarray, *, color_match: bool = True,
-               min_feather_px: float = MIN_FEATHER_PX) -> MaskGeometry:
+def paste_face(
+    out: np.ndarray,
+    crop: np.ndarray,
+    matrix: np.ndarray,
+    *,
+    color_match: bool = True,
+    min_feather_px: float = MIN_FEATHER_PX,
+) -> MaskGeometry:
     """Blend one generated crop into ``out`` (modified in place) under its soft mask."""
     size = crop.shape[0]
     geom = mask_geometry(matrix, size, min_feather_px, limit_to_crop=True)
@@ -197,8 +210,9 @@ def paste_face(out: np.ndarray, crop: np.ndarray, matrix: np.ndarray, *, color_m
     return geom
 
 
-def obscure_face(out: np.ndarray, matrix: np.ndarray, size: int, mode: str, *,
-                 min_feather_px: float = MIN_FEATHER_PX) -> MaskGeometry:
+def obscure_face(
+    out: np.ndarray, matrix: np.ndarray, size: int, mode: str, *, min_feather_px: float = MIN_FEATHER_PX
+) -> MaskGeometry:
     """Blur, pixelate or fill one face in ``out`` (in place) under the same soft mask, sized from the
     face: Gaussian sigma = crop side / 12, pixel blocks = crop side / 10 (photo pixels); "fill" paints
     the region's mean colour, which carries nothing of the face."""
@@ -216,9 +230,10 @@ def obscure_face(out: np.ndarray, matrix: np.ndarray, size: int, mode: str, *,
         sigma = max(1.5, side / 12.0)
         pad = int(np.ceil(3 * sigma))
         py0, py1, px0, px1 = max(0, y0 - pad), min(h, y1 + pad), max(0, x0 - pad), min(w, x1 + pad)
-        blurred = cv2.GaussianBlur(out[py0:py1, px0:px1], (0, 0), sigmaX=sigma, sigmaY=sigma,
-                                   borderType=cv2.BORDER_REFLECT)
-        new = blurred[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+        blurred = cv2.GaussianBlur(
+            out[py0:py1, px0:px1], (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT
+        )
+        new = blurred[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
     elif mode == "fill":
         region = out[y0:y1, x0:x1]
         new = np.empty_like(region)

@@ -89,11 +89,13 @@ def _decide(face: Face, scale: float, smooth: bool, native_size: int, policy: Fa
     if side < min_side:
         return policy.small_action, f"face box {side:.0f} px is below the minimum {min_side:.0f} px"
     if policy.max_upscale is not None and scale > policy.max_upscale:
-        return policy.small_action, (f"crop would upscale the face {scale:.1f}x, "
-                                     f"more than the maximum {policy.max_upscale:g}x")
+        return policy.small_action, (
+            f"crop would upscale the face {scale:.1f}x, more than the maximum {policy.max_upscale:g}x"
+        )
     if not smooth:
-        return policy.small_action, (f"face too small for a soft paste with a {policy.min_feather_px:g} px "
-                                     "feather inside its crop")
+        return policy.small_action, (
+            f"face too small for a soft paste with a {policy.min_feather_px:g} px feather inside its crop"
+        )
     if policy.max_face_px is not None and side > policy.max_face_px:
         return policy.large_action, f"face box {side:.0f} px is above the maximum {policy.max_face_px:g} px"
     return "anonymize", "face size is within the generator's range"
@@ -114,8 +116,9 @@ class PhotoPlan:
     identities: np.ndarray | None
 
 
-def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy | None = None,
-               max_faces: int | None = None) -> PhotoPlan:
+def plan_photo(
+    rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy | None = None, max_faces: int | None = None
+) -> PhotoPlan:
     """Steps 1-2 of ``anonymize_photo``: detect, decide, align, embed (no generation, no paste).
     More than ``max_faces`` detected faces is a LimitError, raised before any face is aligned or embedded."""
     policy = policy or FacePolicy()
@@ -135,12 +138,20 @@ def plan_photo(rgb: np.ndarray, analyzer, native_size: int, policy: FacePolicy |
         scale = crop_scale(m)
         geom = mask_geometry(m, native_size, policy.min_feather_px, limit_to_crop=True)
         action, reason = _decide(face, scale, geom.smooth, native_size, policy)
-        reports.append({
-            "index": i, "box": [round(float(v), 2) for v in face.box], "score": round(float(face.score), 4),
-            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.kps],
-            "crop_size": native_size, "scale": round(scale, 4), "matrix": m.tolist(),
-            "identity_source": None, "action": action, "reason": reason,
-        })
+        reports.append(
+            {
+                "index": i,
+                "box": [round(float(v), 2) for v in face.box],
+                "score": round(float(face.score), 4),
+                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.kps],
+                "crop_size": native_size,
+                "scale": round(scale, 4),
+                "matrix": m.tolist(),
+                "identity_source": None,
+                "action": action,
+                "reason": reason,
+            }
+        )
         if action == "anonymize":
             crop, _ = align_face(rgb, face.kps, native_size)
             crops.append(crop)
@@ -164,14 +175,18 @@ def check_generated(plan: PhotoPlan, results, indices=None) -> dict[int, np.ndar
     for i, res in zip(indices, results):
         res = np.asarray(res)
         if res.shape != (n, n, 3) or res.dtype != np.uint8:
-            raise ValueError(f"anonymize_batch must return ({n}, {n}, 3) uint8 crops, "
-                             f"got shape {res.shape} dtype {res.dtype}")
+            raise ValueError(
+                f"anonymize_batch must return ({n}, {n}, 3) uint8 crops, got shape {res.shape} dtype {res.dtype}"
+            )
         out[i] = res
     return out
 
 
-def compose_photo(plan: PhotoPlan, generated: dict[int, np.ndarray], override: dict[int, str] | None = None,
-                  ) -> np.ndarray:
+def compose_photo(
+    plan: PhotoPlan,
+    generated: dict[int, np.ndarray],
+    override: dict[int, str] | None = None,
+) -> np.ndarray:
     """Step 4: a new image from the input: paste each generated crop, blur/pixelate the others.
     ``override`` replaces a face's action (e.g. the verification gate's blur fallback)."""
     override = override or {}
@@ -187,8 +202,9 @@ def compose_photo(plan: PhotoPlan, generated: dict[int, np.ndarray], override: d
     return out
 
 
-def anonymize_photo(rgb: np.ndarray, analyzer, anonymize_batch: AnonymizeBatch, native_size: int,
-                    policy: FacePolicy | None = None) -> tuple[np.ndarray, list[dict]]:
+def anonymize_photo(
+    rgb: np.ndarray, analyzer, anonymize_batch: AnonymizeBatch, native_size: int, policy: FacePolicy | None = None
+) -> tuple[np.ndarray, list[dict]]:
     """Anonymize all faces of an (H, W, 3) uint8 RGB photo; returns (image, per-face reports)."""
     plan = plan_photo(rgb, analyzer, native_size, policy)
     if not plan.faces:
@@ -207,8 +223,13 @@ def face_mask(report: dict, shape, min_feather_px: float = MIN_FEATHER_PX) -> np
     (zeros for a face that was left)."""
     if report["action"] == "left":
         return np.zeros(shape[:2], dtype=np.float32)
-    return full_alpha(np.asarray(report["matrix"]), int(report["crop_size"]), shape,
-                      min_feather_px=min_feather_px, limit_to_crop=report["action"] == "anonymized")
+    return full_alpha(
+        np.asarray(report["matrix"]),
+        int(report["crop_size"]),
+        shape,
+        min_feather_px=min_feather_px,
+        limit_to_crop=report["action"] == "anonymized",
+    )
 
 
 def union_mask(reports: list[dict], shape, min_feather_px: float = MIN_FEATHER_PX) -> np.ndarray:

@@ -25,6 +25,7 @@ def varied_photos(count: int = 40) -> list[tuple[str, np.ndarray]]:
     flips, scales and crops: a collection for batch tests and benchmarks. Names spread over three
     folders and two formats (``.jpg``, ``.png``); the masked-face photos mostly have no face the
     detector finds, the group photo several. scikit-image's astronaut is used when it is installed."""
+
     def load(name):
         with Image.open(insightface_photo(name)) as img:
             return np.asarray(img.convert("RGB"))
@@ -36,10 +37,9 @@ def varied_photos(count: int = 40) -> list[tuple[str, np.ndarray]]:
     def crop(rgb, f):  # the centre fraction f of each side
         h, w = rgb.shape[:2]
         dh, dw = round(h * (1 - f) / 2), round(w * (1 - f) / 2)
-        return rgb[dh:h - dh, dw:w - dw]
+        return rgb[dh : h - dh, dw : w - dw]
 
-    bases = [("people/hanks", load("Tom_Hanks_54745.png"), ".png"),
-             ("group/t1", scale(load("t1.jpg"), 0.4), ".jpg")]
+    bases = [("people/hanks", load("Tom_Hanks_54745.png"), ".png"), ("group/t1", scale(load("t1.jpg"), 0.4), ".jpg")]
     try:
         from skimage.data import astronaut
 
@@ -47,9 +47,15 @@ def varied_photos(count: int = 40) -> list[tuple[str, np.ndarray]]:
     except ImportError:  # pragma: no cover - scikit-image is in the dev extra
         pass
     bases += [(f"masks/{m}", load(f"{m}.jpg"), ".jpg") for m in ("mask_white", "mask_blue", "mask_black", "mask_green")]
-    transforms = [("", lambda a: a), ("-flip", lambda a: a[:, ::-1]), ("-s125", lambda a: scale(a, 1.25)),
-                  ("-s80", lambda a: scale(a, 0.8)), ("-crop90", lambda a: crop(a, 0.9)),
-                  ("-flip-s110", lambda a: scale(a[:, ::-1], 1.1)), ("-crop95-flip", lambda a: crop(a, 0.95)[:, ::-1])]
+    transforms = [
+        ("", lambda a: a),
+        ("-flip", lambda a: a[:, ::-1]),
+        ("-s125", lambda a: scale(a, 1.25)),
+        ("-s80", lambda a: scale(a, 0.8)),
+        ("-crop90", lambda a: crop(a, 0.9)),
+        ("-flip-s110", lambda a: scale(a[:, ::-1], 1.1)),
+        ("-crop95-flip", lambda a: crop(a, 0.95)[:, ::-1]),
+    ]
     out = []
     for suffix, fn in transforms:
         for stem, rgb, ext in bases:

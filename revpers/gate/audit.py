@@ -31,8 +31,18 @@ from revpers_client.protocol import ImageVerdict
 
 AUDIT_FORMAT = "revpers-audit"
 AUDIT_VERSION = 1
-FACE_KEYS = ("index", "box", "action", "reason", "identity_source", "verdict", "seed_used", "attempts",
-             "fallback_checks", "verification")
+FACE_KEYS = (
+    "index",
+    "box",
+    "action",
+    "reason",
+    "identity_source",
+    "verdict",
+    "seed_used",
+    "attempts",
+    "fallback_checks",
+    "verification",
+)
 
 
 @dataclass(eq=False)
@@ -68,7 +78,6 @@ class AuditRecord(Record):
     version: int = AUDIT_VERSION
 
 
-
 def pixels_sha256(rgb: np.ndarray | None) -> str | None:
     if rgb is None:
         return None
@@ -88,8 +97,20 @@ def versions() -> dict:
     from importlib import metadata
 
     out = {"revpers": __version__, "python": platform.python_version()}
-    for dist in ("torch", "diffusers", "transformers", "onnxruntime", "insightface", "numpy", "opencv-python",
-                 "opencv-python-headless", "pillow", "dlib-bin", "dlib", "face-recognition-models"):
+    for dist in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "onnxruntime",
+        "insightface",
+        "numpy",
+        "opencv-python",
+        "opencv-python-headless",
+        "pillow",
+        "dlib-bin",
+        "dlib",
+        "face-recognition-models",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -113,18 +134,37 @@ def round_floats(obj, digits: int = ROUND):
     return obj
 
 
-def build_audit(*, mode: str, bundle, params: dict, face_policy: dict | None, verify_policy: dict,
-                verification: dict | None, faces: list[dict], verdict: str, input_rgb: np.ndarray,
-                output_rgb: np.ndarray | None, runtime: dict) -> AuditRecord:
+def build_audit(
+    *,
+    mode: str,
+    bundle,
+    params: dict,
+    face_policy: dict | None,
+    verify_policy: dict,
+    verification: dict | None,
+    faces: list[dict],
+    verdict: str,
+    input_rgb: np.ndarray,
+    output_rgb: np.ndarray | None,
+    runtime: dict,
+) -> AuditRecord:
     return AuditRecord(
-        mode=mode, input_size=[int(input_rgb.shape[1]), int(input_rgb.shape[0])],
-        bundle=BundleRef(name=bundle.manifest.get("name", bundle.root.name), manifest_sha256=bundle.digest(),
-                         smoke=bundle.smoke),
-        runtime=runtime, params=round_floats(params), face_policy=round_floats(face_policy),
-        verify_policy=round_floats(verify_policy), verification=round_floats(verification), versions=versions(),
+        mode=mode,
+        input_size=[int(input_rgb.shape[1]), int(input_rgb.shape[0])],
+        bundle=BundleRef(
+            name=bundle.manifest.get("name", bundle.root.name), manifest_sha256=bundle.digest(), smoke=bundle.smoke
+        ),
+        runtime=runtime,
+        params=round_floats(params),
+        face_policy=round_floats(face_policy),
+        verify_policy=round_floats(verify_policy),
+        verification=round_floats(verification),
+        versions=versions(),
         faces=[round_floats({k: plain(f[k]) for k in FACE_KEYS if k in f}) for f in faces],
-        verdict=ImageVerdict(verdict), input_pixels_sha256=pixels_sha256(input_rgb),
-        output_pixels_sha256=pixels_sha256(output_rgb))
+        verdict=ImageVerdict(verdict),
+        input_pixels_sha256=pixels_sha256(input_rgb),
+        output_pixels_sha256=pixels_sha256(output_rgb),
+    )
 
 
 def add_byte_hashes(audit: AuditRecord, input_bytes: bytes | None, output_bytes: bytes | None) -> AuditRecord:

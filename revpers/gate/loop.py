@@ -68,7 +68,6 @@ class GateSession:
         return result
 
 
-
 # ---------------------------------------------------------------------------------------- the gate loop
 @dataclass
 class GateOutcome:
@@ -82,8 +81,14 @@ class GateOutcome:
     escalation: dict = field(default_factory=dict)  # id -> the check after each fallback rung, in order
 
 
-def run_gate(ids: list, generate: Callable, render: Callable, session: GateSession | None,
-             policy: VerifyPolicy, outputs: Callable | None = None) -> GateOutcome:
+def run_gate(
+    ids: list,
+    generate: Callable,
+    render: Callable,
+    session: GateSession | None,
+    policy: VerifyPolicy,
+    outputs: Callable | None = None,
+) -> GateOutcome:
     """Generate, check, retry the failing faces (one generator batch per attempt), fall back.
 
     generate(ids, attempt) -> {id: {"seed": s, "guidance": g}} (and stores the new crops);
@@ -138,7 +143,7 @@ def _escalate(pending, render, session, first: str, verify, outputs, fallback: d
     stronger mode; each rung is re-checked and recorded. Fills ``fallback`` (id -> last mode) and
     ``escalation`` (id -> checks); returns the last render."""
     image = None
-    for mode in OBSCURE_MODES[OBSCURE_MODES.index(first):]:
+    for mode in OBSCURE_MODES[OBSCURE_MODES.index(first) :]:
         fallback.update({i: mode for i in pending})
         image = render(fallback)
         if not verify:
@@ -186,11 +191,14 @@ def rejection_reason(faces: list[dict]) -> str:
     parts = []
     for f in bad:
         if f["verdict"] == REJECTED:
-            parts.append(f"face {f['index']} still matched its input after {len(f.get('attempts', []))} attempt(s) "
-                         "(fallback: reject)")
+            parts.append(
+                f"face {f['index']} still matched its input after {len(f.get('attempts', []))} attempt(s) "
+                "(fallback: reject)"
+            )
         else:
-            parts.append(f"face {f['index']} still matches its input in the final image "
-                         f"(after action {f.get('action')!r})")
+            parts.append(
+                f"face {f['index']} still matches its input in the final image (after action {f.get('action')!r})"
+            )
     return "; ".join(parts) + "; no image is returned"
 
 
@@ -199,9 +207,11 @@ def verify_pair(verifier: Verifier, original: np.ndarray, anonymized: np.ndarray
     ``aligned``: the whole image is one aligned face (no detection in the original)."""
     original, anonymized = np.asarray(original), np.asarray(anonymized)
     if original.shape != anonymized.shape:
-        raise InputError(f"the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
-                         f"anonymized {anonymized.shape[1]}x{anonymized.shape[0]}; verify compares a photo "
-                         "with its own anonymized output")
+        raise InputError(
+            f"the images differ in size: original {original.shape[1]}x{original.shape[0]}, "
+            f"anonymized {anonymized.shape[1]}x{anonymized.shape[0]}; verify compares a photo "
+            "with its own anonymized output"
+        )
     if aligned:
         refs = {0: (original, aligned_matrix(original.shape, verifier.size))}
         boxes = {0: [0.0, 0.0, float(original.shape[1]), float(original.shape[0])]}

@@ -22,8 +22,11 @@ LOCATE_TOLERANCE = 0.1  # a re-detected face must have its 5 points within this 
 
 # per-face verdicts (report["faces"][i]["verdict"]); see FaceVerdict for what each means
 PASSED = FaceVerdict.PASSED
-FALLBACK_VERDICT = {"blur": FaceVerdict.FALLBACK_BLURRED, "pixelate": FaceVerdict.FALLBACK_PIXELATED,
-                    "fill": FaceVerdict.FALLBACK_FILLED}
+FALLBACK_VERDICT = {
+    "blur": FaceVerdict.FALLBACK_BLURRED,
+    "pixelate": FaceVerdict.FALLBACK_PIXELATED,
+    "fill": FaceVerdict.FALLBACK_FILLED,
+}
 REJECTED = FaceVerdict.REJECTED
 FAILED = FaceVerdict.FAILED
 NOT_GENERATED = FaceVerdict.NOT_GENERATED
@@ -58,8 +61,12 @@ class VerifyPolicy:
             raise ParameterError(f"retries must be an integer in [0, {MAX_RETRIES}], got {self.retries!r}")
         if self.retry_mode not in RETRY_MODES:
             raise ParameterError(f"retry_mode must be one of {', '.join(RETRY_MODES)}, got {self.retry_mode!r}")
-        if (isinstance(self.guidance_step, bool) or not isinstance(self.guidance_step, (int, float))
-                or not math.isfinite(self.guidance_step) or not 0 < self.guidance_step <= 20):
+        if (
+            isinstance(self.guidance_step, bool)
+            or not isinstance(self.guidance_step, (int, float))
+            or not math.isfinite(self.guidance_step)
+            or not 0 < self.guidance_step <= 20
+        ):
             raise ParameterError(f"guidance_step must be a number in (0, 20], got {self.guidance_step!r}")
         if self.fallback not in FALLBACKS:
             raise ParameterError(f"fallback must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
@@ -101,5 +108,3 @@ class VerifyPolicy:
 def pop_verify_policy(options: dict) -> VerifyPolicy:
     """Remove the verification keys from a request's option dict and validate them."""
     return VerifyPolicy.from_mapping({k: options.pop(k) for k in VerifyPolicy.KEYS if k in options})
-
-

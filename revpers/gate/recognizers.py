@@ -87,7 +87,9 @@ class FaceCheck:
     dlib_match: bool = field(init=False)
 
     def __post_init__(self):
-        self.arcface_match = None if self.arcface_cosine is None else bool(self.arcface_cosine >= self.arcface_threshold)
+        self.arcface_match = (
+            None if self.arcface_cosine is None else bool(self.arcface_cosine >= self.arcface_threshold)
+        )
         self.dlib_match = bool(self.dlib_distance <= self.dlib_threshold)
 
     @property
@@ -96,10 +98,16 @@ class FaceCheck:
 
     def as_dict(self) -> dict:
         r = lambda v: None if v is None else round(float(v), ROUND)  # noqa: E731
-        return {"arcface_cosine": r(self.arcface_cosine), "arcface_threshold": self.arcface_threshold,
-                "arcface_match": self.arcface_match, "dlib_distance": r(self.dlib_distance),
-                "dlib_threshold": self.dlib_threshold, "dlib_match": self.dlib_match,
-                "redetected": self.redetected, "passed": self.passed}
+        return {
+            "arcface_cosine": r(self.arcface_cosine),
+            "arcface_threshold": self.arcface_threshold,
+            "arcface_match": self.arcface_match,
+            "dlib_distance": r(self.dlib_distance),
+            "dlib_threshold": self.dlib_threshold,
+            "dlib_match": self.dlib_match,
+            "redetected": self.redetected,
+            "passed": self.passed,
+        }
 
 
 class Verifier:
@@ -109,8 +117,15 @@ class Verifier:
     use_arcface: False for smoke bundles (random ArcFace) or when there is no bundle.
     """
 
-    def __init__(self, analyzer=None, use_arcface: bool = True, arcface_threshold: float = ARCFACE_THRESHOLD,
-                 dlib_threshold: float = DLIB_THRESHOLD, arcface_note: str | None = None, arcface_model: str | None = None):
+    def __init__(
+        self,
+        analyzer=None,
+        use_arcface: bool = True,
+        arcface_threshold: float = ARCFACE_THRESHOLD,
+        dlib_threshold: float = DLIB_THRESHOLD,
+        arcface_note: str | None = None,
+        arcface_model: str | None = None,
+    ):
         if analyzer is None:
             analyzer, use_arcface = DlibAnalyzer(recognizer=None), False
             arcface_note = arcface_note or "not used: no model bundle given (dlib only)"
@@ -125,12 +140,22 @@ class Verifier:
 
     def describe(self) -> dict:
         return {
-            "arcface": {"used": self.use_arcface, "metric": "cosine similarity", "match_when": ">= threshold",
-                        "threshold": self.arcface_threshold, "model": self.arcface_model,
-                        **({"note": self.arcface_note} if self.arcface_note else {})},
-            "dlib": {"used": True, "metric": "euclidean distance", "match_when": "<= threshold",
-                     "threshold": self.dlib_threshold, "model": self.dlib.model_name,
-                     "model_sha256": self.dlib.model_sha256},
+            "arcface": {
+                "used": self.use_arcface,
+                "metric": "cosine similarity",
+                "match_when": ">= threshold",
+                "threshold": self.arcface_threshold,
+                "model": self.arcface_model,
+                **({"note": self.arcface_note} if self.arcface_note else {}),
+            },
+            "dlib": {
+                "used": True,
+                "metric": "euclidean distance",
+                "match_when": "<= threshold",
+                "threshold": self.dlib_threshold,
+                "model": self.dlib.model_name,
+                "model_sha256": self.dlib.model_sha256,
+            },
             "crop_size": self.size,
             "rule": "a face passes when no recognizer in use matches",
         }
@@ -148,8 +173,9 @@ class Verifier:
         LOCATE_TOLERANCE of the side) to ``fallback_face``'s (crop coordinates; default: the template
         face the alignment put there), or, when there is none, that face itself (redetected False)."""
         expected = fallback_face if fallback_face is not None else template_face(self.size)
-        face, redetected = locate_in_crop(self.analyzer, crop, near=expected.kps,
-                                          tolerance=LOCATE_TOLERANCE * self.size, fallback=expected)
+        face, redetected = locate_in_crop(
+            self.analyzer, crop, near=expected.kps, tolerance=LOCATE_TOLERANCE * self.size, fallback=expected
+        )
         arc = None
         if self.use_arcface:
             arc = np.asarray(self.analyzer.embed(crop, [face]), dtype=np.float64).reshape(-1)
@@ -160,13 +186,15 @@ class Verifier:
 
     def compare(self, ref: Embedded, out: Embedded) -> FaceCheck:
         cos = float(np.dot(ref.arcface, out.arcface)) if self.use_arcface else None
-        return FaceCheck(cos, dlib_distance(ref.dlib, out.dlib), out.redetected, self.arcface_threshold,
-                         self.dlib_threshold)
+        return FaceCheck(
+            cos, dlib_distance(ref.dlib, out.dlib), out.redetected, self.arcface_threshold, self.dlib_threshold
+        )
 
 
-
-SMOKE_ARCFACE_NOTE = ("not used: the smoke bundle's ArcFace is a random network, so the gate relies on the "
-                      "independent dlib recognizer alone")
+SMOKE_ARCFACE_NOTE = (
+    "not used: the smoke bundle's ArcFace is a random network, so the gate relies on the "
+    "independent dlib recognizer alone"
+)
 
 
 def verify_thresholds(manifest: dict) -> tuple[float, float]:
@@ -181,8 +209,10 @@ def verify_thresholds(manifest: dict) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise BundleError(f"manifest 'verify' thresholds must be numbers, got {cfg}") from None
     if not (-1.0 < arc < 1.0 and 0.0 < dl < 2.0):
-        raise BundleError(f"manifest 'verify' thresholds out of range: arcface_threshold {arc} (cosine, in (-1, 1)), "
-                          f"dlib_threshold {dl} (distance, in (0, 2))")
+        raise BundleError(
+            f"manifest 'verify' thresholds out of range: arcface_threshold {arc} (cosine, in (-1, 1)), "
+            f"dlib_threshold {dl} (distance, in (0, 2))"
+        )
     return arc, dl
 
 
@@ -193,10 +223,14 @@ def verifier_for_bundle(bundle, analyzer=None) -> Verifier:
     arc, dl = verify_thresholds(bundle.manifest)
     if analyzer is None:
         analyzer = load_face_analyzer(bundle.faces, bundle.root)
-    return Verifier(analyzer, use_arcface=not bundle.smoke, arcface_threshold=arc, dlib_threshold=dl,
-                    arcface_note=SMOKE_ARCFACE_NOTE if bundle.smoke else None,
-                    arcface_model=bundle.faces.get("recognizer"))
-
+    return Verifier(
+        analyzer,
+        use_arcface=not bundle.smoke,
+        arcface_threshold=arc,
+        dlib_threshold=dl,
+        arcface_note=SMOKE_ARCFACE_NOTE if bundle.smoke else None,
+        arcface_model=bundle.faces.get("recognizer"),
+    )
 
 
 # ---------------------------------------------------------------------------------------- pairs after the fact
@@ -204,5 +238,3 @@ def aligned_matrix(shape, size: int) -> np.ndarray:
     """2x3 matrix from an aligned face image (template framing at any size) to a ``size`` crop."""
     h, w = shape[:2]
     return np.array([[size / w, 0.0, 0.5 * size / w - 0.5], [0.0, size / h, 0.5 * size / h - 0.5]])
-
-

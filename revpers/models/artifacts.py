@@ -26,6 +26,7 @@ def external_data_files(path: Path) -> list[Path]:
             seen.setdefault(ExternalDataInfo(tensor).location, None)
     return [Path(path).parent / loc for loc in seen]
 
+
 def store_weights_externally(path: Path) -> Path:
     """Move every weight of the ONNX file at ``path`` into one file ``<name>.data`` beside it.
 
@@ -42,16 +43,19 @@ def store_weights_externally(path: Path) -> Path:
     model = onnx.load(str(path))  # with its weights, wherever they are
     data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=0)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=0
+    )
     for f in scattered:
         if f != data:
             f.unlink(missing_ok=True)
     return data
 
+
 def onnx_files(path: Path) -> list[Path]:
     """An ONNX file and the external-data files it needs: what must travel together."""
     return [Path(path), *external_data_files(path)]
+
 
 def onnx_session(path: Path):
     import onnxruntime as ort
@@ -60,6 +64,7 @@ def onnx_session(path: Path):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
+
 def copy_recognizer(bundle, dst: Path) -> ComponentSpec:
     """The bundle's ArcFace ONNX file as the `arcface` component (spec's input/output names)."""
     spec = arcface_spec(bundle.embedding_dim)
@@ -67,6 +72,7 @@ def copy_recognizer(bundle, dst: Path) -> ComponentSpec:
     shutil.copyfile(bundle.path(bundle.faces["recognizer"]), dst)
     rename_io(dst, spec)
     return spec
+
 
 def rename_io(path: Path, spec: ComponentSpec) -> None:
     """Give an ONNX file the spec's input/output names (ArcFace files use arbitrary ones)."""
@@ -87,10 +93,13 @@ def rename_io(path: Path, spec: ComponentSpec) -> None:
         vi.name = renames.get(vi.name, vi.name)
     onnx.save(model, str(path))
 
+
 def load_artifacts(path: Path) -> dict:
     path = Path(path)
     f = path / ARTIFACTS_MANIFEST
     if not f.is_file():
-        raise FileNotFoundError(f"{path} holds no exported components ({ARTIFACTS_MANIFEST} missing); "
-                                "run `revpers export --models BUNDLE --out DIR` first")
+        raise FileNotFoundError(
+            f"{path} holds no exported components ({ARTIFACTS_MANIFEST} missing); "
+            "run `revpers export --models BUNDLE --out DIR` first"
+        )
     return json.loads(f.read_text())

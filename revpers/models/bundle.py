@@ -91,20 +91,47 @@ class Bundle:
     def describe(self) -> dict:
         """The bundle as reports name it: by name and manifest hash, never by its path on disk (a
         report travels to clients; where the server keeps its models is not theirs to know)."""
-        return {"name": self.manifest.get("name", self.root.name), "smoke": self.smoke,
-                "native_size": self.native_size, "manifest_sha256": self.digest()}
+        return {
+            "name": self.manifest.get("name", self.root.name),
+            "smoke": self.smoke,
+            "native_size": self.native_size,
+            "manifest_sha256": self.digest(),
+        }
 
 
-REQUIRED_SDXL = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                 "text_encoder_2/config.json", "scheduler/scheduler_config.json")
+REQUIRED_SDXL = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "scheduler/scheduler_config.json",
+)
 
 
-def write_manifest(root: Path, *, native_size: int, embedding_dim: int, smoke: bool, faces: dict,
-                   name: str | None = None, sdxl: str = "sdxl",
-                   ip_adapter: str = "ip_adapter/ip-adapter-faceid_sdxl.bin", extra: dict | None = None) -> Path:
-    manifest = {"format": FORMAT, "version": VERSION, "name": name or Path(root).name, "smoke": smoke,
-                "native_size": native_size, "embedding_dim": embedding_dim, "sdxl": sdxl,
-                "ip_adapter": ip_adapter, "faces": faces}
+def write_manifest(
+    root: Path,
+    *,
+    native_size: int,
+    embedding_dim: int,
+    smoke: bool,
+    faces: dict,
+    name: str | None = None,
+    sdxl: str = "sdxl",
+    ip_adapter: str = "ip_adapter/ip-adapter-faceid_sdxl.bin",
+    extra: dict | None = None,
+) -> Path:
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name or Path(root).name,
+        "smoke": smoke,
+        "native_size": native_size,
+        "embedding_dim": embedding_dim,
+        "sdxl": sdxl,
+        "ip_adapter": ip_adapter,
+        "faces": faces,
+    }
     manifest.update(extra or {})
     path = Path(root) / MANIFEST
     path.write_bytes(manifest_bytes(manifest))
@@ -134,8 +161,10 @@ def load_bundle(root: str | Path) -> Bundle:
     """Read and check a bundle folder; every problem found is named in one error."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise BundleError(f"model bundle {root} does not exist (make one with `revpers smoke-model {root}` "
-                          "or see README 'Model bundle' for real weights)")
+        raise BundleError(
+            f"model bundle {root} does not exist (make one with `revpers smoke-model {root}` "
+            "or see README 'Model bundle' for real weights)"
+        )
     mpath = root / MANIFEST
     raw, manifest = read_manifest(mpath)
     bundle = Bundle(root, manifest, hashlib.sha256(raw).hexdigest())

@@ -72,8 +72,9 @@ class TensorScaleIPAttnProcessor(nn.Module):
         q = split(query)
         out = F.scaled_dot_product_attention(q, split(key), split(value), dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
-        ip = F.scaled_dot_product_attention(q, split(self.to_k_ip(ip_states)), split(self.to_v_ip(ip_states)),
-                                            dropout_p=0.0, is_causal=False)
+        ip = F.scaled_dot_product_attention(
+            q, split(self.to_k_ip(ip_states)), split(self.to_v_ip(ip_states)), dropout_p=0.0, is_causal=False
+        )
         ip = ip.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         scale = self.slot.value
         out = out + scale.to(out.dtype).view(-1, 1, 1) * ip
@@ -117,10 +118,17 @@ class FaceIDUNet(nn.Module):
     def forward(self, sample, timestep, text, pooled, time_ids, identity, ip_scale):
         self.slot.value = ip_scale
         try:
-            return self.unet(sample, timestep, encoder_hidden_states=text,
-                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids,
-                                                "image_embeds": [identity.unsqueeze(1)]},
-                             return_dict=False)[0]
+            return self.unet(
+                sample,
+                timestep,
+                encoder_hidden_states=text,
+                added_cond_kwargs={
+                    "text_embeds": pooled,
+                    "time_ids": time_ids,
+                    "image_embeds": [identity.unsqueeze(1)],
+                },
+                return_dict=False,
+            )[0]
         finally:
             self.slot.value = None
 
@@ -165,12 +173,17 @@ def load_sdxl_faceid(bundle: Bundle, device: str | None = None, unet_dtype: torc
     device = device or default_device()
     if unet_dtype is None:
         unet_dtype = module_dtype("unet", device)
-    pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, dtype=torch.float32, variant=bundle.sdxl_variant,
-                                                     local_files_only=True, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        bundle.sdxl_dir, dtype=torch.float32, variant=bundle.sdxl_variant, local_files_only=True, add_watermarker=False
+    )
     state = torch.load(bundle.ip_adapter_file, map_location="cpu", weights_only=True)
     check_faceid_file(state, pipe.unet)
-    pipe.load_ip_adapter(str(bundle.ip_adapter_file.parent), subfolder="",
-                         weight_name=bundle.ip_adapter_file.name, image_encoder_folder=None)
+    pipe.load_ip_adapter(
+        str(bundle.ip_adapter_file.parent),
+        subfolder="",
+        weight_name=bundle.ip_adapter_file.name,
+        image_encoder_folder=None,
+    )
     if getattr(pipe.unet, "peft_config", None):
         pipe.fuse_lora(components=["unet"], lora_scale=1.0)
         pipe.unload_lora_weights()
@@ -188,8 +201,9 @@ def load_vae(bundle: Bundle):
     """The bundle's SDXL VAE alone (the VAE components need nothing else)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(bundle.sdxl_dir, subfolder="vae", local_files_only=True,
-                                         variant=bundle.sdxl_variant_of("vae"))
+    return AutoencoderKL.from_pretrained(
+        bundle.sdxl_dir, subfolder="vae", local_files_only=True, variant=bundle.sdxl_variant_of("vae")
+    )
 
 
 def build_module(bundle: Bundle, component: str, device: str = "cpu") -> nn.Module:
@@ -215,9 +229,9 @@ class TextEncoderCache:
         self.device = device
         self.capacity = capacity
         self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
-        self._lock = threading.Lock()         # the cache and its counters
+        self._lock = threading.Lock()  # the cache and its counters
         self._encode_lock = threading.Lock()  # the encoders: HF fast tokenizers fail if used concurrently
-        self.hits = 0    # prompt encodings served from the cache
+        self.hits = 0  # prompt encodings served from the cache
         self.misses = 0  # prompt encodings computed (what the benchmarks count)
 
     def _lookup(self, prompt: str) -> TextEmbedding | None:
@@ -239,8 +253,9 @@ class TextEncoderCache:
             emb = self._lookup(prompt)  # encoded by another thread while this one waited
             if emb is not None:
                 return emb
-            text, _, pooled, _ = self.pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=False)
+            text, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
             emb = TextEmbedding(text.float(), pooled.float())
             with self._lock:
                 self.misses += 1
@@ -267,14 +282,28 @@ class TorchModels:
         device = device or default_device()
         pipe, slot = load_sdxl_faceid(bundle, device, unet_dtype)
         schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config))
-        return cls(FaceIDUNet(pipe.unet, slot).eval(), VaeEncoder(pipe.vae).eval(), VaeDecoder(pipe.vae).eval(),
-                   TextEncoderCache(pipe, device), schedule, device, pipe.unet.dtype)
+        return cls(
+            FaceIDUNet(pipe.unet, slot).eval(),
+            VaeEncoder(pipe.vae).eval(),
+            VaeDecoder(pipe.vae).eval(),
+            TextEncoderCache(pipe, device),
+            schedule,
+            device,
+            pipe.unet.dtype,
+        )
 
     @torch.inference_mode()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         dt, dev = self.unet_dtype, self.device
-        eps = self.unet(x.to(dev, dt), t.to(dev), cond["text"].to(dev, dt), cond["pooled"].to(dev, dt),
-                        cond["time_ids"].to(dev, dt), cond["identity"].to(dev, dt), cond["ip_scale"].to(dev, dt))
+        eps = self.unet(
+            x.to(dev, dt),
+            t.to(dev),
+            cond["text"].to(dev, dt),
+            cond["pooled"].to(dev, dt),
+            cond["time_ids"].to(dev, dt),
+            cond["identity"].to(dev, dt),
+            cond["ip_scale"].to(dev, dt),
+        )
         return eps.to(x.device, x.dtype)
 
     @property

@@ -36,15 +36,22 @@ from revpers.models.bundle import FORMAT, MANIFEST, VERSION, Bundle, load_bundle
 
 SDXL_CACHE_REPO = "models--stabilityai--stable-diffusion-xl-base-1.0"
 # SDXL components with weights -> the weight file's base name (diffusers models / transformers models)
-SDXL_WEIGHTED = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                 "text_encoder": "model", "text_encoder_2": "model"}
+SDXL_WEIGHTED = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
 SDXL_PLAIN = ("scheduler", "tokenizer", "tokenizer_2")  # configuration files only
-SDXL_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-                "text_encoder": ("transformers", "CLIPTextModel"),
-                "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+SDXL_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+}
 ARCFACE_RECOGNIZER_FILE = "w600k_r50.onnx"  # buffalo_l's ArcFace R50
 SCRFD_OUTPUTS = {9: "ok", 15: "ok", 6: "no keypoints", 10: "no keypoints"}  # insightface's SCRFD runner
-MAX_HEADER = 100 * 2 ** 20  # safetensors' own limit on the JSON header
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 class BundleCheckError(BundleError):
@@ -79,49 +86,109 @@ MANIFEST_KEYS = (
     Key("format", "str", REQUIRED, f'always "{FORMAT}"'),
     Key("version", "int", VERSION, f"manifest format version; {VERSION}"),
     Key("name", "str", "the folder name", "shown in reports and audit records"),
-    Key("smoke", "bool", False, "true for smoke bundles (random weights): every output says so and the gate "
-        "does not use the random ArcFace"),
-    Key("native_size", "int", REQUIRED, "face crop size in pixels that the diffusion runs at (SDXL: 1024); "
-        "a multiple of 8, at least 32"),
-    Key("embedding_dim", "int", REQUIRED, "identity embedding size: the recognizer's output and the adapter's "
-        "projection input (ArcFace R50: 512)"),
+    Key(
+        "smoke",
+        "bool",
+        False,
+        "true for smoke bundles (random weights): every output says so and the gate does not use the random ArcFace",
+    ),
+    Key(
+        "native_size",
+        "int",
+        REQUIRED,
+        "face crop size in pixels that the diffusion runs at (SDXL: 1024); a multiple of 8, at least 32",
+    ),
+    Key(
+        "embedding_dim",
+        "int",
+        REQUIRED,
+        "identity embedding size: the recognizer's output and the adapter's projection input (ArcFace R50: 512)",
+    ),
     Key("sdxl", "path", REQUIRED, "SDXL folder in diffusers layout"),
-    Key("sdxl_variant", "str or null", None, 'diffusers weight variant of that folder: "fp16" loads '
-        "*.fp16.safetensors (each component without one falls back to its plain file); null loads the plain files"),
+    Key(
+        "sdxl_variant",
+        "str or null",
+        None,
+        'diffusers weight variant of that folder: "fp16" loads '
+        "*.fp16.safetensors (each component without one falls back to its plain file); null loads the plain files",
+    ),
     Key("ip_adapter", "path", REQUIRED, "IP-Adapter FaceID SDXL file (.bin or .safetensors) with its LoRA"),
     Key("faces", "object", REQUIRED, "face detector and recognizer (keys below)"),
     Key("verify", "object", {}, "identity gate thresholds (keys below; docs/verification.md)"),
     Key("seed", "int", None, "smoke bundles: the seed their random weights were drawn with (information only)"),
     Key("full_size", "bool", None, "smoke bundles: SDXL-size models (information only)"),
     Key("note", "str", None, "free text (information only)"),
-    Key("sources", "object", None, "written by `revpers bundle init`: where each part was taken from "
-        "(information only)"),
+    Key(
+        "sources", "object", None, "written by `revpers bundle init`: where each part was taken from (information only)"
+    ),
 )
 FACES_KEYS = (
-    Key("detector", "str", REQUIRED, '"insightface" (SCRFD from a buffalo_l-style pack) or "dlib" (HOG, '
-        "offline from PyPI)"),
+    Key(
+        "detector",
+        "str",
+        REQUIRED,
+        '"insightface" (SCRFD from a buffalo_l-style pack) or "dlib" (HOG, offline from PyPI)',
+    ),
     Key("recognizer", "path", REQUIRED, "ArcFace-contract ONNX file: (N, 3, S, S) aligned face -> (N, embedding_dim)"),
     Key("pack", "path", REQUIRED, "local insightface model pack folder (never downloaded)", "insightface"),
     Key("detector_file", "str", INSIGHTFACE_DETECTOR_FILE, "SCRFD ONNX file inside the pack", "insightface"),
-    Key("det_thresh", "number", 0.1, "SCRFD score threshold, in (0, 1); lower finds more faces and more "
-        "false positives", "insightface"),
-    Key("det_size", "int", 640, "SCRFD input size in pixels (the photo is scaled into it keeping its aspect "
-        "ratio); a positive multiple of 32", "insightface"),
-    Key("landmarks", "path", "shape_predictor_68_face_landmarks.dat from face-recognition-models",
-        "dlib 68-point landmark model", "dlib"),
-    Key("upsample", "int", 1, "times (each 2x) the photo is upsampled for the extra HOG pass that finds faces "
-        "under ~80 px (0: no such pass)", "dlib"),
-    Key("max_pixels", "number", 24e6, "upsampling is reduced so the upsampled image stays below this many "
-        "pixels", "dlib"),
-    Key("rotations", "number list", [-30.0, 30.0], "extra passes on the photo rotated by these angles "
-        "(degrees) for tilted heads; [] disables", "dlib"),
+    Key(
+        "det_thresh",
+        "number",
+        0.1,
+        "SCRFD score threshold, in (0, 1); lower finds more faces and more false positives",
+        "insightface",
+    ),
+    Key(
+        "det_size",
+        "int",
+        640,
+        "SCRFD input size in pixels (the photo is scaled into it keeping its aspect ratio); a positive multiple of 32",
+        "insightface",
+    ),
+    Key(
+        "landmarks",
+        "path",
+        "shape_predictor_68_face_landmarks.dat from face-recognition-models",
+        "dlib 68-point landmark model",
+        "dlib",
+    ),
+    Key(
+        "upsample",
+        "int",
+        1,
+        "times (each 2x) the photo is upsampled for the extra HOG pass that finds faces under ~80 px (0: no such pass)",
+        "dlib",
+    ),
+    Key(
+        "max_pixels",
+        "number",
+        24e6,
+        "upsampling is reduced so the upsampled image stays below this many pixels",
+        "dlib",
+    ),
+    Key(
+        "rotations",
+        "number list",
+        [-30.0, 30.0],
+        "extra passes on the photo rotated by these angles (degrees) for tilted heads; [] disables",
+        "dlib",
+    ),
     Key("min_score", "number", 0.0, "HOG SVM score threshold (a raw margin, not a probability)", "dlib"),
 )
 VERIFY_KEYS = (
-    Key("arcface_threshold", "number", ARCFACE_THRESHOLD, "ArcFace cosine at or above which a face still "
-        "matches its input, in (-1, 1)"),
-    Key("dlib_threshold", "number", DLIB_THRESHOLD, "dlib ResNet distance at or below which a face still "
-        "matches, in (0, 2)"),
+    Key(
+        "arcface_threshold",
+        "number",
+        ARCFACE_THRESHOLD,
+        "ArcFace cosine at or above which a face still matches its input, in (-1, 1)",
+    ),
+    Key(
+        "dlib_threshold",
+        "number",
+        DLIB_THRESHOLD,
+        "dlib ResNet distance at or below which a face still matches, in (0, 2)",
+    ),
 )
 DETECTORS = ("insightface", "dlib")
 
@@ -130,16 +197,28 @@ def _type_problem(kind: str, value) -> str | None:
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    ok = {"str": isinstance(value, str), "path": isinstance(value, str) and value != "",
-          "int": isinstance(value, int) and not isinstance(value, bool), "number": number(value),
-          "bool": isinstance(value, bool), "object": isinstance(value, dict),
-          "number list": isinstance(value, list) and all(number(v) for v in value),
-          "str or null": value is None or (isinstance(value, str) and value != "")}[kind]
+    ok = {
+        "str": isinstance(value, str),
+        "path": isinstance(value, str) and value != "",
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": number(value),
+        "bool": isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "number list": isinstance(value, list) and all(number(v) for v in value),
+        "str or null": value is None or (isinstance(value, str) and value != ""),
+    }[kind]
     if ok:
         return None
-    want = {"str": "a string", "path": "a non-empty path string", "int": "an integer", "number": "a number",
-            "bool": "true or false", "object": "an object", "number list": "a list of numbers",
-            "str or null": "a string or null"}[kind]
+    want = {
+        "str": "a string",
+        "path": "a non-empty path string",
+        "int": "an integer",
+        "number": "a number",
+        "bool": "true or false",
+        "object": "an object",
+        "number list": "a list of numbers",
+        "str or null": "a string or null",
+    }[kind]
     return f"expected {want}, got {json.dumps(value)}"
 
 
@@ -168,8 +247,10 @@ def _unknown_keys(values: dict, known: dict, prefix: str) -> list[str]:
     for name in values:
         if name not in known:
             close = difflib.get_close_matches(name, list(known), n=1)
-            out.append(f"{prefix}{name}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else
-                                                          f"; known: {', '.join(known)}"))
+            out.append(
+                f"{prefix}{name}: unknown key"
+                + (f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}")
+            )
     return out
 
 
@@ -184,8 +265,10 @@ def _key_problem(k: Key, values: dict, prefix: str, detector: str | None) -> str
     if problem:
         return f"{prefix}{k.name}: {problem}"
     if k.detector and detector in DETECTORS and k.detector != detector:
-        return (f"{prefix}{k.name}: only used by the {k.detector} detector; this bundle's detector is "
-                f"{detector} (remove it or change the detector)")
+        return (
+            f"{prefix}{k.name}: only used by the {k.detector} detector; this bundle's detector is "
+            f"{detector} (remove it or change the detector)"
+        )
     return None
 
 
@@ -215,8 +298,23 @@ def manifest_problems(manifest: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ reading files
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -245,14 +343,17 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         except (KeyError, TypeError, ValueError):
             raise BadFile(f"malformed header entry for tensor {name!r}") from None
         if stop - start != nbytes:
-            raise BadFile(f"header entry {name!r} spans {stop - start} bytes; a {dtype} tensor of shape {shape} "
-                          f"needs {nbytes}")
+            raise BadFile(
+                f"header entry {name!r} spans {stop - start} bytes; a {dtype} tensor of shape {shape} needs {nbytes}"
+            )
         shapes[name] = tuple(shape)
         end = max(end, stop)
     data = size - 8 - n
     if data < end:
-        raise BadFile(f"truncated: its header describes {end} bytes of tensor data, the file holds {data} "
-                      "(an interrupted download?)")
+        raise BadFile(
+            f"truncated: its header describes {end} bytes of tensor data, the file holds {data} "
+            "(an interrupted download?)"
+        )
     if data > end:
         raise BadFile(f"{data - end} bytes follow the tensor data its header describes (safetensors refuses it)")
     return shapes
@@ -287,8 +388,13 @@ def torch_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     except Exception as exc:  # noqa: BLE001 - any failure to read it is what the check reports
         text = str(exc).strip()
         unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-        reason = (f"it holds more than tensors: {unpickler.group(1)[:160]}" if unpickler else
-                  f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__)
+        reason = (
+            f"it holds more than tensors: {unpickler.group(1)[:160]}"
+            if unpickler
+            else f"{type(exc).__name__}: {text.splitlines()[0][:160]}"
+            if text
+            else type(exc).__name__
+        )
         raise BadFile(f"not a PyTorch weights file that loads with weights_only ({reason})") from None
     shapes = _flatten_shapes(obj)
     if not shapes:
@@ -378,8 +484,10 @@ def _find_weights(c: _Check, folder: Path, name: str, variant: str | None) -> Pa
         hint = ""
         if others and not variant:
             v = re.search(r"\.(\w+)\.(?:safetensors|bin|json)$", others[0]).group(1)
-            hint = (f"; the folder has {', '.join(others)}: set \"sdxl_variant\": \"{v}\" in {MANIFEST} "
-                    "(or rebuild it with `revpers bundle init`)")
+            hint = (
+                f'; the folder has {", ".join(others)}: set "sdxl_variant": "{v}" in {MANIFEST} '
+                "(or rebuild it with `revpers bundle init`)"
+            )
         c.bad(folder / names[0], f"missing ({name} weights){hint}")
         return None
     if not found.exists():
@@ -421,11 +529,15 @@ def _compare_shapes(c: _Check, found: Path, name: str, class_name: str, model, s
         model._fix_state_dict_keys_on_load(shapes)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in shapes]
-    wrong = [f"{k}: file {list(shapes[k])} vs config {list(s)}" for k, s in want.items()
-             if k in shapes and shapes[k] != s]
+    wrong = [
+        f"{k}: file {list(shapes[k])} vs config {list(s)}" for k, s in want.items() if k in shapes and shapes[k] != s
+    ]
     if missing:
-        c.bad(found, f"{len(missing)} of the {len(want)} tensors {class_name} needs are missing "
-                     f"(e.g. {', '.join(missing[:3])}); is this the {name} file?")
+        c.bad(
+            found,
+            f"{len(missing)} of the {len(want)} tensors {class_name} needs are missing "
+            f"(e.g. {', '.join(missing[:3])}); is this the {name} file?",
+        )
     if wrong:
         c.bad(found, f"{len(wrong)} tensors differ in shape from {name}/config.json (e.g. {'; '.join(wrong[:3])})")
     return len(want)
@@ -467,8 +579,10 @@ def _check_sdxl(c: _Check, manifest: dict):
     models = {name: _component(c, sdxl, name, index or {}, variant) for name in SDXL_WEIGHTED}
     for name in ("tokenizer", "tokenizer_2"):
         folder = sdxl / name
-        if not ((folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
-                                                           and (folder / "merges.txt").is_file())):
+        if not (
+            (folder / "tokenizer.json").is_file()
+            or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+        ):
             c.bad(folder, "missing tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
     c.json_file(sdxl / "scheduler" / "scheduler_config.json", "the scheduler configuration")
     return models["unet"]
@@ -489,8 +603,11 @@ def _check_adapter(c: _Check, manifest: dict, unet) -> None:
         return
     groups = sorted({k.split(".", 1)[0] for k in shapes})
     if not {"image_proj", "ip_adapter"} <= set(groups):
-        c.bad(path, f"not an IP-Adapter file: no 'image_proj' and 'ip_adapter' weights (top-level keys: "
-                    f"{', '.join(groups[:6])})")
+        c.bad(
+            path,
+            f"not an IP-Adapter file: no 'image_proj' and 'ip_adapter' weights (top-level keys: "
+            f"{', '.join(groups[:6])})",
+        )
         return
     proj = shapes.get("image_proj.proj.0.weight")
     dim = manifest.get("embedding_dim")
@@ -505,19 +622,28 @@ def _check_adapter(c: _Check, manifest: dict, unet) -> None:
         return
     lora = [k for k in shapes if "_lora." in k]
     if not lora:
-        c.bad(path, "no FaceID LoRA weights (ip_adapter.N.to_q_lora.down.weight, ...): the method needs "
-                    "ip-adapter-faceid_sdxl.bin, which carries them (plain IP-Adapter or FaceID Plus files do not fit)")
+        c.bad(
+            path,
+            "no FaceID LoRA weights (ip_adapter.N.to_q_lora.down.weight, ...): the method needs "
+            "ip-adapter-faceid_sdxl.bin, which carries them (plain IP-Adapter or FaceID Plus files do not fit)",
+        )
         want = {k: s for k, s in want.items() if "_lora." not in k}
-    wrong = [f"{k}: file {list(shapes[k])} vs UNet {list(s)}" for k, s in want.items()
-             if k in shapes and shapes[k] != s]
+    wrong = [
+        f"{k}: file {list(shapes[k])} vs UNet {list(s)}" for k, s in want.items() if k in shapes and shapes[k] != s
+    ]
     missing = [k for k in want if k not in shapes]
     extra = [k for k in shapes if k not in want]
     if wrong or missing or extra:
-        parts = ([f"{len(wrong)} differ in shape (e.g. {'; '.join(wrong[:2])})"] if wrong else []) + \
-                ([f"{len(missing)} missing (e.g. {', '.join(missing[:2])})"] if missing else []) + \
-                ([f"{len(extra)} unexpected (e.g. {', '.join(extra[:2])})"] if extra else [])
-        c.bad(path, f"does not fit the UNet in {manifest.get('sdxl')}/unet/config.json: of {len(want)} tensors, "
-                    + ", ".join(parts))
+        parts = (
+            ([f"{len(wrong)} differ in shape (e.g. {'; '.join(wrong[:2])})"] if wrong else [])
+            + ([f"{len(missing)} missing (e.g. {', '.join(missing[:2])})"] if missing else [])
+            + ([f"{len(extra)} unexpected (e.g. {', '.join(extra[:2])})"] if extra else [])
+        )
+        c.bad(
+            path,
+            f"does not fit the UNet in {manifest.get('sdxl')}/unet/config.json: of {len(want)} tensors, "
+            + ", ".join(parts),
+        )
         return
     c.facts["adapter"] = (len(shapes), shapes[lora[0]][0] if lora else None)
 
@@ -546,8 +672,9 @@ def _onnx_model(c: _Check, path: Path, what: str):
 
 
 def _dims(value_info) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def _graph_inputs(model) -> list:
@@ -561,11 +688,20 @@ def _check_recognizer(c: _Check, path: Path, dim) -> None:
         return
     inputs = _graph_inputs(model)
     shape = _dims(inputs[0]) if len(inputs) == 1 else None
-    if shape is None or len(shape) != 4 or shape[1] not in (3, "?") or not isinstance(shape[2], int) \
-            or shape[2] != shape[3] or not (shape[2] % 112 == 0 or shape[2] % 128 == 0):
+    if (
+        shape is None
+        or len(shape) != 4
+        or shape[1] not in (3, "?")
+        or not isinstance(shape[2], int)
+        or shape[2] != shape[3]
+        or not (shape[2] % 112 == 0 or shape[2] % 128 == 0)
+    ):
         got = ", ".join(f"{i.name} {_dims(i)}" for i in inputs) or "none"
-        c.bad(path, f"not an ArcFace-contract recognizer: expected one input (N, 3, S, S) with S a multiple of "
-                    f"112 or 128, graph inputs: {got}")
+        c.bad(
+            path,
+            f"not an ArcFace-contract recognizer: expected one input (N, 3, S, S) with S a multiple of "
+            f"112 or 128, graph inputs: {got}",
+        )
         return
     out = _dims(model.graph.output[0]) if model.graph.output else []
     if len(out) != 2:
@@ -583,13 +719,19 @@ def _check_detector(c: _Check, path: Path) -> None:
     inputs = _graph_inputs(model)
     shape = _dims(inputs[0]) if inputs else []
     if len(inputs) != 1 or len(shape) != 4 or shape[1] not in (3, "?"):
-        c.bad(path, f"not an SCRFD detector: expected one image input (N, 3, H, W), graph inputs: "
-                    f"{', '.join(f'{i.name} {_dims(i)}' for i in inputs) or 'none'}")
+        c.bad(
+            path,
+            f"not an SCRFD detector: expected one image input (N, 3, H, W), graph inputs: "
+            f"{', '.join(f'{i.name} {_dims(i)}' for i in inputs) or 'none'}",
+        )
         return
     kind = SCRFD_OUTPUTS.get(len(model.graph.output))
     if kind is None:
-        c.bad(path, f"not an SCRFD detector: {len(model.graph.output)} outputs (expected 9 or 15: scores, boxes "
-                    "and 5-point keypoints per stride)")
+        c.bad(
+            path,
+            f"not an SCRFD detector: {len(model.graph.output)} outputs (expected 9 or 15: scores, boxes "
+            "and 5-point keypoints per stride)",
+        )
     elif kind == "no keypoints":
         c.bad(path, "an SCRFD detector without 5-point keypoints: alignment needs them (use buffalo_l's det_10g.onnx)")
 
@@ -635,10 +777,16 @@ def _check_faces(c: _Check, manifest: dict) -> None:
 def run_check(root: str | Path) -> _Check:
     c = _Check(Path(root))
     if not c.root.is_dir():
-        c.bad(c.root, "model bundle folder does not exist" if not c.root.exists() else "not a folder (a model "
-              "bundle is a folder)")
-        c.problems[-1] += (" (build one with `revpers bundle init` from downloaded weights, see docs/real-weights.md, "
-                           "or a test one with `revpers smoke-model`)")
+        c.bad(
+            c.root,
+            "model bundle folder does not exist"
+            if not c.root.exists()
+            else "not a folder (a model bundle is a folder)",
+        )
+        c.problems[-1] += (
+            " (build one with `revpers bundle init` from downloaded weights, see docs/real-weights.md, "
+            "or a test one with `revpers smoke-model`)"
+        )
         return c
     manifest = c.json_file(c.root / MANIFEST, "the bundle manifest")
     if manifest is None:
@@ -672,11 +820,13 @@ def require_valid_bundle(root: str | Path) -> Bundle:
 def check_summary(c: _Check) -> str:
     m = c.facts.get("manifest", {})
     tensors, rank = c.facts.get("adapter", (0, None))
-    return (f"{c.root}: OK: {m.get('name', c.root.name)}{' (SMOKE WEIGHTS)' if m.get('smoke') else ''}, "
-            f"{m.get('native_size')} px faces; SDXL {m.get('sdxl_variant') or 'fp32'} weights, "
-            f"{c.facts.get('sdxl_tensors', 0)} tensors in {len(c.facts.get('sdxl_files', []))} files; "
-            f"IP-Adapter FaceID {tensors} tensors, LoRA rank {rank}; faces: {c.facts.get('detector')} detector, "
-            f"recognizer {c.facts.get('recognizer')}")
+    return (
+        f"{c.root}: OK: {m.get('name', c.root.name)}{' (SMOKE WEIGHTS)' if m.get('smoke') else ''}, "
+        f"{m.get('native_size')} px faces; SDXL {m.get('sdxl_variant') or 'fp32'} weights, "
+        f"{c.facts.get('sdxl_tensors', 0)} tensors in {len(c.facts.get('sdxl_files', []))} files; "
+        f"IP-Adapter FaceID {tensors} tensors, LoRA rank {rank}; faces: {c.facts.get('detector')} detector, "
+        f"recognizer {c.facts.get('recognizer')}"
+    )
 
 
 # ------------------------------------------------------------------------------------ init
@@ -697,14 +847,18 @@ def resolve_sdxl_source(path: str | Path) -> Path:
             return snaps[0]
         if not snaps:
             raise BundleError(f"{p}: no snapshot in it has model_index.json (is the download complete?)")
-        raise BundleError(f"{p}: {len(snaps)} snapshots ({', '.join(s.name[:12] for s in snaps)}); "
-                          f"pass the one to use as --sdxl {p}/snapshots/<hash>")
+        raise BundleError(
+            f"{p}: {len(snaps)} snapshots ({', '.join(s.name[:12] for s in snaps)}); "
+            f"pass the one to use as --sdxl {p}/snapshots/<hash>"
+        )
     if (p / SDXL_CACHE_REPO).is_dir():
         return resolve_sdxl_source(p / SDXL_CACHE_REPO)
     if not p.exists():
         raise BundleError(f"{p}: does not exist")
-    raise BundleError(f"{p}: not an SDXL diffusers folder (no model_index.json) nor a Hugging Face cache of "
-                      f"stabilityai/stable-diffusion-xl-base-1.0 (no snapshots/)")
+    raise BundleError(
+        f"{p}: not an SDXL diffusers folder (no model_index.json) nor a Hugging Face cache of "
+        f"stabilityai/stable-diffusion-xl-base-1.0 (no snapshots/)"
+    )
 
 
 def _pick_weights(folder: Path, base: str, variant: str) -> tuple[list[Path], str | None]:
@@ -720,8 +874,9 @@ def _pick_weights(folder: Path, base: str, variant: str) -> tuple[list[Path], st
                     return [f, *(folder / s for s in shards)], v
                 return [f], v
     want = " or ".join(_weight_names(base, v)[0] for v in order)
-    raise BundleError(f"{folder}: no {want} (download that folder's weights"
-                      f"{'' if variant == 'auto' else ', or use --variant auto'})")
+    raise BundleError(
+        f"{folder}: no {want} (download that folder's weights{'' if variant == 'auto' else ', or use --variant auto'})"
+    )
 
 
 def _sdxl_files(src: Path, variant: str) -> tuple[list[tuple[Path, str]], str | None]:
@@ -746,8 +901,10 @@ def _sdxl_files(src: Path, variant: str) -> tuple[list[tuple[Path, str]], str | 
 
 def _faces_files(faces: Path, detector: str, recognizer: str | None) -> tuple[list[tuple[Path, str]], dict]:
     if not faces.is_dir():
-        raise BundleError(f"{faces}: {'does not exist' if not faces.exists() else 'not a folder'} (--faces takes the "
-                          "folder holding the face models, e.g. insightface's buffalo_l)")
+        raise BundleError(
+            f"{faces}: {'does not exist' if not faces.exists() else 'not a folder'} (--faces takes the "
+            "folder holding the face models, e.g. insightface's buffalo_l)"
+        )
     if detector == "auto":
         detector = "insightface" if (faces / INSIGHTFACE_DETECTOR_FILE).is_file() else "dlib"
     onnx_files = sorted(f.name for f in faces.glob("*.onnx") if f.name != INSIGHTFACE_DETECTOR_FILE)
@@ -757,20 +914,27 @@ def _faces_files(faces: Path, detector: str, recognizer: str | None) -> tuple[li
         elif len(onnx_files) == 1:
             recognizer = onnx_files[0]
         else:
-            raise BundleError(f"{faces}: {'no' if not onnx_files else 'several'} recognizer ONNX files "
-                              f"({', '.join(onnx_files) or 'none'}); name one with --recognizer")
+            raise BundleError(
+                f"{faces}: {'no' if not onnx_files else 'several'} recognizer ONNX files "
+                f"({', '.join(onnx_files) or 'none'}); name one with --recognizer"
+            )
     if not (faces / recognizer).is_file():
         raise BundleError(f"{faces / recognizer}: {_absent(faces / recognizer)} (the ArcFace recognizer)")
     if detector == "insightface":
         if not (faces / INSIGHTFACE_DETECTOR_FILE).is_file():
-            raise BundleError(f"{faces / INSIGHTFACE_DETECTOR_FILE}: missing (the insightface detector; or use "
-                              "--detector dlib)")
+            raise BundleError(
+                f"{faces / INSIGHTFACE_DETECTOR_FILE}: missing (the insightface detector; or use --detector dlib)"
+            )
         pack = f"face_models/{faces.resolve().name}"
-        files = [(faces / INSIGHTFACE_DETECTOR_FILE, f"{pack}/{INSIGHTFACE_DETECTOR_FILE}"),
-                 (faces / recognizer, f"{pack}/{recognizer}")]
+        files = [
+            (faces / INSIGHTFACE_DETECTOR_FILE, f"{pack}/{INSIGHTFACE_DETECTOR_FILE}"),
+            (faces / recognizer, f"{pack}/{recognizer}"),
+        ]
         return files, {"detector": "insightface", "pack": pack, "recognizer": f"{pack}/{recognizer}"}
-    return [(faces / recognizer, f"face_models/{recognizer}")], {"detector": "dlib",
-                                                                "recognizer": f"face_models/{recognizer}"}
+    return [(faces / recognizer, f"face_models/{recognizer}")], {
+        "detector": "dlib",
+        "recognizer": f"face_models/{recognizer}",
+    }
 
 
 def _check_output(out: Path, sources: tuple[Path, ...], force: bool) -> None:
@@ -822,9 +986,20 @@ def _replace_with(out: Path, tmp: Path) -> None:
     tmp.rename(out)
 
 
-def init_bundle(out: str | Path, sdxl: str | Path, ip_adapter: str | Path, faces: str | Path, *, copy: bool = False,
-                force: bool = False, variant: str = "auto", detector: str = "auto", recognizer: str | None = None,
-                name: str | None = None, smoke: bool = False) -> Path:
+def init_bundle(
+    out: str | Path,
+    sdxl: str | Path,
+    ip_adapter: str | Path,
+    faces: str | Path,
+    *,
+    copy: bool = False,
+    force: bool = False,
+    variant: str = "auto",
+    detector: str = "auto",
+    recognizer: str | None = None,
+    name: str | None = None,
+    smoke: bool = False,
+) -> Path:
     """Write a bundle at ``out`` from downloaded files (links, or copies with ``copy``); returns ``out``.
     Built in a temporary sibling folder and renamed into place, so a failure leaves nothing behind."""
     out = Path(out).expanduser()
@@ -843,12 +1018,25 @@ def init_bundle(out: str | Path, sdxl: str | Path, ip_adapter: str | Path, faces
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _place_files(tmp, files, copy)
-        extra = {"sources": {"sdxl": str(src.resolve()), "ip_adapter": str(ip_adapter.resolve()),
-                             "faces": str(Path(faces).expanduser().resolve())}}
+        extra = {
+            "sources": {
+                "sdxl": str(src.resolve()),
+                "ip_adapter": str(ip_adapter.resolve()),
+                "faces": str(Path(faces).expanduser().resolve()),
+            }
+        }
         if used_variant:
             extra["sdxl_variant"] = used_variant
-        write_manifest(tmp, native_size=native, embedding_dim=embedding_dim, smoke=smoke, faces=faces_spec,
-                       name=name or out_r.name, ip_adapter=f"ip_adapter/{ip_adapter.name}", extra=extra)
+        write_manifest(
+            tmp,
+            native_size=native,
+            embedding_dim=embedding_dim,
+            smoke=smoke,
+            faces=faces_spec,
+            name=name or out_r.name,
+            ip_adapter=f"ip_adapter/{ip_adapter.name}",
+            extra=extra,
+        )
         _replace_with(out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,8 +23,9 @@ from revpers_client.protocol import REPORT_FORMAT, REPORT_VERSION, FaceVerdict, 
 class FaceReport(Record):
     """One face of an image: where it was, what was done to it and what the gate measured."""
 
-    OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"score", "landmarks", "crop_size", "scale", "matrix", "reason",
-                                                      "verification", "fallback_checks"})
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"score", "landmarks", "crop_size", "scale", "matrix", "reason", "verification", "fallback_checks"}
+    )
 
     index: int
     box: list[float]
@@ -47,10 +48,30 @@ class FaceReport(Record):
 class ImageReport(Record):
     """The report of one image: what the service did, with which settings, and its verdict."""
 
-    OMIT_NONE: ClassVar[frozenset[str]] = frozenset({
-        "warning", "faces_found", "policy", "total_ms", "note", "rejected_reason", "resized", "faces_in_batch",
-        "seed_used", "identity_source", "batch_total_ms", "server_total_ms", "server_interval", "input", "output", "request_id",
-        "review", "client", "input_sha256", "output_sha256"})
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "warning",
+            "faces_found",
+            "policy",
+            "total_ms",
+            "note",
+            "rejected_reason",
+            "resized",
+            "faces_in_batch",
+            "seed_used",
+            "identity_source",
+            "batch_total_ms",
+            "server_total_ms",
+            "server_interval",
+            "input",
+            "output",
+            "request_id",
+            "review",
+            "client",
+            "input_sha256",
+            "output_sha256",
+        }
+    )
 
     revpers_version: str
     mode: str  # "photo" or "aligned"

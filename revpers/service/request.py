@@ -58,9 +58,13 @@ class Limits:
     # what a server may be configured with: up to the method's own ranges, gRPC's 2 GiB message
     # ceiling and Pillow's decompression-bomb limit (it refuses larger images by itself); steps and
     # retries not below their defaults, which a request that leaves them unset gets
-    BOUNDS = {"max_bytes": (1, 2**31 - 1), "max_pixels": (MIN_SIDE * MIN_SIDE, PILLOW_PIXEL_LIMIT or 2**62),
-              "max_faces": (1, 10_000), "max_steps": (Params().steps, Params.LIMITS["steps"][1]),
-              "max_retries": (VerifyPolicy().retries, MAX_RETRIES)}
+    BOUNDS = {
+        "max_bytes": (1, 2**31 - 1),
+        "max_pixels": (MIN_SIDE * MIN_SIDE, PILLOW_PIXEL_LIMIT or 2**62),
+        "max_faces": (1, 10_000),
+        "max_steps": (Params().steps, Params.LIMITS["steps"][1]),
+        "max_retries": (VerifyPolicy().retries, MAX_RETRIES),
+    }
 
     def __post_init__(self):
         for name, (lo, hi) in self.BOUNDS.items():
@@ -118,10 +122,16 @@ class RequestOptions:
             raise ParameterError(f"unknown parameter(s): {', '.join(sorted(map(str, unknown)))}")
         fmt, quality = _output_options(values)
         on_no_face, min_face, det_thresh = _face_options(values)
-        return cls(params=Params.from_mapping({k: values[k] for k in METHOD_KEYS if k in values}),
-                   verify=VerifyPolicy.from_mapping({k: values[k] for k in GATE_KEYS if k in values}),
-                   mode=mode, format=fmt, quality=quality, on_no_face=on_no_face, min_face=min_face,
-                   det_thresh=det_thresh)
+        return cls(
+            params=Params.from_mapping({k: values[k] for k in METHOD_KEYS if k in values}),
+            verify=VerifyPolicy.from_mapping({k: values[k] for k in GATE_KEYS if k in values}),
+            mode=mode,
+            format=fmt,
+            quality=quality,
+            on_no_face=on_no_face,
+            min_face=min_face,
+            det_thresh=det_thresh,
+        )
 
     def face_policy(self) -> FacePolicy:
         return FacePolicy(min_face_px=self.min_face) if self.min_face is not None else FacePolicy()
@@ -143,8 +153,9 @@ def _face_options(values: dict) -> tuple[OnNoFace, float | None, float | None]:
     try:
         on_no_face = OnNoFace(values.get("on_no_face") or OnNoFace.REVIEW.value)
     except ValueError:
-        raise ParameterError(f"on_no_face must be one of {', '.join(v.value for v in OnNoFace)}, "
-                             f"got {values.get('on_no_face')!r}") from None
+        raise ParameterError(
+            f"on_no_face must be one of {', '.join(v.value for v in OnNoFace)}, got {values.get('on_no_face')!r}"
+        ) from None
     bounded = {}
     for key, (lo, hi, unit) in {"min_face": (1.0, 10_000.0, " px"), "det_thresh": (0.0, 1.0, "")}.items():
         value = values.get(key)
@@ -194,8 +205,15 @@ class Response:
         return not self.image
 
 
-def anonymize_bytes(anonymizer: Anonymizer, data: bytes, options: RequestOptions, *, name: str = "input",
-                    limits: Limits = Limits(), cancelled=None) -> Response:
+def anonymize_bytes(
+    anonymizer: Anonymizer,
+    data: bytes,
+    options: RequestOptions,
+    *,
+    name: str = "input",
+    limits: Limits = Limits(),
+    cancelled=None,
+) -> Response:
     """Anonymize one encoded image.
 
     The image is withheld (``b""``) when the gate rejected it (verdict ``rejected``) or when no face
@@ -218,8 +236,9 @@ def anonymize_bytes(anonymizer: Anonymizer, data: bytes, options: RequestOptions
         policy = options.face_policy()
         if options.det_thresh is not None:
             policy = replace(policy, min_score=options.det_thresh)
-        result = anonymizer.anonymize_photo(rgb, options.params, policy=policy, verify=options.verify,
-                                            max_faces=limits.max_faces, cancelled=cancelled)
+        result = anonymizer.anonymize_photo(
+            rgb, options.params, policy=policy, verify=options.verify, max_faces=limits.max_faces, cancelled=cancelled
+        )
     report = result.report
     t1 = time.perf_counter()
     image = result.image

@@ -56,9 +56,17 @@ CHILD_UNAVAILABLE = ("is not healthy", "is not ready", "not ready", "unknown mod
 REQUEST_LOG = logging.getLogger("revpers.serving.requests")  # one JSON line per request
 
 # gRPC status of a failed request, by the kind of its RevpersError (revpers.core.errors)
-GRPC_STATUS = {"input": "INVALID_ARG", "parameter": "INVALID_ARG", "limit": "INVALID_ARG",
-               "cancelled": "CANCELLED", "unavailable": "UNAVAILABLE", "dependency": "INTERNAL", "bundle": "INTERNAL",
-               "face_model": "INTERNAL", "internal": "INTERNAL"}
+GRPC_STATUS = {
+    "input": "INVALID_ARG",
+    "parameter": "INVALID_ARG",
+    "limit": "INVALID_ARG",
+    "cancelled": "CANCELLED",
+    "unavailable": "UNAVAILABLE",
+    "dependency": "INTERNAL",
+    "bundle": "INTERNAL",
+    "face_model": "INTERNAL",
+    "internal": "INTERNAL",
+}
 
 
 class TextEncoders:
@@ -67,9 +75,15 @@ class TextEncoders:
     def __init__(self, bundle, device: str = "cpu"):
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(bundle.sdxl_dir, unet=None, vae=None, local_files_only=True,
-                                                         add_watermarker=False, variant=bundle.sdxl_variant,
-                                                         torch_dtype=torch.float16 if device != "cpu" else None)
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            bundle.sdxl_dir,
+            unet=None,
+            vae=None,
+            local_files_only=True,
+            add_watermarker=False,
+            variant=bundle.sdxl_variant,
+            torch_dtype=torch.float16 if device != "cpu" else None,
+        )
         pipe.to(device)
         self.cache = TextEncoderCache(pipe, device)
 
@@ -102,7 +116,7 @@ class SlicedComponents:
         step = self.max_batch.get(model, n) or n
         parts = []
         for start in range(0, n, step):
-            values = {k: v[start:start + step].contiguous() for k, v in inputs.items()}
+            values = {k: v[start : start + step].contiguous() for k, v in inputs.items()}
             parts.append(self.call(model, values, output))
         out = torch.cat(parts, dim=0).to(self.math_device)
         synchronize(parts)  # the copy is done before the responses' buffers (held by parts) are released
@@ -133,14 +147,14 @@ class TritonComponents(SlicedComponents):
         self._request_kwargs = {}
         if device.startswith("cuda") and hasattr(pb_utils, "PreferredMemory"):
             index = torch.device(device).index or 0
-            self._request_kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
-                                                                                index)
+            self._request_kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, index)
 
     def call(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
         synchronize(list(inputs.values()))  # the component reads them from another process
         tensors = [self.pb.Tensor.from_dlpack(k, v) for k, v in inputs.items()]
-        resp = self.pb.InferenceRequest(model_name=model, requested_output_names=[output], inputs=tensors,
-                                        **self._request_kwargs).exec()
+        resp = self.pb.InferenceRequest(
+            model_name=model, requested_output_names=[output], inputs=tensors, **self._request_kwargs
+        ).exec()
         if self.on_call is not None:
             self.on_call(model, int(next(iter(inputs.values())).shape[0]))
         if resp.has_error():
@@ -182,8 +196,9 @@ class ResponsePool:
         self.handle, self.failure, self.final = handle, failure, final_flag
         self.threads = max(1, int(threads))
         self.slots = threading.BoundedSemaphore(self.threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="revpers-request",
-                                       initializer=use_device, initargs=(device,))
+        self.pool = ThreadPoolExecutor(
+            self.threads, thread_name_prefix="revpers-request", initializer=use_device, initargs=(device,)
+        )
         self.on_count = on_count
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -233,9 +248,18 @@ def anonymizer_over(bundle, components: SlicedComponents, inversion_batch: int) 
 
 
 class BlsService:
-    def __init__(self, bundle_path: str, inversion_batch: int, pb_utils, max_batch: dict[str, int],
-                 device: str = "cpu", threads: int = 8, limits: Limits = Limits(), metrics: BlsMetrics | None = None,
-                 drain_file: str | None = None):
+    def __init__(
+        self,
+        bundle_path: str,
+        inversion_batch: int,
+        pb_utils,
+        max_batch: dict[str, int],
+        device: str = "cpu",
+        threads: int = 8,
+        limits: Limits = Limits(),
+        metrics: BlsMetrics | None = None,
+        drain_file: str | None = None,
+    ):
         """``max_batch``: each served component's max batch (from the repository config). ``limits``:
         what one request may cost. ``metrics``: where requests are counted (None: nowhere).
         ``drain_file``: while this file exists new requests are refused with UNAVAILABLE (the
@@ -251,8 +275,14 @@ class BlsService:
             self.components.on_call = metrics.component_call
         self.anonymizer = anonymizer_over(bundle, self.components, inversion_batch)
         self.anonymizer.verifier  # load the gate's recognizers now, not in a request thread
-        self.responses = ResponsePool(self.handle, self._failure, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                                      threads, device, on_count=metrics.set_in_flight if metrics is not None else None)
+        self.responses = ResponsePool(
+            self.handle,
+            self._failure,
+            pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            threads,
+            device,
+            on_count=metrics.set_in_flight if metrics is not None else None,
+        )
 
     def execute(self, requests) -> None:
         """Hands the requests to the response pool (each is answered through its response sender
@@ -300,17 +330,21 @@ class BlsService:
             params_t = self.pb.get_input_tensor_by_name(request, INPUT_PARAMS)
             values = params_t.as_numpy().reshape(-1) if params_t is not None else np.array([])
             options = RequestOptions.from_mapping(parse_params(values[0] if values.size else None))
-            response = anonymize_bytes(self.anonymizer, raw, options, name=INPUT_IMAGE, limits=self.limits,
-                                       cancelled=cancelled_of(request))
+            response = anonymize_bytes(
+                self.anonymizer, raw, options, name=INPUT_IMAGE, limits=self.limits, cancelled=cancelled_of(request)
+            )
             report = response.report
             report.request_id = request_id
             report.server_total_ms = round((time.perf_counter() - t0) * 1e3, 3)
             # when and where it was served: tests prove concurrency by overlapping intervals, not by timing
             report.server_interval = {"pid": os.getpid(), "start_ns": start_ns, "end_ns": time.monotonic_ns()}
             # a withheld image (gate rejection, or no face with on_no_face=fail) comes back as an empty IMAGE
-            result = self.pb.InferenceResponse(output_tensors=[
-                self.pb.Tensor(OUTPUT_IMAGE, np.array([[response.image]], dtype=np.object_)),
-                self.pb.Tensor(OUTPUT_REPORT, np.array([[report.to_json().encode()]], dtype=np.object_))])
+            result = self.pb.InferenceResponse(
+                output_tensors=[
+                    self.pb.Tensor(OUTPUT_IMAGE, np.array([[response.image]], dtype=np.object_)),
+                    self.pb.Tensor(OUTPUT_REPORT, np.array([[report.to_json().encode()]], dtype=np.object_)),
+                ]
+            )
             outcome, kind = ("rejected" if response.withheld else "ok"), None
         except Exception as exc:  # one request's failure never takes down the model
             kind = error_kind(exc)
@@ -347,9 +381,15 @@ def error_kind(exc: BaseException) -> str:
 
 def request_log_line(request_id: str, outcome: str, kind: str | None, size: int | None, report, seconds: float) -> str:
     """The one structured (JSON) log line of a request."""
-    line = {"event": "request", "request_id": request_id, "outcome": outcome, "bytes": size,
-            "faces": len(report.faces) if report is not None else None,
-            "verdict": report.verdict.value if report is not None else None, "ms": round(seconds * 1e3, 1)}
+    line = {
+        "event": "request",
+        "request_id": request_id,
+        "outcome": outcome,
+        "bytes": size,
+        "faces": len(report.faces) if report is not None else None,
+        "verdict": report.verdict.value if report is not None else None,
+        "ms": round(seconds * 1e3, 1),
+    }
     if kind is not None:
         line["error"] = kind
     return json.dumps(line, separators=(",", ":"))

@@ -8,7 +8,8 @@ stay on the GPU), run in one call, and split back into one response per request.
 
 ``OnnxRuntimeRunner`` runs the exported ONNX file (CUDA execution provider on a GPU instance when
 onnxruntime-gpu is installed, else CPU); it hands ONNX Runtime host arrays, so on a GPU its inputs
-and outputs go through host memory (it is the CPU/CI target; on GPUs use tensorrt or pytorch). ``TorchRunner`` runs the bundle's own PyTorch module for
+and outputs go through host memory (it is the CPU/CI target; on GPUs use tensorrt or pytorch).
+``TorchRunner`` runs the bundle's own PyTorch module for
 the component: fp16 UNet and fp32 VAE on CUDA (PyTorch SDPA attention), fp32 on the CPU, with
 optional ``torch.compile``. It is how the GPU path is measured on a machine without TensorRT.
 """
@@ -32,8 +33,9 @@ LOG = logging.getLogger("revpers.serving")
 Run = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-def execute(pb_utils, requests, inputs: Sequence[tuple[str, bool]], outputs: Sequence[str], run: Run,
-            device: str = "cpu") -> list:
+def execute(
+    pb_utils, requests, inputs: Sequence[tuple[str, bool]], outputs: Sequence[str], run: Run, device: str = "cpu"
+) -> list:
     """inputs: (name, is_per_sample_scalar) in the component's input order; ``device``: this
     instance's (where merged inputs that arrived on different devices are gathered)."""
     feeds, sizes = [], []
@@ -48,8 +50,10 @@ def execute(pb_utils, requests, inputs: Sequence[tuple[str, bool]], outputs: Seq
     synchronize(results)
     responses, start = [], 0
     for n in sizes:
-        tensors = [pb_utils.Tensor.from_dlpack(name, out[start:start + n].contiguous())
-                   for name, out in zip(outputs, results)]
+        tensors = [
+            pb_utils.Tensor.from_dlpack(name, out[start : start + n].contiguous())
+            for name, out in zip(outputs, results)
+        ]
         responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         start += n
     return responses
@@ -70,8 +74,11 @@ def instance_device(args: dict) -> str:
             device = f"cuda:{args.get('model_instance_device_id', 0)}"
             use_device(device)
             return device
-        LOG.warning("model %r instance is KIND_GPU but torch %s has no CUDA here: running on the CPU",
-                    args.get("model_name"), torch.__version__)
+        LOG.warning(
+            "model %r instance is KIND_GPU but torch %s has no CUDA here: running on the CPU",
+            args.get("model_name"),
+            torch.__version__,
+        )
     return "cpu"
 
 
@@ -88,8 +95,9 @@ def example_feeds(config: dict, batch: int) -> list[torch.Tensor]:
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu",
-                 threads: int = 0):
+    def __init__(
+        self, path: Path, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu", threads: int = 0
+    ):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -107,8 +115,9 @@ class OnnxRuntimeRunner:
         # Fresh copies in torch's own (64-byte aligned) host memory, never the request's buffer, as
         # TorchRunner does: a tensor Triton hands over sits in shared memory at whatever offset the
         # tensors before it left, and the in-process twin of this runner must see the same operands.
-        arrays = {n: t.cpu().clone(memory_format=torch.contiguous_format).numpy()
-                  for n, t in zip(self.input_names, feeds)}
+        arrays = {
+            n: t.cpu().clone(memory_format=torch.contiguous_format).numpy() for n, t in zip(self.input_names, feeds)
+        }
         return [torch.from_numpy(a) for a in self.session.run(self.output_names, arrays)]
 
 

@@ -34,14 +34,24 @@ class OnnxRuntimeComponents(SlicedComponents):
         # per model: (input name, is a per-sample scalar) in the served config's order, as execute() reads them
         self.inputs = {n: [(t.name, not t.shape) for t in s.inputs] for n, s in specs.items()}
         self.outputs = {n: [t.name for t in s.outputs] for n, s in specs.items()}
-        self.runners = {n: OnnxRuntimeRunner(root / record["components"][n]["onnx"], [i for i, _ in self.inputs[n]],
-                                             self.outputs[n], "cpu", threads=threads) for n in specs}
+        self.runners = {
+            n: OnnxRuntimeRunner(
+                root / record["components"][n]["onnx"],
+                [i for i, _ in self.inputs[n]],
+                self.outputs[n],
+                "cpu",
+                threads=threads,
+            )
+            for n in specs
+        }
         self.device = "onnxruntime (in process)"
 
     def call(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
         # what components.execute hands the runner for one request: scalars [B, 1] -> (B,)
-        feeds = [inputs[name].reshape(inputs[name].shape[0]) if scalar else inputs[name]
-                 for name, scalar in self.inputs[model]]
+        feeds = [
+            inputs[name].reshape(inputs[name].shape[0]) if scalar else inputs[name]
+            for name, scalar in self.inputs[model]
+        ]
         return self.runners[model](feeds)[self.outputs[model].index(output)]
 
 

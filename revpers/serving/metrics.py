@@ -38,12 +38,18 @@ STUB_MESSAGE_LOCK = threading.RLock()
 
 OUTCOMES = ("ok", "rejected", "invalid", "cancelled", "unavailable", "error")
 # the outcome of a failed request, by its error kind (revpers.core.errors.KINDS)
-OUTCOME_OF_KIND = {"input": "invalid", "parameter": "invalid", "limit": "invalid", "cancelled": "cancelled",
-                   "unavailable": "unavailable"}
+OUTCOME_OF_KIND = {
+    "input": "invalid",
+    "parameter": "invalid",
+    "limit": "invalid",
+    "cancelled": "cancelled",
+    "unavailable": "unavailable",
+}
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-FALLBACK_VERDICTS = frozenset({FaceVerdict.FALLBACK_BLURRED, FaceVerdict.FALLBACK_PIXELATED,
-                               FaceVerdict.FALLBACK_FILLED})
+FALLBACK_VERDICTS = frozenset(
+    {FaceVerdict.FALLBACK_BLURRED, FaceVerdict.FALLBACK_PIXELATED, FaceVerdict.FALLBACK_FILLED}
+)
 
 
 def outcome_of(kind: str) -> str:
@@ -72,29 +78,37 @@ class BlsMetrics:
         self.requests = {o: one(f, outcome=o) for o in OUTCOMES}
         f = family("revpers_faces_total", "faces by final verdict", mf.COUNTER)
         self.faces = {v.value: one(f, verdict=v.value) for v in FaceVerdict}
-        self.gate_retries = one(family("revpers_gate_retries_total", "extra generator attempts asked for by the "
-                                       "verification gate", mf.COUNTER))
-        self.gate_fallbacks = one(family("revpers_gate_fallbacks_total", "faces obscured by the gate's fallback",
-                                         mf.COUNTER))
+        self.gate_retries = one(
+            family(
+                "revpers_gate_retries_total", "extra generator attempts asked for by the verification gate", mf.COUNTER
+            )
+        )
+        self.gate_fallbacks = one(
+            family("revpers_gate_fallbacks_total", "faces obscured by the gate's fallback", mf.COUNTER)
+        )
         self.no_face_images = one(family("revpers_no_face_images_total", "images with no face detected", mf.COUNTER))
         self.unet_calls = one(family("revpers_unet_calls_total", "BLS calls to the unet model", mf.COUNTER))
-        self.unet_batch = one(family("revpers_unet_batch_size", "samples per BLS call to the unet model",
-                                     mf.HISTOGRAM), buckets=BATCH_BUCKETS)
-        self._stage_family = family("revpers_stage_duration_seconds", "request stage durations (report timings_ms)",
-                                    mf.HISTOGRAM)
+        self.unet_batch = one(
+            family("revpers_unet_batch_size", "samples per BLS call to the unet model", mf.HISTOGRAM),
+            buckets=BATCH_BUCKETS,
+        )
+        self._stage_family = family(
+            "revpers_stage_duration_seconds", "request stage durations (report timings_ms)", mf.HISTOGRAM
+        )
         self._stages: dict = {}
-        self.duration = one(family("revpers_request_duration_seconds", "server time per request", mf.HISTOGRAM),
-                            buckets=SECONDS_BUCKETS)
-        self.in_flight = one(family(IN_FLIGHT_METRIC, "requests admitted and not yet answered",
-                                    mf.GAUGE))
+        self.duration = one(
+            family("revpers_request_duration_seconds", "server time per request", mf.HISTOGRAM), buckets=SECONDS_BUCKETS
+        )
+        self.in_flight = one(family(IN_FLIGHT_METRIC, "requests admitted and not yet answered", mf.GAUGE))
 
     def stage(self, name: str):
         """The histogram of one stage, made on its first use (stages differ by mode)."""
         with self._lock:
             metric = self._stages.get(name)
             if metric is None:
-                metric = self._stages[name] = self._stage_family.Metric(labels={**self.labels, "stage": name},
-                                                                        buckets=SECONDS_BUCKETS)
+                metric = self._stages[name] = self._stage_family.Metric(
+                    labels={**self.labels, "stage": name}, buckets=SECONDS_BUCKETS
+                )
             return metric
 
     def component_call(self, model: str, batch: int) -> None:

@@ -31,10 +31,20 @@ TEMPLATES = resources.files("revpers.serving") / "model_repository"  # package d
 BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
 
-def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: str | Path | None = None,
-                     bls_instances: int = 2, inversion_batch: int | None = None, force: bool = False,
-                     bls_threads: int = 8, gpu: bool | None = None, torch_compile: bool = False,
-                     component_instances: int = 1, limits: Limits | None = None) -> Path:
+def build_repository(
+    artifacts: Path | None,
+    out: Path,
+    backend: str,
+    bundle: str | Path | None = None,
+    bls_instances: int = 2,
+    inversion_batch: int | None = None,
+    force: bool = False,
+    bls_threads: int = 8,
+    gpu: bool | None = None,
+    torch_compile: bool = False,
+    component_instances: int = 1,
+    limits: Limits | None = None,
+) -> Path:
     """``inversion_batch``: timesteps per inversion UNet call. With artifacts it is the exported one
     (the UNet's max batch and TensorRT profile were built for it; a different value is refused);
     the pytorch target without artifacts takes it from here (default 10). ``limits``: what one
@@ -53,14 +63,22 @@ def build_repository(artifacts: Path | None, out: Path, backend: str, bundle: st
         params = _component_files(name, backend, out / name / "1", artifacts, record, bundle_path, torch_compile)
         if params is not None and gpu:  # Python-backend components take their inputs where the BLS has them
             params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-        (out / name / "config.pbtxt").write_text(component_config(spec, backend, instances=component_instances, gpu=gpu,
-                                                                    parameters=params))
+        (out / name / "config.pbtxt").write_text(
+            component_config(spec, backend, instances=component_instances, gpu=gpu, parameters=params)
+        )
     (out / "revpers" / "1").mkdir(parents=True)
     _copy_template("revpers", out / "revpers" / "1")
-    (out / "revpers" / "config.pbtxt").write_text(bls_config(str(bundle_path), bls_instances, inversion_batch, gpu,
-                                                              threads=bls_threads,
-                                                              max_batch={n: s.max_batch for n, s in specs.items()},
-                                                              limits=(limits or Limits()).as_parameters()))
+    (out / "revpers" / "config.pbtxt").write_text(
+        bls_config(
+            str(bundle_path),
+            bls_instances,
+            inversion_batch,
+            gpu,
+            threads=bls_threads,
+            max_batch={n: s.max_batch for n, s in specs.items()},
+            limits=(limits or Limits()).as_parameters(),
+        )
+    )
     return out
 
 
@@ -72,31 +90,42 @@ def _components(artifacts, backend: str, bundle, inversion_batch):
             raise ParameterError("the pytorch target needs the bundle (--models)")
         bundle_path = Path(bundle).resolve()
         inversion_batch = inversion_batch or 10
-        return ({s.name: s for s in specs_from_bundle(load_bundle(bundle_path), inversion_batch)}, None, bundle_path,
-                inversion_batch)
+        return (
+            {s.name: s for s in specs_from_bundle(load_bundle(bundle_path), inversion_batch)},
+            None,
+            bundle_path,
+            inversion_batch,
+        )
     if artifacts is None:
         raise ParameterError(f"the {backend} target needs exported artifacts (--artifacts)")
     record = load_artifacts(Path(artifacts).resolve())
     if "inversion_batch" not in record or "bundle_path" not in record:
-        raise ParameterError(f"{artifacts} was exported by an older revpers (its record lacks the inversion batch or "
-                         "the bundle path); export it again with `revpers export`")
+        raise ParameterError(
+            f"{artifacts} was exported by an older revpers (its record lacks the inversion batch or "
+            "the bundle path); export it again with `revpers export`"
+        )
     exported = int(record["inversion_batch"])
     if inversion_batch not in (None, exported):
-        raise ParameterError(f"inversion batch {inversion_batch} differs from the exported one ({exported}); "
-                         f"re-export with --inversion-batch {inversion_batch} or leave it out here")
+        raise ParameterError(
+            f"inversion batch {inversion_batch} differs from the exported one ({exported}); "
+            f"re-export with --inversion-batch {inversion_batch} or leave it out here"
+        )
     specs = {name: ComponentSpec.from_dict(c["spec"]) for name, c in record["components"].items()}
     return specs, record, Path(bundle).resolve() if bundle else Path(record["bundle_path"]), exported
 
 
-def _component_files(name: str, backend: str, version: Path, artifacts, record, bundle_path: Path,
-                     torch_compile: bool) -> dict | None:
+def _component_files(
+    name: str, backend: str, version: Path, artifacts, record, bundle_path: Path, torch_compile: bool
+) -> dict | None:
     """Write one component's version folder; returns its config parameters (None for an engine)."""
     version.mkdir(parents=True)
     if backend == "tensorrt":
         engine = (record.get("engines") or {}).get(name)
         if not engine:
-            raise FileNotFoundError(f"no TensorRT engine for {name} in {artifacts}; "
-                                    "run `revpers export --tensorrt` on the GPU machine that will serve it")
+            raise FileNotFoundError(
+                f"no TensorRT engine for {name} in {artifacts}; "
+                "run `revpers export --tensorrt` on the GPU machine that will serve it"
+            )
         _link_or_copy(Path(artifacts).resolve() / engine, version / "model.plan")
         return None
     if backend == "pytorch" and name != "arcface":

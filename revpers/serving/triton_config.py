@@ -15,8 +15,14 @@ def _tensor(t) -> str:
     return text + "  }"
 
 
-def component_config(spec: ComponentSpec, backend: str, instances: int = 1, queue_delay_us: int = 2000,
-                     gpu: bool = False, parameters: dict[str, str] | None = None) -> str:
+def component_config(
+    spec: ComponentSpec,
+    backend: str,
+    instances: int = 1,
+    queue_delay_us: int = 2000,
+    gpu: bool = False,
+    parameters: dict[str, str] | None = None,
+) -> str:
     """``backend``: "tensorrt" (an engine, Triton's TensorRT backend), "onnxruntime" or "pytorch" (the
     generic Python-backend component model; ``parameters`` become its config parameters)."""
     if backend == "tensorrt":
@@ -42,18 +48,28 @@ def component_config(spec: ComponentSpec, backend: str, instances: int = 1, queu
     return text
 
 
-def bls_config(bundle_path: str, instances: int, inversion_batch: int, gpu: bool = False, threads: int = 8,
-               queue_delay_us: int = 500, max_batch: dict[str, int] | None = None,
-               limits: dict[str, str] | None = None) -> str:
+def bls_config(
+    bundle_path: str,
+    instances: int,
+    inversion_batch: int,
+    gpu: bool = False,
+    threads: int = 8,
+    queue_delay_us: int = 500,
+    max_batch: dict[str, int] | None = None,
+    limits: dict[str, str] | None = None,
+) -> str:
     """The `revpers` BLS model. Its dynamic batcher hands each instance up to ``threads`` waiting
     requests per execute call, which it serves concurrently (see revpers.serving.bls). A request holds
     one image: IMAGE and PARAMS have shape [1, 1] (batch of one). ``max_batch``: each component's
     max batch, so the BLS splits its calls to what the served models accept. ``limits``: what one
     request may cost (``revpers.service.request.Limits.as_parameters()``), as config parameters."""
     kind = "KIND_GPU" if gpu else "KIND_CPU"
-    extra = "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in (limits or {}).items())
+    extra = "".join(
+        f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in (limits or {}).items()
+    )
     batches = json.dumps(max_batch or {}).replace('"', '\\"')
-    return f'''name: "revpers"
+    return (
+        f'''name: "revpers"
 backend: "python"
 max_batch_size: {threads}
 input [
@@ -71,4 +87,6 @@ parameters {{ key: "inversion_batch" value: {{ string_value: "{inversion_batch}"
 parameters {{ key: "max_batch" value: {{ string_value: "{batches}" }} }}
 parameters {{ key: "threads" value: {{ string_value: "{threads}" }} }}
 parameters {{ key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: {{ string_value: "{"no" if gpu else "yes"}" }} }}
-''' + extra
+'''
+        + extra
+    )

@@ -19,7 +19,18 @@ from revpers.serving.launcher.process import (
 )
 
 __all__ = [
-    "PortInUseError", "Security", "ServerUrls", "ServerUsageError", "Stub", "TritonInstall", "TritonNotFoundError",
-    "TritonServer", "TritonServerError", "find_tritonserver", "free_port", "free_ports", "port_in_use",
+    "PortInUseError",
+    "Security",
+    "ServerUrls",
+    "ServerUsageError",
+    "Stub",
+    "TritonInstall",
+    "TritonNotFoundError",
+    "TritonServer",
+    "TritonServerError",
+    "find_tritonserver",
+    "free_port",
+    "free_ports",
+    "port_in_use",
     "prepare_backend_dir",
 ]

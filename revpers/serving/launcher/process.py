@@ -109,8 +109,9 @@ _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version (\d+): ([^\"\n]*)"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
-def http_request(url: str, data: bytes | None = None, timeout: float = 2.0,
-                 headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+def http_request(
+    url: str, data: bytes | None = None, timeout: float = 2.0, headers: Mapping[str, str] | None = None
+) -> tuple[int, bytes]:
     """(status, body) of a GET (``data`` None) or JSON POST; HTTP errors are returned, not raised."""
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     if data is not None:
@@ -306,12 +307,17 @@ class Security:
     def arguments(self) -> list[str]:
         args: list[str] = []
         if self.tls_cert is not None:
-            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.tls_cert).absolute()}",
-                     f"--grpc-server-key={Path(self.tls_key).absolute()}"]
+            args += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={Path(self.tls_cert).absolute()}",
+                f"--grpc-server-key={Path(self.tls_key).absolute()}",
+            ]
             if self.tls_ca is not None:
                 args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(self.tls_ca).absolute()}"]
-        for groups, header, key in ((INFERENCE_GROUPS, API_KEY_HEADER, self.api_key),
-                                    (ADMIN_GROUPS, ADMIN_KEY_HEADER, self.admin_key)):
+        for groups, header, key in (
+            (INFERENCE_GROUPS, API_KEY_HEADER, self.api_key),
+            (ADMIN_GROUPS, ADMIN_KEY_HEADER, self.admin_key),
+        ):
             if key is not None:
                 setting = f"{','.join(groups)}:{header}={key}"
                 args += [f"--grpc-restricted-protocol={setting}", f"--http-restricted-api={setting}"]
@@ -391,7 +397,9 @@ class TritonServer:
     @property
     def urls(self) -> ServerUrls:
         g, h = client_host(self.host), client_host(self.http_host)
-        return ServerUrls(f"{g}:{self.grpc_port}", f"http://{h}:{self.http_port}", f"http://{h}:{self.metrics_port}/metrics")
+        return ServerUrls(
+            f"{g}:{self.grpc_port}", f"http://{h}:{self.http_port}", f"http://{h}:{self.metrics_port}/metrics"
+        )
 
     @property
     def pid(self) -> int | None:
@@ -476,8 +484,11 @@ class TritonServer:
     # -- lifecycle
 
     def _check_ports(self) -> None:
-        ports = {"gRPC": (self.grpc_port, self.host), "HTTP": (self.http_port, self.http_host),
-                 "metrics": (self.metrics_port, self.http_host)}
+        ports = {
+            "gRPC": (self.grpc_port, self.host),
+            "HTTP": (self.http_port, self.http_host),
+            "metrics": (self.metrics_port, self.http_host),
+        }
         if len({p for p, _ in ports.values()}) != len(ports):
             given = {k: p for k, (p, _) in ports.items()}
             raise PortInUseError(f"the gRPC, HTTP and metrics ports must differ, got {given}")
@@ -552,8 +563,9 @@ class TritonServer:
         if self._proc.poll() is None:
             self.argv_hidden = hide_in_argv(self._proc.pid, self.security.secrets())
             if not self.argv_hidden and not after_output:
-                LOG.warning("could not wipe the API keys from tritonserver's command line: "
-                            "local users can read them with ps")
+                LOG.warning(
+                    "could not wipe the API keys from tritonserver's command line: local users can read them with ps"
+                )
 
     def _log_grew(self) -> bool:
         """Whether the server wrote anything after our own header line."""
@@ -579,7 +591,8 @@ class TritonServer:
             if time.monotonic() > deadline:
                 raise TritonServerError(
                     f"tritonserver not ready after {timeout:.0f} s (models still loading?)",
-                    self.log_tail(), self.log_path,
+                    self.log_tail(),
+                    self.log_path,
                 )
             time.sleep(0.1)
 
@@ -589,7 +602,7 @@ class TritonServer:
         return summary, self.log_tail(), self.log_path
 
     def load_failures(self) -> list[str]:
-        """"model 'x' v1 failed to load: <reason>" for each failure this run logged, and the
+        """ "model 'x' v1 failed to load: <reason>" for each failure this run logged, and the
         server's own fatal ``error: ...`` line."""
         text = tail(self.log_path, self._log_offset, lines=100_000, max_bytes=1 << 20) if self.log_path else ""
         out: list[str] = []
@@ -699,8 +712,9 @@ class TritonServer:
     # -- queries and model control (the admin key, when set, is sent)
 
     def _admin(self, path: str, data: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-        return http_request(f"{self.urls.http}{path}", data=data, timeout=timeout,
-                            headers=self.security.admin_headers())
+        return http_request(
+            f"{self.urls.http}{path}", data=data, timeout=timeout, headers=self.security.admin_headers()
+        )
 
     def is_ready(self, timeout: float = 1.0) -> bool:
         """``GET /v2/health/ready`` answered 200 (strict readiness: every loaded model READY)."""

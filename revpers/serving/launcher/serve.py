@@ -137,9 +137,18 @@ def serve(
         log_file = name
     drain_dir = Path(tempfile.mkdtemp(prefix="revpers-drain-"))
     server = TritonServer(
-        repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, host=host,
-        http_host=http_host, security=security or Security(), log_verbose=log_verbose, log_file=log_file,
-        extra_args=extra_args, model_control_mode="explicit", env={DRAIN_FILE_ENV: str(drain_dir / "draining")},
+        repository,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        host=host,
+        http_host=http_host,
+        security=security or Security(),
+        log_verbose=log_verbose,
+        log_file=log_file,
+        extra_args=extra_args,
+        model_control_mode="explicit",
+        env={DRAIN_FILE_ENV: str(drain_dir / "draining")},
     )
     supervisor = Supervisor(server, Health(), entry_models=entry_models, drain_file=drain_dir / "draining")
     stopping = threading.Event()
@@ -180,12 +189,20 @@ def serve(
     return code
 
 
-def _run(server: TritonServer, supervisor: Supervisor, cleanup: contextlib.ExitStack, health_port: int,
-         startup_timeout: float, stream_log: bool, log_file: Path) -> int:
+def _run(
+    server: TritonServer,
+    supervisor: Supervisor,
+    cleanup: contextlib.ExitStack,
+    health_port: int,
+    startup_timeout: float,
+    stream_log: bool,
+    log_file: Path,
+) -> int:
     """Health endpoint, log streaming, start, then serve until the server dies (a signal interrupts)."""
     try:
-        endpoint = _start_health(supervisor.health, server.http_host, health_port,
-                                 (server.grpc_port, server.http_port, server.metrics_port))
+        endpoint = _start_health(
+            supervisor.health, server.http_host, health_port, (server.grpc_port, server.http_port, server.metrics_port)
+        )
     except ServerUsageError as exc:
         LOG.error("%s", exc)
         return 2
@@ -204,14 +221,18 @@ def _start_health(health: Health, host: str, port: int, server_ports: Sequence[i
     try:
         return HealthEndpoint(health, host, port).start()
     except OSError as exc:
-        raise PortInUseError(f"health port {port} on {host}: {exc.strerror or exc}; "
-                             "choose another with --health-port") from None
+        raise PortInUseError(
+            f"health port {port} on {host}: {exc.strerror or exc}; choose another with --health-port"
+        ) from None
 
 
 def _drain_and_stop(server: TritonServer, supervisor: Supervisor, signum: int, drain_timeout: float) -> int:
     """The stop sequence after SIGTERM/SIGINT (docs/serving.md, "Drain"); returns serve's exit code."""
-    LOG.info("%s received: draining (new requests refused, up to %.0f s for those in flight)",
-             signal.Signals(signum).name, drain_timeout)
+    LOG.info(
+        "%s received: draining (new requests refused, up to %.0f s for those in flight)",
+        signal.Signals(signum).name,
+        drain_timeout,
+    )
     # before the server was up (no supervisor yet) there is nothing to drain
     drained = supervisor.drain(drain_timeout) if supervisor.ident is not None else True
     supervisor.stop()
@@ -219,9 +240,12 @@ def _drain_and_stop(server: TritonServer, supervisor: Supervisor, signum: int, d
     code = server.stop(timeout=STUCK_EXIT_GRACE_S if stuck else None)
     supervisor.health.set(live=False, ready=False, state="stopped")
     if drained and code != 0 and stuck:
-        LOG.warning("tritonserver did not exit by itself after the drain (exit %s): a version of %s "
-                    "whose stub died stays UNLOADING in Triton; every request had finished",
-                    code, ", ".join(f"'{m}'" for m in sorted(supervisor.reloaded)))
+        LOG.warning(
+            "tritonserver did not exit by itself after the drain (exit %s): a version of %s "
+            "whose stub died stays UNLOADING in Triton; every request had finished",
+            code,
+            ", ".join(f"'{m}'" for m in sorted(supervisor.reloaded)),
+        )
     elif code not in (0, None):
         LOG.error("tritonserver exited with code %s while stopping", code)
         return 1
@@ -232,8 +256,13 @@ def _drain_and_stop(server: TritonServer, supervisor: Supervisor, signum: int, d
     return 0
 
 
-def _serve(server: TritonServer, supervisor: Supervisor, endpoint: HealthEndpoint | None,
-           startup_timeout: float, quiet_errors: bool) -> int:
+def _serve(
+    server: TritonServer,
+    supervisor: Supervisor,
+    endpoint: HealthEndpoint | None,
+    startup_timeout: float,
+    quiet_errors: bool,
+) -> int:
     LOG.info("starting tritonserver on %s (log %s)", server.repository, server.log_path)
     try:
         server.start(timeout=startup_timeout)
@@ -269,8 +298,9 @@ def _report_ready(server: TritonServer, endpoint: HealthEndpoint | None) -> None
         models = []
         LOG.warning("repository index unavailable: %s", exc)
     ready = [f"{m['name']} (v{m.get('version', '?')})" for m in models if m.get("state") == "READY"]
-    not_ready = [f"{m['name']}: {m.get('state', '?')} {m.get('reason', '')}".strip()
-                 for m in models if m.get("state") != "READY"]
+    not_ready = [
+        f"{m['name']}: {m.get('state', '?')} {m.get('reason', '')}".strip() for m in models if m.get("state") != "READY"
+    ]
     tls = "mutual TLS" if sec.tls_ca else "TLS" if sec.tls_cert else "plaintext"
     health_url = f"http://{client_host(server.http_host)}:{endpoint.port}" if endpoint else None
     LOG.info("tritonserver ready in %.1f s (pid %d)", server.startup_seconds or 0.0, server.pid)
@@ -288,10 +318,19 @@ def _report_ready(server: TritonServer, endpoint: HealthEndpoint | None) -> None
     if not _is_loopback(server.host) and not (sec.tls_cert and sec.api_key):
         LOG.warning("  gRPC listens on %s, beyond this machine, without TLS and an API key", server.host)
     if not _is_loopback(server.http_host):
-        LOG.warning("  HTTP and metrics listen on %s, beyond this machine, in plaintext: put a TLS proxy in "
-                    "front instead (docs/serving.md)", server.http_host)
-    LOG.info("  ready: grpc %s, http %s, metrics %s%s; Ctrl-C or SIGTERM drains and stops (log %s)",
-             urls.grpc, urls.http, urls.metrics, f", health {health_url}/readyz" if health_url else "", server.log_path)
+        LOG.warning(
+            "  HTTP and metrics listen on %s, beyond this machine, in plaintext: put a TLS proxy in "
+            "front instead (docs/serving.md)",
+            server.http_host,
+        )
+    LOG.info(
+        "  ready: grpc %s, http %s, metrics %s%s; Ctrl-C or SIGTERM drains and stops (log %s)",
+        urls.grpc,
+        urls.http,
+        urls.metrics,
+        f", health {health_url}/readyz" if health_url else "",
+        server.log_path,
+    )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -300,40 +339,83 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
-    parser.add_argument("--health-port", type=int, default=8003,
-                        help="port of /livez and /readyz, on the HTTP address (default 8003)")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address gRPC listens on (default 127.0.0.1; 0.0.0.0 for all interfaces: then use "
-                             "--tls-cert/--tls-key and an API key)")
-    parser.add_argument("--http-host", default=DEFAULT_HOST,
-                        help="address HTTP, metrics and health listen on (default 127.0.0.1: tritonserver's HTTP has "
-                             "no TLS; put a TLS-terminating proxy in front rather than opening it)")
+    parser.add_argument(
+        "--health-port", type=int, default=8003, help="port of /livez and /readyz, on the HTTP address (default 8003)"
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address gRPC listens on (default 127.0.0.1; 0.0.0.0 for all interfaces: then use "
+        "--tls-cert/--tls-key and an API key)",
+    )
+    parser.add_argument(
+        "--http-host",
+        default=DEFAULT_HOST,
+        help="address HTTP, metrics and health listen on (default 127.0.0.1: tritonserver's HTTP has "
+        "no TLS; put a TLS-terminating proxy in front rather than opening it)",
+    )
     tls = parser.add_argument_group("gRPC TLS")
     tls.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM) for gRPC TLS")
     tls.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
-    tls.add_argument("--tls-ca", type=Path, default=None,
-                     help="CA (PEM) that signs client certificates: mutual TLS, clients need a certificate")
+    tls.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="CA (PEM) that signs client certificates: mutual TLS, clients need a certificate",
+    )
     keys = parser.add_argument_group("API keys (tritonserver's restricted protocols, gRPC and HTTP)")
-    keys.add_argument("--api-key-file", type=Path, default=None,
-                      help=f"file holding the key inference requests must carry (default: ${API_KEY_ENV}; "
-                           "neither: inference is open)")
-    keys.add_argument("--admin-key-file", type=Path, default=None,
-                      help=f"file holding the key for model config, repository control, statistics, trace, logging "
-                           f"and shared memory (default: ${ADMIN_KEY_ENV}; neither: a random key, so they are off)")
-    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
-                        help="on SIGTERM, seconds requests in flight may take to finish (default 300)")
-    parser.add_argument("--entry-model", action="append", default=None, metavar="NAME",
-                        help=f"model clients call, unloaded first when draining (default {MODEL}; repeatable)")
+    keys.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help=f"file holding the key inference requests must carry (default: ${API_KEY_ENV}; "
+        "neither: inference is open)",
+    )
+    keys.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=None,
+        help=f"file holding the key for model config, repository control, statistics, trace, logging "
+        f"and shared memory (default: ${ADMIN_KEY_ENV}; neither: a random key, so they are off)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help="on SIGTERM, seconds requests in flight may take to finish (default 300)",
+    )
+    parser.add_argument(
+        "--entry-model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"model clients call, unloaded first when draining (default {MODEL}; repeatable)",
+    )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    parser.add_argument("--log-file", type=Path, default=None,
-                        help="server log file, appended to (default: a temp file, deleted after a clean stop)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="do not stream the server log to stderr (serve's own lines, the ready line, still print)")
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="more of serve's own lines (supervision, drain progress)")
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        help="server log file, appended to (default: a temp file, deleted after a clean stop)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not stream the server log to stderr (serve's own lines, the ready line, still print)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="more of serve's own lines (supervision, drain progress)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for all models to load")
     parser.add_argument(
-        "--triton-arg", action="append", default=[], metavar="ARG",
+        "--triton-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
         help="extra tritonserver argument, e.g. --triton-arg=--pinned-memory-pool-byte-size=0 (repeatable)",
     )
     return parser
@@ -344,24 +426,37 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         api_key = read_key(args.api_key_file, API_KEY_ENV, "API key")
         admin_key = read_key(args.admin_key_file, ADMIN_KEY_ENV, "admin key") or secrets.token_urlsafe(32)
-        security = Security(api_key=api_key, admin_key=admin_key, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                            tls_ca=args.tls_ca)
+        security = Security(
+            api_key=api_key, admin_key=admin_key, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca
+        )
         security.check()
     except ServerUsageError as exc:
         print(f"revpers serve: {exc.summary}", file=sys.stderr)
         return 2
     return serve(
-        args.repository, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
-        host=args.host, http_host=args.http_host, health_port=args.health_port, security=security,
-        drain_timeout=args.drain_timeout, entry_models=args.entry_model or (MODEL,),
-        log_verbose=args.log_verbose, log_file=args.log_file, stream_log=not args.quiet,
-        verbose=getattr(args, "verbose", False), startup_timeout=args.startup_timeout, extra_args=args.triton_arg,
+        args.repository,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        http_host=args.http_host,
+        health_port=args.health_port,
+        security=security,
+        drain_timeout=args.drain_timeout,
+        entry_models=args.entry_model or (MODEL,),
+        log_verbose=args.log_verbose,
+        log_file=args.log_file,
+        stream_log=not args.quiet,
+        verbose=getattr(args, "verbose", False),
+        startup_timeout=args.startup_timeout,
+        extra_args=args.triton_arg,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m revpers.serving.launcher.serve",
-                                     description="Serve a Triton model repository.")
+    parser = argparse.ArgumentParser(
+        prog="python -m revpers.serving.launcher.serve", description="Serve a Triton model repository."
+    )
     return run_serve(add_serve_arguments(parser).parse_args(argv))
 
 

@@ -48,8 +48,14 @@ class Health:
     detail: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def set(self, *, live: bool | None = None, ready: bool | None = None, state: str | None = None,
-            detail: str | None = None) -> None:
+    def set(
+        self,
+        *,
+        live: bool | None = None,
+        ready: bool | None = None,
+        state: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         with self._lock:
             if live is not None:
                 self.live = live
@@ -80,7 +86,7 @@ def in_flight(metrics_text: str, name: str = IN_FLIGHT_METRIC) -> float | None:
     """The sum of the ``name`` gauge's samples in a Prometheus text page, None when absent."""
     total, found = 0.0, False
     for line in metrics_text.splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
             with contextlib.suppress(ValueError, IndexError):
                 total += float(line.rsplit(None, 1)[1])
                 found = True
@@ -112,8 +118,16 @@ class Supervisor(threading.Thread):
     is also false whenever Triton's ``/v2/health/ready`` is not 200.
     """
 
-    def __init__(self, server: TritonServer, health: Health | None = None, *, interval: float = 0.5,
-                 retry_s: float = 5.0, entry_models: Iterable[str] = (MODEL,), drain_file: Path | None = None):
+    def __init__(
+        self,
+        server: TritonServer,
+        health: Health | None = None,
+        *,
+        interval: float = 0.5,
+        retry_s: float = 5.0,
+        entry_models: Iterable[str] = (MODEL,),
+        drain_file: Path | None = None,
+    ):
         super().__init__(name="revpers-supervisor", daemon=True)
         self.server = server
         self.health = health or Health()
@@ -169,8 +183,12 @@ class Supervisor(threading.Thread):
             triton_ready = self.server.is_ready()
         except OSError:
             triton_ready = False
-        self.health.set(live=True, ready=triton_ready, state="serving" if triton_ready else "not ready",
-                        detail="" if triton_ready else "tritonserver /v2/health/ready is not 200")
+        self.health.set(
+            live=True,
+            ready=triton_ready,
+            state="serving" if triton_ready else "not ready",
+            detail="" if triton_ready else "tritonserver /v2/health/ready is not 200",
+        )
 
     def _on_lost(self, lost: list[Stub]) -> None:
         try:
@@ -181,8 +199,12 @@ class Supervisor(threading.Thread):
             if stub.model in serving or stub.model in {s.model for s in self._pending.values()}:
                 self._pending[stub.pid] = stub
             else:  # unloaded on purpose (an admin's model control): not ours to bring back
-                LOG.info("stub %s (pid %d) of model '%s' exited; the model is not loaded, nothing to recover",
-                         stub.instance, stub.pid, stub.model)
+                LOG.info(
+                    "stub %s (pid %d) of model '%s' exited; the model is not loaded, nothing to recover",
+                    stub.instance,
+                    stub.pid,
+                    stub.model,
+                )
         if self._pending and self._lost_at is None:
             self._lost_at = time.monotonic()
             self._next_try = 0.0
@@ -199,8 +221,10 @@ class Supervisor(threading.Thread):
                 self.server.unload_model(model)
             for model in models:
                 if not _touch_model(self.server.repository, model):
-                    raise TritonServerError(f"cannot change a file of model '{model}' in {self.server.repository}, "
-                                            "so Triton would not reload it")
+                    raise TritonServerError(
+                        f"cannot change a file of model '{model}' in {self.server.repository}, "
+                        "so Triton would not reload it"
+                    )
                 self.server.load_model(model)
                 self.reloaded.add(model)
             fresh = {s.model for s in self.server.stubs()}
@@ -212,9 +236,13 @@ class Supervisor(threading.Thread):
         except (OSError, TritonServerError) as exc:
             self._next_try = time.monotonic() + self.retry_s
             self.health.set(live=False, ready=False, state="failed", detail=str(exc))
-            LOG.error("stub %s died; reloading model %s failed (%s); retrying in %.0f s",
-                      ", ".join(f"{s.instance} (pid {s.pid})" for s in stubs), ", ".join(f"'{m}'" for m in models),
-                      exc, self.retry_s)
+            LOG.error(
+                "stub %s died; reloading model %s failed (%s); retrying in %.0f s",
+                ", ".join(f"{s.instance} (pid {s.pid})" for s in stubs),
+                ", ".join(f"'{m}'" for m in models),
+                exc,
+                self.retry_s,
+            )
             return
         seconds = time.monotonic() - self._lost_at
         self._known = {s.pid: s for s in self.server.stubs()}
@@ -222,10 +250,14 @@ class Supervisor(threading.Thread):
         self._lost_at = None
         self.recoveries.append(Recovery(stubs, models, "reload", seconds, removed))
         self.health.set(live=True, ready=True, state="serving", detail="")
-        LOG.warning("stub %s died; reloaded model %s; serving again %.2f s after the death was seen "
-                    "(%d shm file%s removed)",
-                    ", ".join(f"{s.instance} (pid {s.pid})" for s in stubs), ", ".join(f"'{m}'" for m in models),
-                    seconds, removed, "" if removed == 1 else "s")
+        LOG.warning(
+            "stub %s died; reloaded model %s; serving again %.2f s after the death was seen (%d shm file%s removed)",
+            ", ".join(f"{s.instance} (pid {s.pid})" for s in stubs),
+            ", ".join(f"'{m}'" for m in models),
+            seconds,
+            removed,
+            "" if removed == 1 else "s",
+        )
 
     def stop(self) -> None:
         self._halt.set()
@@ -294,8 +326,13 @@ class Supervisor(threading.Thread):
                 stubs = {s.model for s in self.server.stubs()}
             except (OSError, ValueError, TritonServerError):
                 return False
-            waiting = [m for m in models if m in stubs or states.get(m, set()) & {"READY", "LOADING"}
-                       or (m not in python_models and "UNLOADING" in states.get(m, set()))]
+            waiting = [
+                m
+                for m in models
+                if m in stubs
+                or states.get(m, set()) & {"READY", "LOADING"}
+                or (m not in python_models and "UNLOADING" in states.get(m, set()))
+            ]
             if not waiting:
                 return True
             if time.monotonic() >= deadline or not self.server.is_running():
@@ -327,8 +364,11 @@ class HealthEndpoint:
                 pass
 
         bind = host.strip("[]")
-        server_cls = type("_HealthHTTPServer", (ThreadingHTTPServer,), {
-            "address_family": socket.AF_INET6 if ":" in bind else socket.AF_INET, "daemon_threads": True})
+        server_cls = type(
+            "_HealthHTTPServer",
+            (ThreadingHTTPServer,),
+            {"address_family": socket.AF_INET6 if ":" in bind else socket.AF_INET, "daemon_threads": True},
+        )
         self.httpd = server_cls((bind, port), Handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="revpers-health", daemon=True)

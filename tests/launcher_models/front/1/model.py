@@ -21,8 +21,9 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         self.drain_file = os.environ.get("REVPERS_DRAIN_FILE")
-        self.family = pb_utils.MetricFamily(name="revpers_requests_in_flight", description="requests executing",
-                                            kind=pb_utils.MetricFamily.GAUGE)
+        self.family = pb_utils.MetricFamily(
+            name="revpers_requests_in_flight", description="requests executing", kind=pb_utils.MetricFamily.GAUGE
+        )
         self.in_flight = self.family.Metric(labels={"model": "front"})
         self.lock = threading.Lock()
         self.count = 0
@@ -31,8 +32,12 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self.drain_file and os.path.exists(self.drain_file):
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                "server is draining", pb_utils.TritonError.UNAVAILABLE)), flags=final)
+            sender.send(
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("server is draining", pb_utils.TritonError.UNAVAILABLE)
+                ),
+                flags=final,
+            )
             return
         self._count(+1)
         try:
@@ -43,16 +48,21 @@ class TritonPythonModel:
                     time.sleep(0.01)
             else:
                 time.sleep(float(x.flat[0]))
-            sub = pb_utils.InferenceRequest(model_name="work", requested_output_names=["OUTPUT0"],
-                                            inputs=[pb_utils.Tensor("INPUT0", x)]).exec()
+            sub = pb_utils.InferenceRequest(
+                model_name="work", requested_output_names=["OUTPUT0"], inputs=[pb_utils.Tensor("INPUT0", x)]
+            ).exec()
             if sub.has_error():
                 message = sub.error().message()
-                recovering = any(s in message for s in ("not healthy", "not ready", "unknown model", "no available versions"))
+                recovering = any(
+                    s in message for s in ("not healthy", "not ready", "unknown model", "no available versions")
+                )
                 code = pb_utils.TritonError.UNAVAILABLE if recovering else pb_utils.TritonError.INTERNAL
                 response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"work: {message}", code))
             else:
                 y = pb_utils.get_output_tensor_by_name(sub, "OUTPUT0").as_numpy()
-                response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", (y * 2).astype(np.float32))])
+                response = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("OUTPUT0", (y * 2).astype(np.float32))]
+                )
             sender.send(response, flags=final)
         finally:
             self._count(-1)
