@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 
 from revpers.core.errors import ParameterError
 from revpers.core.schedule import timesteps
-from revpers.service.images import MIN_SIDE  # noqa: F401  SCRATCH: a layer violation (core -> service)
 
 __all__ = ["Params", "ParameterError", "coerce_number", "given_values"]
 
