@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import revpers.gate.loop  # noqa: F401,E402  SCRATCH: gate.policy <-> gate.loop cycle
 from revpers.core.params import ParameterError, Params, coerce_number, given_values
 from revpers_client.protocol import MAX_GATE_RETRIES, FaceVerdict, ImageVerdict
 
