@@ -13,6 +13,7 @@ import torch
 from conftest import real_photo
 from numerics import ProbeComponents
 
+from revpers.core.errors import DependencyError
 from revpers.export.onnx_export import parity
 from revpers.models.artifacts import ARTIFACTS_MANIFEST, onnx_session
 from revpers.models.components import NUMPY_DTYPES, ComponentSpec
@@ -237,7 +238,7 @@ def test_fp8_calibration_records_the_pipelines_own_unet_inputs(exported, smoke_b
     try:
         import modelopt.onnx.quantization  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="ModelOpt"):
+        with pytest.raises(DependencyError, match="ModelOpt"):
             quantize_unet_fp8(_path(exported, "unet"), rows, Path("unused.onnx"))
     with pytest.raises(ValueError, match="fp8 is a TensorRT engine option"):
         from revpers.export.onnx_export import export_bundle

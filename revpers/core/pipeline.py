@@ -171,8 +171,16 @@ class count_unet_calls:
     def __exit__(self, *exc):
         del self.models.denoise
 
+    @property
+    def calls(self) -> int:
+        return len(self.batches)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.batches)
+
     def as_dict(self) -> dict:
         by_batch: dict[str, int] = {}
         for b in self.batches:
             by_batch[str(b)] = by_batch.get(str(b), 0) + 1
-        return {"calls": len(self.batches), "samples": sum(self.batches), "by_batch": by_batch}
+        return {"calls": self.calls, "samples": self.samples, "by_batch": by_batch}
