@@ -1077,10 +1077,14 @@ def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxrun
     from tritonclient.utils import InferenceServerException
 
     data = encode_image(real_photo(), "PNG")
+    # a private copy: stubs are found by their model.py path, and the session's shared server serves
+    # the shared repository (its stubs must be neither found nor killed here)
+    repo = tmp_path / "repo"
+    shutil.copytree(onnxruntime_repository, repo, symlinks=True)
     ports = free_ports(4)
     log = tmp_path / "serve.log"
     proc = _launch_serve(
-        onnxruntime_repository,
+        repo,
         ports,
         tmp_path / "cache",
         log,
@@ -1113,7 +1117,7 @@ def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxrun
         assert request()[0]["verdict"]
         figures = []
         for model in (MODEL, "unet"):
-            pid, region = _stub(onnxruntime_repository, model)
+            pid, region = _stub(repo, model)
             t_kill = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             report, retries = request()
