@@ -1,4 +1,5 @@
-"""`revpers` command line: smoke-model, anonymize, verify, reconstruct, export, repository, batch, serve."""
+"""`revpers` command line: smoke-model, bundle, anonymize, review, verify, reconstruct, evaluate, sweep, export,
+repository, serve, batch."""
 
 from __future__ import annotations
 
