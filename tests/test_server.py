@@ -273,8 +273,9 @@ def test_one_bls_instance_serves_concurrent_requests(server, client):
     Shown without timing: every report carries the interval in which the instance worked on it
     (its pid, start and end on the host's monotonic clock), and two requests of one instance with
     overlapping intervals were served at the same time. The first request (more steps) occupies the
-    instance; once its UNet calls have started, the other three are sent and wait in the BLS queue
-    together, so the dynamic batcher hands them over in one execute call. Sent one after another,
+    instance; once its UNet calls have started, the other three are sent, and the instance (whose
+    execute returns at once, each response leaving when its image is done) takes them while the
+    first is still being served. Sent one after another,
     the same four requests' intervals are disjoint (the check can tell the two apart)."""
     data = png_bytes(real_photo())
     params = [{"mode": "aligned", "steps": 16 if s == 0 else 6, "seed": s} for s in range(4)]
@@ -313,7 +314,9 @@ def test_one_bls_instance_serves_concurrent_requests(server, client):
     assert overlapping  # and it served some of them at the same time
     assert concurrent["inferences"] == sequential["inferences"]  # same work, same UNet samples
     assert bls["inferences"] == 4
-    assert bls["executions"] < 4  # the BLS instance got several requests in one execute call
+    # how many execute calls delivered them is timing: execute returns at once (each response is sent
+    # when its image is done), so Triton may hand the waiting requests over together or one by one
+    print(f"BLS execute calls for 4 requests: {bls['executions']}")
     # Their UNet calls merge when they wait in the unet queue together: opportunistic, it depends on
     # timing (measured 23 executions instead of 28 on a quiet machine, none merged under heavy load).
     assert concurrent["executions"] <= sequential["executions"]
