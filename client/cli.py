@@ -465,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-request deadline in seconds (default 600), sent with the request: the server "
         "stops working on it when it passes, and it fails with DEADLINE_EXCEEDED (not retried)",
     )
-    r.add_argument("--retry-deadline", action="store_true", help="send a request that passed its deadline once more")
+    r.add_argument(
+        "--retry-deadline",
+        action="store_true",
+        help="send a request that passed its deadline once more (a request that was inside a server "
+        "model process when it crashed gets no answer before its deadline)",
+    )
     r.add_argument(
         "--max-wait",
         type=_nonneg_float,

@@ -575,6 +575,9 @@ def test_in_flight_sums_the_gauge_and_tells_absence():
     )
     assert in_flight(page) == 3
     assert in_flight('nv_inference_count{model="a"} 4\n') is None
+    page = 'revpers_requests_in_flight{instance="front_0_0"} 2\nrevpers_requests_in_flight{instance="front_0_1"} 1\n'
+    assert in_flight(page, instance="front_0_1") == 1
+    assert in_flight(page, instance="front_0") is None  # a label value, not a prefix
 
 
 @pytest.fixture()
@@ -627,16 +630,21 @@ class _HealthWatch(threading.Thread):
 
 
 def _retryable(exc) -> bool:
-    """What a client retries while a server recovers: UNAVAILABLE, NOT_FOUND, and the INTERNAL
-    "Stub process ... is not healthy" that Triton gives a request already in the dead stub."""
-    return exc.status() in ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND") or "is not healthy" in exc.message()
+    """What a client retries while a server recovers: UNAVAILABLE, NOT_FOUND, the INTERNAL
+    "Stub process ... is not healthy" that Triton gives a request already in the dead stub, and
+    DEADLINE_EXCEEDED (a request that was inside a dead stub answering through its response sender
+    gets no answer at all)."""
+    return (
+        exc.status() in ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.DEADLINE_EXCEEDED")
+        or "is not healthy" in exc.message()
+    )
 
 
-def _front(client, value: float, headers=None):
+def _front(client, value: float, headers=None, timeout: float | None = None):
     grpc = pytest.importorskip("tritonclient.grpc")
     inp = grpc.InferInput("INPUT0", [1, 1], "FP32")
     inp.set_data_from_numpy(np.array([[value]], dtype=np.float32))
-    return float(client.infer("front", [inp], headers=headers).as_numpy("OUTPUT0")[0, 0])
+    return float(client.infer("front", [inp], headers=headers, client_timeout=timeout).as_numpy("OUTPUT0")[0, 0])
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -669,6 +677,7 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
     from tritonclient.grpc import InferenceServerClient
     from tritonclient.utils import InferenceServerException
 
+    ATTEMPT_S = 10.0  # noqa: N806 (per-attempt deadline; a request served takes milliseconds)
     ports = free_ports(4)
     log = tmp_path / "serve.log"
     proc = _launch_serve(front_repo, ports, cache_dir, log, extra=["--entry-model", "front", "--quiet"])
@@ -681,7 +690,7 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
             sent = time.monotonic()
             for _ in range(600):  # one request, retried every 50 ms for up to 30 s
                 try:
-                    assert _front(client, 0.0) == 2.0
+                    assert _front(client, 0.0, timeout=ATTEMPT_S) == 2.0
                     ok_at.append((sent, time.monotonic()))
                     break
                 except InferenceServerException as exc:
@@ -712,8 +721,10 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
                 f"the recovery of {model}",
             )
             t_line = time.monotonic()
-            _wait_for(
-                lambda: any(sent > t_line for sent, _ in ok_at), 30, f"a request sent after {model} recovered served"
+            _wait_for(  # the request in flight may have been inside the dead stub: one deadline more
+                lambda: any(sent > t_line for sent, _ in ok_at),
+                30 + ATTEMPT_S,
+                f"a request sent after {model} recovered served (failures {failures}, last retries {retried[-5:]})",
             )
             first_ok = min(t for sent, t in ok_at if sent > t_kill)  # of the requests sent after the kill
             during = watch.between(t_kill, t_line)
@@ -737,6 +748,70 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
     finally:
         done.set()
         watch.done.set()
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.server
+def test_a_request_inside_a_killed_entry_stub_is_counted_and_does_not_hold_the_drain(
+    install, cache_dir, front_repo, tmp_path
+):
+    """kill -9 of the entry stub while a request is inside it (answered through its response
+    sender, as the revpers BLS answers): the supervisor counts and names the lost request, the
+    reloaded model's in-flight gauge starts at 0 (not the dead stub's 1, which held the drain for
+    its whole timeout), the lost request ends with an error a client retries (at the latest when
+    the server stops), and SIGTERM stops serve well within the drain timeout, exit 0."""
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    ports = free_ports(4)
+    log = tmp_path / "serve.log"
+    drain_timeout = 240
+    proc = _launch_serve(
+        front_repo, ports, cache_dir, log, extra=["--entry-model", "front", "--drain-timeout", str(drain_timeout)]
+    )
+    client = InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    outcome: list = []
+
+    def slow():  # 30 s inside front: it is there when the stub is killed
+        try:
+            outcome.append(("ok", _front(client, 30.0)))
+        except InferenceServerException as exc:
+            outcome.append(("error", exc))
+
+    try:
+        _wait_serving(proc, log)
+        caller = threading.Thread(target=slow, daemon=True)
+        caller.start()
+        _wait_for(lambda: _gauge(ports[2]) == 1, 30, "the request inside front")
+        pid, _ = _stub(front_repo, "front")
+        os.kill(pid, signal.SIGKILL)
+        text = _wait_for(
+            lambda: (
+                (t := log.read_text(errors="replace"))
+                and re.search(_RECOVERED.format(instance="front_0_0", pid=pid, model="front"), t)
+                and t
+            ),
+            60,
+            "the recovery of front",
+        )
+        assert re.search(rf"stub front_0_0 \(pid {pid}\) died with 1 request inside", text), text[-2000:]
+        assert _gauge(ports[2]) == 0  # no request was sent after the reload: the count restarted
+        t_stop = time.monotonic()
+        assert _stop_serve(proc, log, timeout=drain_timeout) == 0, log.read_text()[-3000:]
+        stop_s = time.monotonic() - t_stop
+        caller.join(timeout=30)
+        assert not caller.is_alive(), "the lost request still had no answer after serve stopped"
+        kind, value = outcome[0]
+        assert kind == "error" and _retryable(value), outcome
+        print(f"\nstop took {stop_s:.1f} s (drain timeout {drain_timeout} s); the lost request got {value.status()}")
+        # the drain must not have waited for the dead stub's request (it held it for the full timeout)
+        assert stop_s < drain_timeout / 2, log.read_text()[-3000:]
+        final = log.read_text(errors="replace")
+        if "did not exit by itself" in final:  # the dead stub's version stays UNLOADING: serve names the loss
+            assert "1 request(s) inside the dead stubs got no answer" in final, final[-2000:]
+    finally:
         client.close()
         if proc.poll() is None:
             proc.kill()

@@ -100,6 +100,9 @@ class BlsMetrics:
             family("revpers_request_duration_seconds", "server time per request", mf.HISTOGRAM), buckets=SECONDS_BUCKETS
         )
         self.in_flight = one(family(IN_FLIGHT_METRIC, "requests admitted and not yet answered", mf.GAUGE))
+        # a reloaded model (after its stub died) gets the dead stub's series back, with its last
+        # value: start at 0, or the drain would wait for requests no stub holds
+        self.in_flight.set(0)
 
     def stage(self, name: str):
         """The histogram of one stage, made on its first use (stages differ by mode)."""

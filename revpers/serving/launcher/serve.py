@@ -240,11 +240,13 @@ def _drain_and_stop(server: TritonServer, supervisor: Supervisor, signum: int, d
     code = server.stop(timeout=STUCK_EXIT_GRACE_S if stuck else None)
     supervisor.health.set(live=False, ready=False, state="stopped")
     if drained and code != 0 and stuck:
+        lost = sum(r.requests_lost for r in supervisor.recoveries)
         LOG.warning(
             "tritonserver did not exit by itself after the drain (exit %s): a version of %s "
-            "whose stub died stays UNLOADING in Triton; every request had finished",
+            "whose stub died stays UNLOADING in Triton; %s",
             code,
             ", ".join(f"'{m}'" for m in sorted(supervisor.reloaded)),
+            f"{lost} request(s) inside the dead stubs got no answer" if lost else "every request had finished",
         )
     elif code not in (0, None):
         LOG.error("tritonserver exited with code %s while stopping", code)

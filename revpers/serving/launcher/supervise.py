@@ -80,13 +80,18 @@ class Recovery:
     action: str
     seconds: float
     shm_removed: int
+    requests_lost: int = 0  # inside the dead stubs: Triton never answers them (docs/serving.md)
 
 
-def in_flight(metrics_text: str, name: str = IN_FLIGHT_METRIC) -> float | None:
-    """The sum of the ``name`` gauge's samples in a Prometheus text page, None when absent."""
+def in_flight(metrics_text: str, name: str = IN_FLIGHT_METRIC, instance: str | None = None) -> float | None:
+    """The sum of the ``name`` gauge's samples in a Prometheus text page (only those labelled
+    ``instance="<instance>"`` when given), None when absent."""
     total, found = 0.0, False
+    label = f'instance="{instance}"'
     for line in metrics_text.splitlines():
         if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            if instance is not None and label not in line.split("}", 1)[0]:
+                continue
             with contextlib.suppress(ValueError, IndexError):
                 total += float(line.rsplit(None, 1)[1])
                 found = True
@@ -142,6 +147,7 @@ class Supervisor(threading.Thread):
         self._known: dict[int, Stub] = {}
         self._pending: dict[int, Stub] = {}  # lost stubs whose model is not serving again yet
         self._lost_at: float | None = None
+        self._lost_requests = 0  # inside the stubs of the recovery under way
         self._next_try = 0.0
 
     # -- the watch
@@ -205,11 +211,38 @@ class Supervisor(threading.Thread):
                     stub.pid,
                     stub.model,
                 )
+        self._count_lost_requests([s for s in lost if s.pid in self._pending])
         if self._pending and self._lost_at is None:
             self._lost_at = time.monotonic()
             self._next_try = 0.0
             names = ", ".join(f"{s.instance} (pid {s.pid})" for s in self._pending.values())
             self.health.set(live=False, ready=False, state="recovering", detail=f"stub died: {names}")
+
+    def _count_lost_requests(self, dead: list[Stub]) -> None:
+        """Read the in-flight gauge of each dead stub's instance (its last value, before the reload
+        resets it): requests that were inside it. A model answering through response senders gets
+        no error for them from Triton, so their clients wait for their own deadline; say so."""
+        if not dead:
+            return
+        try:
+            page = self.server.metrics_text()
+        except OSError:
+            return
+        for stub in dead:
+            n = int(in_flight(page, instance=stub.instance) or 0)
+            if n > 0:
+                self._lost_requests += n
+                LOG.warning(
+                    "stub %s (pid %d) died with %d request%s inside: Triton gives %s no answer; "
+                    "clients see DEADLINE_EXCEEDED at their deadline and must send %s again "
+                    "(revpers-client: --retry-deadline)",
+                    stub.instance,
+                    stub.pid,
+                    n,
+                    "" if n == 1 else "s",
+                    "it" if n == 1 else "them",
+                    "it" if n == 1 else "them",
+                )
 
     def _recover(self) -> None:
         stubs = tuple(self._pending.values())
@@ -248,7 +281,8 @@ class Supervisor(threading.Thread):
         self._known = {s.pid: s for s in self.server.stubs()}
         self._pending.clear()
         self._lost_at = None
-        self.recoveries.append(Recovery(stubs, models, "reload", seconds, removed))
+        self.recoveries.append(Recovery(stubs, models, "reload", seconds, removed, self._lost_requests))
+        self._lost_requests = 0
         self.health.set(live=True, ready=True, state="serving", detail="")
         LOG.warning(
             "stub %s died; reloaded model %s; serving again %.2f s after the death was seen (%d shm file%s removed)",

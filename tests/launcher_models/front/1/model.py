@@ -24,7 +24,8 @@ class TritonPythonModel:
         self.family = pb_utils.MetricFamily(
             name="revpers_requests_in_flight", description="requests executing", kind=pb_utils.MetricFamily.GAUGE
         )
-        self.in_flight = self.family.Metric(labels={"model": "front"})
+        self.in_flight = self.family.Metric(labels={"instance": args.get("model_instance_name", "front")})
+        self.in_flight.set(0)  # a reload gets the dead stub's series back, with its last value
         self.lock = threading.Lock()
         self.count = 0
 
