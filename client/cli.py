@@ -46,31 +46,6 @@ DEFAULT_MAX_WAIT_S = 300.0  # long enough for a server restart with a model load
 # --------------------------------------------------------------------------- anonymize
 
 
-def request_params(args) -> dict:
-    """The PARAMS JSON sent for every image, "format" aside (parameters not given are left to the
-    server's defaults; the face keys and quality are sent only when given)."""
-    p = {
-        "mode": args.mode,
-        "guidance": args.guidance,
-        "ip_scale": args.ip_scale,
-        "id_scale": args.id_scale,
-        "steps": args.steps,
-        "skip": args.skip,
-        "seed": args.seed,
-        "prompt": args.prompt,
-        "verify": args.verify,
-        "retries": args.retries,
-        "retry_mode": args.retry_mode,
-        "guidance_step": args.guidance_step,
-        "fallback": args.fallback,
-        "quality": args.quality,
-        "det_thresh": args.det_thresh,
-        "min_face": args.min_face,
-        "on_no_face": args.on_no_face,
-    }
-    return {k: v for k, v in p.items() if v is not None}
-
-
 def security_of(args) -> Security:
     try:
         return Security.from_options(args.tls, args.ca, args.cert, args.key, args.api_key_file)
@@ -118,7 +93,7 @@ def run_anonymize(args) -> int:
     process = RemoteProcess(client, verbose=args.verbose)
     options = RunOptions(
         outdir=outdir,
-        params=request_params(args),
+        params=protocol.params_of(args),
         fmt=args.format,
         on_no_face=args.on_no_face or protocol.OnNoFace.REVIEW.value,
         resume=args.resume,

@@ -329,7 +329,16 @@ class Ledger:
         meta = report["client"]
         status, reason = judge(report, b"x" if meta.get("output") else b"", on_no_face)
         self.counts.skipped += 1
+        self._record_output(item, report, status)
+        if status is not Status.OK:
+            self.review[item.out_rel] = ReviewRow(
+                item.rel, status.value, report.get("verdict"), item.out_rel, f"{reason} (kept from an earlier run)"
+            )
+
+    def _record_output(self, item: Item, report: dict, status: Status) -> None:
+        """The manifest row of an image written (now or by an earlier run) with its report."""
         self.reports[item.out_rel] = report
+        meta = report["client"]
         self.entries[item.out_rel] = LedgerEntry(
             item.rel,
             meta["input_sha256"],
@@ -340,14 +349,9 @@ class Ledger:
             report.get("audit"),
             str(item.src),
         )
-        if status is not Status.OK:
-            self.review[item.out_rel] = ReviewRow(
-                item.rel, status.value, report.get("verdict"), item.out_rel, f"{reason} (kept from an earlier run)"
-            )
 
     def released(self, item: Item, report: dict, status: Status, reason: str | None, latency_s: float) -> None:
         """An output image was written with its report."""
-        meta = report["client"]
         if status is Status.OK:
             self.counts.ok += 1
         else:
@@ -355,17 +359,7 @@ class Ledger:
             self.review[item.out_rel] = ReviewRow(
                 item.rel, status.value, report.get("verdict"), item.out_rel, reason or ""
             )
-        self.reports[item.out_rel] = report
-        self.entries[item.out_rel] = LedgerEntry(
-            item.rel,
-            meta["input_sha256"],
-            item.out_rel,
-            meta["output_sha256"],
-            status.value,
-            None,
-            report.get("audit"),
-            str(item.src),
-        )
+        self._record_output(item, report, status)
         self.latencies.append(latency_s * 1e3)
         if isinstance(report.get("server_total_ms"), (int, float)):
             self.server_ms.append(float(report["server_total_ms"]))

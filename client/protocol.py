@@ -28,6 +28,14 @@ FACE_KEYS = ("det_thresh", "min_face", "on_no_face")
 PARAM_KEYS = REQUEST_KEYS + METHOD_KEYS + GATE_KEYS + OUTPUT_KEYS + FACE_KEYS
 
 
+def params_of(values, keys=PARAM_KEYS) -> dict:
+    """The PARAMS object of ``values`` (a mapping, or an argparse namespace whose options are named
+    after the keys): every one of ``keys`` but "format" (set per file) whose value is not None;
+    the keys left out are the server's defaults."""
+    values = values if isinstance(values, dict) else vars(values)
+    return {k: values[k] for k in keys if k != "format" and values.get(k) is not None}
+
+
 class FaceVerdict(str, Enum):
     """What happened to one face (``report["faces"][i]["verdict"]``)."""
 

@@ -393,17 +393,41 @@ def test_version_and_verbosity_anywhere(capsys):
 
 def test_request_params_send_face_keys_and_quality_only_when_given():
     from revpers_client import protocol
-    from revpers_client.cli import build_parser, request_params
+    from revpers_client.cli import build_parser
 
     base = ["anonymize", "x.jpg", "-o", "out", "--url", "127.0.0.1:1"]
-    assert request_params(build_parser().parse_args(base)) == {"mode": "photo"}
-    got = request_params(
+    assert protocol.params_of(build_parser().parse_args(base)) == {"mode": "photo"}
+    got = protocol.params_of(
         build_parser().parse_args(
             base + ["--on-no-face", "fail", "--det-thresh", "0.4", "--min-face", "24", "--quality", "80"]
         )
     )
     assert got == {"mode": "photo", "on_no_face": "fail", "det_thresh": 0.4, "min_face": 24, "quality": 80}
     assert set(got) <= set(protocol.PARAM_KEYS)
+
+
+def test_both_anonymize_commands_offer_every_request_key():
+    """PARAMS are built from the options by name (protocol.params_of): a key that either command
+    lacks, or names differently, would silently be left to the server's default."""
+    from revpers.cli.main import build_parser as server_parser
+    from revpers.service.request import RequestOptions
+    from revpers_client import protocol
+    from revpers_client.cli import build_parser as client_parser
+
+    client_args = client_parser().parse_args(["anonymize", "x.jpg", "-o", "out", "--url", "h:1"])
+    local_args = server_parser().parse_args(["anonymize", "x.jpg", "-o", "out"])
+    # the formats are chosen per file; the in-process command has --aligned for the mode
+    assert set(protocol.PARAM_KEYS) - {"format"} <= set(vars(client_args))
+    assert set(protocol.PARAM_KEYS) - {"format", "mode"} <= set(vars(local_args))
+    # same options, same request (the client leaves its defaults to the server, the in-process
+    # command states them: both resolve to the same options)
+    extra = ["--guidance", "-8", "--steps", "30", "--seed", "3", "--retries", "2", "--on-no-face", "keep"]
+    client_args = client_parser().parse_args(["anonymize", "x.jpg", "-o", "o", "--url", "h:1", *extra])
+    local_args = server_parser().parse_args(["anonymize", "x.jpg", "-o", "o", *extra])
+    sent = protocol.params_of(client_args)
+    assert {"guidance": -8.0, "steps": 30, "seed": 3, "retries": 2, "on_no_face": "keep"}.items() <= sent.items()
+    local = protocol.params_of({**vars(local_args), "mode": "photo"})
+    assert RequestOptions.from_mapping(sent) == RequestOptions.from_mapping(local)
 
 
 @pytest.mark.parametrize(

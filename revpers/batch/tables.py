@@ -24,21 +24,19 @@ from revpers_client.protocol import ImageVerdict
 OK, REVIEW, REJECTED, FAILED, NOT_DONE, NOT_TAKEN = "ok", "review", "rejected", "failed", "not_done", "not_taken"
 REVIEW_FIELDS = ("input", "status", "verdict", "output", "reason")  # as revpers_client.ledger.ReviewRow
 
-FACE_TYPE = pa.struct(
-    [
-        ("index", pa.int32()),
-        ("box", pa.list_(pa.float64())),
-        ("action", pa.string()),
-        ("verdict", pa.string()),
-        ("arcface_cosine", pa.float64()),
-        ("dlib_distance", pa.float64()),
-        ("passed", pa.bool_()),
-        ("seed", pa.int64()),
-        ("attempts", pa.int32()),
-        ("guidance", pa.float64()),
-        ("reason", pa.string()),
-    ]
-)
+# one face's verdict, as the report's faces[] hold it: in the images table (nested) and the audit table
+FACE_VERDICT_FIELDS = [
+    ("action", pa.string()),
+    ("verdict", pa.string()),
+    ("arcface_cosine", pa.float64()),
+    ("dlib_distance", pa.float64()),
+    ("passed", pa.bool_()),
+    ("seed", pa.int64()),
+    ("attempts", pa.int32()),
+    ("guidance", pa.float64()),
+    ("reason", pa.string()),
+]
+FACE_TYPE = pa.struct([("index", pa.int32()), ("box", pa.list_(pa.float64())), *FACE_VERDICT_FIELDS])
 
 IMAGE_SCHEMA = pa.schema(
     [
@@ -72,15 +70,7 @@ AUDIT_SCHEMA = pa.schema(
         ("image_verdict", pa.string()),
         ("face_index", pa.int32()),
         ("box", pa.list_(pa.float64())),
-        ("action", pa.string()),
-        ("verdict", pa.string()),
-        ("arcface_cosine", pa.float64()),
-        ("dlib_distance", pa.float64()),
-        ("passed", pa.bool_()),
-        ("seed", pa.int64()),
-        ("attempts", pa.int32()),
-        ("guidance", pa.float64()),
-        ("reason", pa.string()),
+        *FACE_VERDICT_FIELDS,
         ("params_sha256", pa.string()),
         ("bundle_sha256", pa.string()),
         ("dlib_model_sha256", pa.string()),

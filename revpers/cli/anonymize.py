@@ -174,30 +174,6 @@ def add_anonymize_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def request_params(args) -> dict:
-    """The options of every image, as PARAMS keys (validated by RequestOptions like a server request)."""
-    p = {
-        "mode": "aligned" if args.aligned else "photo",
-        "guidance": args.guidance,
-        "ip_scale": args.ip_scale,
-        "id_scale": args.id_scale,
-        "steps": args.steps,
-        "skip": args.skip,
-        "seed": args.seed,
-        "prompt": args.prompt,
-        "verify": args.verify,
-        "retries": args.retries,
-        "retry_mode": args.retry_mode,
-        "guidance_step": args.guidance_step,
-        "fallback": args.fallback,
-        "quality": args.quality,
-        "det_thresh": args.det_thresh,
-        "min_face": args.min_face,
-        "on_no_face": args.on_no_face,
-    }
-    return {k: v for k, v in p.items() if v is not None}
-
-
 def run_anonymize(args) -> int:
     try:
         return _run(args)
@@ -209,7 +185,7 @@ def run_anonymize(args) -> int:
 def _run(args) -> int:
     if args.inversion_batch < 1:
         raise UsageError("--inversion-batch must be >= 1")
-    params = request_params(args)
+    params = protocol.params_of({**vars(args), "mode": "aligned" if args.aligned else "photo"})
     RequestOptions.from_mapping(params)  # every option checked before anything is read or loaded
     outdir = args.output
     collection = collect([str(i) for i in args.inputs], outdir, args.format, in_place=args.in_place)

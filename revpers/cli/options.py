@@ -9,6 +9,7 @@ from pathlib import Path
 from revpers.core.params import Params
 from revpers.gate.policy import FALLBACKS, MAX_RETRIES, RETRY_MODES, VerifyPolicy
 from revpers.service.request import Limits
+from revpers_client.protocol import GATE_KEYS, METHOD_KEYS, params_of
 
 DEFAULT_MODELS = Path(os.environ.get("REVPERS_MODELS", "models"))
 
@@ -68,29 +69,11 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def verify_policy_from_args(args):
-    return VerifyPolicy.from_mapping(
-        {
-            "verify": args.verify,
-            "retries": args.retries,
-            "retry_mode": args.retry_mode,
-            "guidance_step": args.guidance_step,
-            "fallback": args.fallback,
-        }
-    )
+    return VerifyPolicy.from_mapping(params_of(args, GATE_KEYS))
 
 
 def params_from_args(args):
-    return Params.from_mapping(
-        {
-            "guidance": args.guidance,
-            "ip_scale": args.ip_scale,
-            "id_scale": args.id_scale,
-            "steps": args.steps,
-            "skip": args.skip,
-            "seed": args.seed,
-            "prompt": args.prompt,
-        }
-    )
+    return Params.from_mapping(params_of(args, METHOD_KEYS))
 
 
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:
