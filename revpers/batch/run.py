@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.checkpoint import CheckpointConfig
+from ray.data.expressions import col
 
 from revpers.batch import tables
 from revpers.batch.inputs import STATE_DIR, InputError, locate, plan, relative
@@ -162,7 +163,7 @@ def run(args, request: dict, exit_on: tuple[str, ...] = ()) -> int:
             num_cpus=cpus,
             num_gpus=gpus or None,
         )
-        ds = ds.filter(expr=f"status != '{tables.NOT_DONE}'")  # not written: a re-run does them
+        ds = ds.filter(expr=col("status") != tables.NOT_DONE)  # not written: a re-run does them
         ds.write_parquet(images_dir, filesystem=output.fs)
     except (ray.exceptions.RayError, RuntimeError, OSError) as exc:  # the run itself broke: say so, keep what is done
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
