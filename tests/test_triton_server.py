@@ -46,10 +46,7 @@ from revpers_client.protocol import (
     ADMIN_KEY_HEADER,
     API_KEY_HEADER,
     GRPC_HEADER_PREFIX,
-    INPUT_IMAGE,
-    INPUT_PARAMS,
     MODEL,
-    OUTPUT_REPORT,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -1145,59 +1142,48 @@ def test_grpc_mutual_tls_and_api_keys(install, cache_dir, front_repo, tmp_path):
 
 
 @pytest.mark.server
-def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxruntime_repository, tmp_path):
-    """The smoke bundle's real repository: kill -9 of the `revpers` BLS stub, then of the `unet` stub;
-    requests retried by the client all succeed and serve exits 0 on SIGTERM."""
-    grpc = pytest.importorskip("tritonclient.grpc")
-    from tritonclient.utils import InferenceServerException
-
+def test_real_repository_client_run_survives_killed_revpers_and_unet_stubs(install, onnxruntime_repository, tmp_path):
+    """As a user would see it: `revpers-client anonymize` of 20 photos against the smoke bundle's real
+    repository while the `revpers` BLS stub, then the `unet` stub, are killed (kill -9) mid-run. With a
+    per-request deadline and --retry-deadline (a request inside the dead BLS stub gets no answer),
+    every image gets its output and report and none fails; the dead stubs' shm files are gone and
+    serve exits 0 on SIGTERM."""
+    n = 20
+    src, out = tmp_path / "photos", tmp_path / "out"
+    src.mkdir()
     data = encode_image(real_photo(), "PNG")
+    for k in range(n):
+        (src / f"photo{k:02d}.png").write_bytes(data)
     # a private copy: stubs are found by their model.py path, and the session's shared server serves
     # the shared repository (its stubs must be neither found nor killed here)
     repo = tmp_path / "repo"
     shutil.copytree(onnxruntime_repository, repo, symlinks=True)
     ports = free_ports(4)
     log = tmp_path / "serve.log"
-    proc = _launch_serve(
-        repo,
-        ports,
-        tmp_path / "cache",
-        log,
-        extra=["--quiet", "-v", "--log-file", str(tmp_path / "tritonserver.log")],
-    )
-    client = grpc.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    proc = _launch_serve(repo, ports, tmp_path / "cache", log, extra=["--quiet"])
+    deadline_s = 30  # a smoke image takes about a second; the one lost in the dead stub waits this long
+    cmd = [sys.executable, "-m", "revpers_client.cli", "anonymize", str(src), "-o", str(out)]
+    cmd += ["--url", f"127.0.0.1:{ports[0]}", "--mode", "aligned", "--steps", "3", "--seed", "1"]
+    cmd += ["--concurrency", "2", "--timeout", str(deadline_s), "--retry-deadline", "--max-wait", "300"]
+    cmd += ["--progress", "none", "-v"]
+    client_log = tmp_path / "client.log"
+    run = None
 
-    def request() -> tuple[dict, int]:
-        image = grpc.InferInput(INPUT_IMAGE, [1, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-        params = grpc.InferInput(INPUT_PARAMS, [1, 1], "BYTES")
-        params.set_data_from_numpy(
-            np.array([[json.dumps({"mode": "aligned", "steps": 2, "seed": 1}).encode()]], dtype=np.object_)
-        )
-        retries = 0
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = client.infer(MODEL, [image, params])
-                return json.loads(r.as_numpy(OUTPUT_REPORT)[0, 0]), retries
-            except InferenceServerException as exc:
-                # the real BLS reports a dead or reloading component as INTERNAL "... not ready/healthy"
-                if not (_retryable(exc) or "is not ready" in exc.message()) or time.monotonic() > deadline:
-                    raise
-                retries += 1
-                time.sleep(0.1)
+    def reports() -> int:
+        return len(list(out.glob("*.png.json")))
 
     try:
         _wait_serving(proc, log, timeout=300)
-        assert request()[0]["verdict"]
-        figures = []
-        for model in (MODEL, "unet"):
+        with open(client_log, "wb") as sink:
+            run = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        figures, lost = [], 0
+        for model, after in ((MODEL, 3), ("unet", 3)):
+            start = reports()
+            _wait_for(lambda: reports() >= start + after or run.poll() is not None, 300, f"{after} images")
+            assert run.poll() is None, f"the run ended before {model} was killed:\n{client_log.read_text()}"
             pid, region = _stub(repo, model)
             t_kill = time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            report, retries = request()
-            served = time.monotonic() - t_kill
-            assert report["verdict"]
             line = _wait_for(
                 lambda: re.search(
                     _RECOVERED.format(instance=rf"{model}_\d+_\d+", pid=pid, model=model),
@@ -1207,13 +1193,28 @@ def test_real_repository_recovers_killed_revpers_and_unet_stubs(install, onnxrun
                 f"the recovery of {model}",
             )
             assert _shm_left([region]) == []
+            inside = re.search(rf"\(pid {pid}\) died with (\d+) request", log.read_text(errors="replace"))
+            lost += int(inside.group(1)) if inside else 0
             figures.append(
-                f"{model}: reloaded in {float(line.group(1)):.2f} s; request sent at the kill served "
-                f"after {served:.2f} s with {retries} retries"
+                f"{model}: killed with {reports()} of {n} done; reloaded {float(line.group(1)):.2f} s after "
+                f"the death was seen, {time.monotonic() - t_kill:.1f} s after the kill"
             )
-        print("\n" + "\n".join(figures))
+        assert run.wait(timeout=300 + deadline_s * 2) in (0, 1), client_log.read_text()
+        summary = json.loads((out / "run-summary.json").read_text())
+        counts = summary["counts"]
+        text = client_log.read_text()
+        print(
+            "\n" + "\n".join(figures) + f"\nrequests lost in a dead stub and resent: {lost}; counts {counts}; "
+            f"retries {summary['retries']}; wall {summary['wall_s']:.1f} s"
+        )
+        assert counts["failed"] == 0 and counts["not_done"] == 0, text
+        assert counts["ok"] + counts["review"] == n and reports() == n
+        assert len(list(out.glob("*.png"))) == n  # every image was released (ok or listed for review)
+        assert run.returncode == (1 if counts["review"] else 0)
+        assert "Traceback" not in text
         assert _stop_serve(proc, log, timeout=120) == 0, log.read_text()[-3000:]
     finally:
-        client.close()
+        if run is not None and run.poll() is None:
+            run.kill()
         if proc.poll() is None:
             proc.kill()
