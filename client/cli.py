@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--retry-deadline",
         action="store_true",
-        help="send a request that passed its deadline once more (a request that was inside a server "
-        "model process when it crashed gets no answer before its deadline)",
+        help="send a request that passed its deadline once more (e.g. one that was inside a server's "
+        "model process when it crashed twice within a few minutes)",
     )
     r.add_argument(
         "--max-wait",

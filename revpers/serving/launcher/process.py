@@ -499,8 +499,10 @@ class TritonServer:
                     f"(another tritonserver?); choose another with --{name.lower()}-port"
                 )
 
-    def start(self, timeout: float = 120.0) -> "TritonServer":
-        """Launch tritonserver and wait until it is ready (all models loaded)."""
+    def start(self, timeout: float = 120.0, tie_to_thread: bool = False) -> "TritonServer":
+        """Launch tritonserver and wait until it is ready (all models loaded). The kernel stops it
+        when the starting thread ends: always from the main thread; from another thread only with
+        ``tie_to_thread`` (a thread that lives as long as the server should, e.g. a supervisor)."""
         if self.is_running():
             raise TritonServerError(f"tritonserver already running (pid {self._proc.pid})")
         if not self.repository.is_dir():
@@ -535,7 +537,9 @@ class TritonServer:
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the server
                 # the kernel stops the server if this process dies; only from the main thread, as
                 # the signal fires when the forking *thread* ends
-                preexec_fn=_pdeathsig_preexec() if threading.current_thread() is threading.main_thread() else None,
+                preexec_fn=_pdeathsig_preexec()
+                if tie_to_thread or threading.current_thread() is threading.main_thread()
+                else None,
             )
         _LIVE.add(self)
         LOG.debug("tritonserver pid %d, log %s", self._proc.pid, self.log_path)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -150,7 +151,9 @@ def serve(
         model_control_mode="explicit",
         env={DRAIN_FILE_ENV: str(drain_dir / "draining")},
     )
-    supervisor = Supervisor(server, Health(), entry_models=entry_models, drain_file=drain_dir / "draining")
+    supervisor = Supervisor(
+        server, Health(), entry_models=entry_models, drain_file=drain_dir / "draining", start_timeout=startup_timeout
+    )
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -240,7 +243,7 @@ def _drain_and_stop(server: TritonServer, supervisor: Supervisor, signum: int, d
     code = server.stop(timeout=STUCK_EXIT_GRACE_S if stuck else None)
     supervisor.health.set(live=False, ready=False, state="stopped")
     if drained and code != 0 and stuck:
-        lost = sum(r.requests_lost for r in supervisor.recoveries)
+        lost = supervisor.unanswered()
         LOG.warning(
             "tritonserver did not exit by itself after the drain (exit %s): a version of %s "
             "whose stub died stays UNLOADING in Triton; %s",
@@ -276,19 +279,28 @@ def _serve(
         return 1
     supervisor.start()
     _report_ready(server, endpoint)
-    proc = server.process
-    assert proc is not None
-    while True:
-        try:
-            code = proc.wait(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    code = _wait_for_death(server, supervisor)
     supervisor.stop()
     supervisor.health.set(live=False, ready=False, state="dead")
     err = TritonServerError(*server.death_parts(code, "while serving"))
     LOG.error("%s", err.summary if quiet_errors else err)
     return 1
+
+
+def _wait_for_death(server: TritonServer, supervisor: Supervisor) -> int:
+    """Until tritonserver exits by itself; its exit code. A server the supervisor stopped to
+    restart it does not count: the loop follows the new process."""
+    while True:
+        proc = server.process
+        assert proc is not None
+        try:
+            code = proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+        if supervisor.restarting.is_set() or server.process is not proc:
+            time.sleep(0.2)
+            continue
+        return code
 
 
 def _report_ready(server: TritonServer, endpoint: HealthEndpoint | None) -> None:

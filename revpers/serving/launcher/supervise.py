@@ -10,6 +10,7 @@ behind the drain order: docs/serving.md, "Supervision" and "Drain".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -118,9 +119,11 @@ class Supervisor(threading.Thread):
     A stub that disappears (killed, crashed: a zombie counts as gone) while its model is READY makes
     the supervisor report not live and not ready, delete the stub's shared-memory file, touch the
     model's config and reload it through model control (the server must run with
-    ``model_control_mode="explicit"``), then wait for the new stubs and Triton's readiness. A
-    failed reload is retried every ``retry_s``; liveness stays false until one succeeds. Readiness
-    is also false whenever Triton's ``/v2/health/ready`` is not 200.
+    ``model_control_mode="explicit"``), then wait for the new stubs and Triton's readiness. A dead
+    stub of an entry model that held requests (its in-flight gauge) restarts the server instead,
+    at most once per ``restart_window_s``: Triton answers those requests only when it ends. A
+    failed reload or restart is retried every ``retry_s``; liveness stays false until one succeeds.
+    Readiness is also false whenever Triton's ``/v2/health/ready`` is not 200.
     """
 
     def __init__(
@@ -132,11 +135,17 @@ class Supervisor(threading.Thread):
         retry_s: float = 5.0,
         entry_models: Iterable[str] = (MODEL,),
         drain_file: Path | None = None,
+        start_timeout: float = 600.0,
+        restart_window_s: float = 300.0,
     ):
         super().__init__(name="revpers-supervisor", daemon=True)
         self.server = server
         self.health = health or Health()
         self.interval, self.retry_s = interval, retry_s
+        self.start_timeout = start_timeout
+        self.restart_window_s = restart_window_s  # at most one restart per window (a crash loop reloads)
+        self.restarting = threading.Event()  # set while the server is down for a restart
+        self._last_restart: float | None = None
         self.entry_models = tuple(entry_models)
         self.drain_file = drain_file
         self.recoveries: list[Recovery] = []
@@ -168,6 +177,10 @@ class Supervisor(threading.Thread):
 
     def poll(self) -> None:
         """One look at the server and its stubs; recovers dead stubs' models."""
+        if self.restarting.is_set():  # a restart failed: the server is down until one succeeds
+            if time.monotonic() >= self._next_try:
+                self._recover()
+            return
         if not self.server.is_running():
             self.health.set(live=False, ready=False, state="dead", detail="tritonserver is not running")
             self._halt.set()
@@ -233,20 +246,62 @@ class Supervisor(threading.Thread):
             if n > 0:
                 self._lost_requests += n
                 LOG.warning(
-                    "stub %s (pid %d) died with %d request%s inside: Triton gives %s no answer; "
-                    "clients see DEADLINE_EXCEEDED at their deadline and must send %s again "
-                    "(revpers-client: --retry-deadline)",
+                    "stub %s (pid %d) died with %d request%s inside: Triton answers %s only when the "
+                    "server process ends",
                     stub.instance,
                     stub.pid,
                     n,
                     "" if n == 1 else "s",
                     "it" if n == 1 else "them",
-                    "it" if n == 1 else "them",
                 )
+
+    def _should_restart(self, stubs: tuple[Stub, ...]) -> bool:
+        """Restart the server (rather than reload the model) when a dead entry stub held requests:
+        only a server that ends gives them an answer (UNAVAILABLE, which clients retry), where a
+        reload leaves them waiting for their deadline. Not twice within ``restart_window_s``: a
+        request that kills its stub every time would otherwise restart the server in a loop."""
+        if self.restarting.is_set():
+            return True
+        if not self._lost_requests or not any(s.model in self.entry_models for s in stubs):
+            return False
+        recent = self._last_restart is not None and time.monotonic() - self._last_restart < self.restart_window_s
+        if recent:
+            LOG.warning(
+                "not restarting tritonserver again within %.0f s of the last restart: reloading; the "
+                "requests inside the dead stub get their answer at their deadline",
+                self.restart_window_s,
+            )
+        return not recent
+
+    def _restart(self, stubs: tuple[Stub, ...], models: tuple[str, ...]) -> None:
+        """Stop tritonserver at once (every connection closes: the requests inside the dead stub
+        and all others in flight end with UNAVAILABLE) and start it again on the same ports."""
+        server = self.server
+        removed = len(server.remove_shm(stubs))
+        self.restarting.set()
+        self._last_restart = time.monotonic()
+        try:
+            server.kill()
+            server.stop(timeout=10.0)  # reaps it and its stubs, removes their shm files
+            server.start(timeout=self.start_timeout, tie_to_thread=True)
+        except (OSError, TritonServerError) as exc:
+            self._next_try = time.monotonic() + self.retry_s
+            self.health.set(live=False, ready=False, state="failed", detail=str(exc))
+            LOG.error("restarting tritonserver failed (%s); retrying in %.0f s", exc, self.retry_s)
+            return
+        self.restarting.clear()
+        self.reloaded.clear()  # a fresh server has no version stuck in UNLOADING
+        self._finish_recovery(
+            Recovery(stubs, models, "restart", 0.0, removed, self._lost_requests),
+            f"restarted tritonserver (pid {server.pid}) so that the requests inside got an answer",
+        )
 
     def _recover(self) -> None:
         stubs = tuple(self._pending.values())
         models = tuple(sorted({s.model for s in stubs}))
+        if self._should_restart(stubs):
+            self._restart(stubs, models)
+            return
         removed = len(self.server.remove_shm(stubs))
         assert self._lost_at is not None
         try:
@@ -277,21 +332,37 @@ class Supervisor(threading.Thread):
                 self.retry_s,
             )
             return
+        self._finish_recovery(
+            Recovery(stubs, models, "reload", 0.0, removed, self._lost_requests),
+            f"reloaded model {', '.join(repr(m) for m in models)}",
+        )
+
+    def _finish_recovery(self, recovery: Recovery, done: str) -> None:
+        assert self._lost_at is not None
         seconds = time.monotonic() - self._lost_at
         self._known = {s.pid: s for s in self.server.stubs()}
         self._pending.clear()
         self._lost_at = None
-        self.recoveries.append(Recovery(stubs, models, "reload", seconds, removed, self._lost_requests))
         self._lost_requests = 0
+        self.recoveries.append(dataclasses.replace(recovery, seconds=seconds))
         self.health.set(live=True, ready=True, state="serving", detail="")
+        removed = recovery.shm_removed
         LOG.warning(
-            "stub %s died; reloaded model %s; serving again %.2f s after the death was seen (%d shm file%s removed)",
-            ", ".join(f"{s.instance} (pid {s.pid})" for s in stubs),
-            ", ".join(f"'{m}'" for m in models),
+            "stub %s died; %s; serving again %.2f s after the death was seen (%d shm file%s removed)",
+            ", ".join(f"{s.instance} (pid {s.pid})" for s in recovery.stubs),
+            done,
             seconds,
             removed,
             "" if removed == 1 else "s",
         )
+
+    def unanswered(self) -> int:
+        """Requests inside dead stubs that are still waiting for an answer: those of the reloads
+        since the last restart (a server that ends answers every request it held)."""
+        n = 0
+        for r in self.recoveries:
+            n = 0 if r.action == "restart" else n + r.requests_lost
+        return n
 
     def stop(self) -> None:
         self._halt.set()

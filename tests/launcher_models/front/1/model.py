@@ -32,16 +32,11 @@ class TritonPythonModel:
     def _answer(self, request):
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if self.drain_file and os.path.exists(self.drain_file):
-            sender.send(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("server is draining", pb_utils.TritonError.UNAVAILABLE)
-                ),
-                flags=final,
-            )
-            return
-        self._count(+1)
         try:
+            if self.drain_file and os.path.exists(self.drain_file):
+                error = pb_utils.TritonError("server is draining", pb_utils.TritonError.UNAVAILABLE)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+                return
             x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
             if x.flat[0] < 0:  # wait for the test to create $FRONT_GATE_FILE (at most 60 s)
                 gate, deadline = os.environ.get("FRONT_GATE_FILE", ""), time.monotonic() + 60
@@ -74,6 +69,7 @@ class TritonPythonModel:
             self.in_flight.set(self.count)
 
     def execute(self, requests):
-        for request in requests:
+        for request in requests:  # counted before execute returns, as the revpers BLS counts them
+            self._count(+1)
             threading.Thread(target=self._answer, args=(request,), daemon=True).start()
         return None
