@@ -89,13 +89,12 @@ def paper_way_request(
     t2 = time.perf_counter()
     # stands in for the paper code's per-image insightface FaceAnalysis load (detector + ArcFace):
     # the dlib detector and landmark model are read from disk again, ArcFace gets a new session
-    analysis._shape_predictor.cache_clear()
-    analysis._hog_detector.cache_clear()
-    before = analysis._shape_predictor.cache_info().misses + analysis._hog_detector.cache_info().misses
+    loaders = (analysis._shape_predictor, analysis._hog_prototype)
+    for loader in (*loaders, analysis._hog_detector):
+        loader.cache_clear()
+    before = sum(loader.cache_info().misses for loader in loaders)
     analyzer = face_lib.load_face_analyzer(bundle.faces, bundle.root)
-    face_models_read = (
-        analysis._shape_predictor.cache_info().misses + analysis._hog_detector.cache_info().misses - before
-    )
+    face_models_read = sum(loader.cache_info().misses for loader in loaders) - before
     timings.add("load_face_models", time.perf_counter() - t2)
 
     n = bundle.native_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import pathlib
+import threading
 import time
 
 import cv2
@@ -185,6 +186,31 @@ def test_tilted_heads_are_found_by_the_rotated_passes(analyzer, t1):
     upright_only = DlibAnalyzer(analyzer.recognizer, rotations=())
     assert found(upright_only.detect(rotated)) <= 4  # the frontal HOG model alone loses tilted faces
     assert found(analyzer.detect(rotated)) == 6
+
+
+def test_a_small_images_detection_does_not_wait_for_a_large_ones_in_another_thread(analyzer, t1):
+    """The BLS detects faces in its request threads: a no-face image's detection, started while a
+    6-face photo's runs in another thread, ends first (each thread has its own HOG detector and
+    dlib releases the GIL; behind one lock it would end after the photo's). Same results as alone."""
+    small = np.dstack([*np.meshgrid(np.arange(320) % 256, np.arange(256) % 256), np.full((256, 320), 128)])
+    small = small.astype(np.uint8)
+    alone = (len(analyzer.detect(t1)), len(analyzer.detect(small)))
+    started, ended, found = threading.Event(), {}, {}
+
+    def run(name, img, signal_start=None):
+        if signal_start is not None:
+            signal_start.set()
+        found[name] = len(analyzer.detect(img))
+        ended[name] = time.monotonic()
+
+    photo = threading.Thread(target=run, args=("photo", t1, started))
+    photo.start()
+    started.wait(10)
+    time.sleep(0.05)  # the photo's detection (about 0.6 s here) is under way
+    run("small", small)
+    photo.join(60)
+    assert (found["photo"], found["small"]) == alone == (6, 0)
+    assert ended["small"] < ended["photo"], f"the small image ended {ended['small'] - ended['photo']:.3f} s after"
 
 
 def test_embed_follows_the_arcface_contract(analyzer, model_dir, astronaut):

@@ -18,7 +18,6 @@ from revpers.evaluate import attributes as attr
 from revpers.evaluate import quality
 from revpers.evaluate.identity import summarize
 from revpers.evaluate.pairs import face_sites
-from revpers.faces.analysis import DLIB_LOCK
 
 SMOKE_NOTE = "smoke weights: numbers meaningless"
 THUMB = 128  # side of the face thumbnails kept for the contact sheets
@@ -91,8 +90,8 @@ class Evaluator:
         import dlib
 
         x1, y1, x2, y2 = (int(round(float(v))) for v in face.box)
-        with DLIB_LOCK:
-            shape = self.verifier.dlib.predictor(np.ascontiguousarray(crop), dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
+        # dlib's shape predictor may be used from many threads at once (faces.analysis)
+        shape = self.verifier.dlib.predictor(np.ascontiguousarray(crop), dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
         return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
 
     # ------------------------------------------------------------------ measuring

@@ -8,6 +8,7 @@ docs/faces.md.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import pathlib
@@ -151,10 +152,12 @@ def face_recognition_models_dir() -> pathlib.Path:
     raise FaceModelError("face-recognition-models is installed but has no models/ folder")
 
 
-# dlib's detector, shape predictor and ResNet are loaded once per process and shared (the BLS
-# model's request threads, the verification gate); dlib does not document them as thread-safe, so
-# every use holds this one lock. Everything else in a request (ArcFace, the diffusion models) runs
-# without it.
+# dlib's shape predictor and ResNet are loaded once per process and shared (the BLS model's request
+# threads, the verification gate). dlib's documentation: the shape predictor may be used from many
+# threads at once; an object_detector (the HOG face detector) may not, so each thread has its own
+# (built in, no file: cheap); the ResNet (a dnn network) may not either, and every use of it holds
+# this lock. dlib releases the GIL while it computes, so a no-face image's detection runs beside a
+# 6-face photo's instead of waiting for it.
 DLIB_LOCK = threading.Lock()
 
 
@@ -166,10 +169,23 @@ def _shape_predictor(path: str):
 
 
 @lru_cache(maxsize=1)
-def _hog_detector():
+def _hog_prototype():
+    """dlib's built-in HOG face detector, read once (about 180 ms); never run, only copied."""
     import dlib
 
     return dlib.get_frontal_face_detector()
+
+
+_HOG_COPY_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=64)
+def _hog_detector(thread: int):
+    """The HOG face detector of thread ``thread`` (``threading.get_ident()``): a copy of the
+    prototype (about 1 ms). An ident is reused only after its thread ended, and an evicted
+    detector is replaced, never shared."""
+    with _HOG_COPY_LOCK:  # dlib: copying is safe while nothing else uses the object
+        return copy.copy(_hog_prototype())
 
 
 def five_from_68(pts: np.ndarray) -> np.ndarray:
@@ -231,7 +247,7 @@ class DlibAnalyzer:
         if not landmarks.is_file():
             raise FaceModelError(f"dlib landmark model {landmarks} does not exist")
         self.predictor = _shape_predictor(str(landmarks))
-        self.detector = _hog_detector()
+        _hog_detector(threading.get_ident())  # loaded now, not in the first request
         self.recognizer = recognizer
         self.upsample = int(upsample)
         self.max_pixels = float(max_pixels)
@@ -278,7 +294,7 @@ class DlibAnalyzer:
         return pts
 
     def _pass(self, img: np.ndarray, upsample: int, small_only: bool) -> list[tuple]:
-        rects, scores, _ = self.detector.run(img, upsample, self.min_score)
+        rects, scores, _ = _hog_detector(threading.get_ident()).run(img, upsample, self.min_score)
         out = []
         for r, s in zip(rects, scores):
             if small_only and max(r.width(), r.height()) >= HOG_MIN_FACE_PX:
@@ -287,8 +303,7 @@ class DlibAnalyzer:
         return out
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        with DLIB_LOCK:
-            return self._detect(_check_rgb(rgb))
+        return self._detect(_check_rgb(rgb))
 
     def _detect(self, rgb: np.ndarray) -> list[Face]:
         kept: list[Face] = []
@@ -327,8 +342,7 @@ class DlibAnalyzer:
         interp = cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
         img = np.ascontiguousarray(cv2.resize(crop, (CROP_DETECT_SIDE, CROP_DETECT_SIDE), interpolation=interp))
         faces = []
-        with DLIB_LOCK:
-            found = [(r, s, self._landmarks(img, r)) for r, s in self._pass(img, 0, False)]
+        found = [(r, s, self._landmarks(img, r)) for r, s in self._pass(img, 0, False)]
         for r, s, pts in found:
             pts = (pts + 0.5) / k - 0.5
             box = np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], dtype=np.float64) / k
