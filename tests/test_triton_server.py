@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -364,6 +366,42 @@ def test_python_models_and_bls_over_grpc_then_clean_stop(install, cache_dir, goo
     for port in ports:
         assert not port_in_use(port, "127.0.0.1"), port
     assert server.stop() == server.poll()  # idempotent
+
+
+def _crashing_first(install, tmp_path, how: str):
+    """``install`` with its binary behind a wrapper that, on its first run only, ends as ``how``
+    says (fault injection around the real tritonserver: the crash seen once in CI cannot be
+    provoked), counting its runs in a file."""
+    tmp_path.mkdir()
+    runs, mark = tmp_path / "runs", tmp_path / "crashed"
+    wrapper = tmp_path / "tritonserver"
+    wrapper.write_text(
+        f'#!/bin/sh\necho run >> {runs}\nif [ ! -e {mark} ]; then touch {mark}; {how}; fi\nexec {install.binary} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return dataclasses.replace(install, binary=wrapper), runs
+
+
+@pytest.mark.server
+def test_start_retries_once_after_a_crash_while_starting(install, cache_dir, good_repo, probe_dir, tmp_path, caplog):
+    """A server killed by SIGABRT while starting (gRPC aborted once at start in CI) is started once
+    more and serves; one that exits with an error code is reported at once, not started again."""
+    crashing, runs = _crashing_first(install, tmp_path / "abrt", "kill -ABRT $$")
+    env = {"PYTHONPATH": str(probe_dir)}
+    server = TritonServer(good_repo, *free_ports(3), install=crashing, cache_dir=cache_dir, env=env)
+    with caplog.at_level(logging.WARNING, logger="revpers.serving.launcher"):
+        server.start(timeout=120)
+    try:
+        assert server.is_ready() and runs.read_text().count("run") == 2
+        assert "killed by signal 6 while starting; starting it once more" in caplog.text
+    finally:
+        assert server.stop() == 0
+
+    failing, runs = _crashing_first(install, tmp_path / "exit", "exit 3")
+    server = TritonServer(good_repo, *free_ports(3), install=failing, cache_dir=cache_dir, env=env)
+    with pytest.raises(TritonServerError, match="exited with code 3 while starting"):
+        server.start(timeout=60)
+    assert runs.read_text().count("run") == 1
 
 
 @pytest.mark.server
@@ -761,10 +799,11 @@ def test_serve_recovers_a_killed_stub_of_any_model(install, cache_dir, front_rep
 def test_a_request_inside_a_killed_entry_stub_gets_its_answer_from_a_restart(install, cache_dir, front_repo, tmp_path):
     """kill -9 of the entry stub while a request is inside it (answered through its response sender,
     as the revpers BLS answers; Triton gives such a request no answer until the server ends): the
-    supervisor counts it and restarts tritonserver, so it ends at once with UNAVAILABLE, which
-    clients retry. A second such death within the restart window is reloaded instead (no restart
-    loop): its request waits, the reloaded gauge starts at 0 (the dead stub's 1 used to hold the
-    drain for its whole timeout), and SIGTERM still stops well within the drain timeout, exit 0."""
+    supervisor counts it and restarts tritonserver (as for any entry stub's death), so it ends at
+    once with UNAVAILABLE, which clients retry. A second such death within the restart window is
+    reloaded instead (no restart loop): its request waits, the reloaded gauge starts at 0 (the dead
+    stub's 1 used to hold the drain for its whole timeout), and SIGTERM still stops well within the
+    drain timeout, exit 0."""
     from tritonclient.grpc import InferenceServerClient
     from tritonclient.utils import InferenceServerException
 
@@ -787,6 +826,7 @@ def test_a_request_inside_a_killed_entry_stub_gets_its_answer_from_a_restart(ins
         caller = threading.Thread(target=slow, args=(outcome,), daemon=True)
         caller.start()
         _wait_for(lambda: _gauge(ports[2]) == 1, 30, "the request inside front")
+        time.sleep(1.5)  # the supervisor reads the gauge every 0.5 s: it has seen the request
         pid, _ = _stub(front_repo, "front")
         os.kill(pid, signal.SIGKILL)
         pattern = _RECOVERED.format(instance="front_0_0", pid=pid, model="front")

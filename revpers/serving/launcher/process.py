@@ -502,7 +502,21 @@ class TritonServer:
     def start(self, timeout: float = 120.0, tie_to_thread: bool = False) -> "TritonServer":
         """Launch tritonserver and wait until it is ready (all models loaded). The kernel stops it
         when the starting thread ends: always from the main thread; from another thread only with
-        ``tie_to_thread`` (a thread that lives as long as the server should, e.g. a supervisor)."""
+        ``tie_to_thread`` (a thread that lives as long as the server should, e.g. a supervisor).
+
+        A server that crashes while starting (killed by SIGABRT or SIGSEGV: seen once in about 60
+        starts here, gRPC's "epoll_wait error: Bad file descriptor" before any other line) is
+        started once more; any other failure is raised at once."""
+        try:
+            return self._start(timeout, tie_to_thread)
+        except TritonServerError as exc:
+            code = self._proc.returncode if self._proc is not None else None
+            if code not in (-signal.SIGABRT, -signal.SIGSEGV):
+                raise
+            LOG.warning("%s; starting it once more", str(exc).splitlines()[0])
+        return self._start(timeout, tie_to_thread)
+
+    def _start(self, timeout: float, tie_to_thread: bool) -> "TritonServer":
         if self.is_running():
             raise TritonServerError(f"tritonserver already running (pid {self._proc.pid})")
         if not self.repository.is_dir():

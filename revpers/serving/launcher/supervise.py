@@ -120,8 +120,8 @@ class Supervisor(threading.Thread):
     the supervisor report not live and not ready, delete the stub's shared-memory file, touch the
     model's config and reload it through model control (the server must run with
     ``model_control_mode="explicit"``), then wait for the new stubs and Triton's readiness. A dead
-    stub of an entry model that held requests (its in-flight gauge) restarts the server instead,
-    at most once per ``restart_window_s``: Triton answers those requests only when it ends. A
+    stub of an entry model restarts the server instead, at most once per ``restart_window_s``:
+    Triton answers the requests it held only when the server ends. A
     failed reload or restart is retried every ``retry_s``; liveness stays false until one succeeds.
     Readiness is also false whenever Triton's ``/v2/health/ready`` is not 200.
     """
@@ -157,6 +157,7 @@ class Supervisor(threading.Thread):
         self._pending: dict[int, Stub] = {}  # lost stubs whose model is not serving again yet
         self._lost_at: float | None = None
         self._lost_requests = 0  # inside the stubs of the recovery under way
+        self._in_flight_seen: dict[str, int] = {}  # entry instances' gauges at the last poll
         self._next_try = 0.0
 
     # -- the watch
@@ -194,6 +195,7 @@ class Supervisor(threading.Thread):
         self._known = alive
         if lost:
             self._on_lost(lost)
+        self._watch_in_flight(alive.values())
         if self._pending:
             if time.monotonic() >= self._next_try:
                 self._recover()
@@ -231,18 +233,29 @@ class Supervisor(threading.Thread):
             names = ", ".join(f"{s.instance} (pid {s.pid})" for s in self._pending.values())
             self.health.set(live=False, ready=False, state="recovering", detail=f"stub died: {names}")
 
+    def _in_flight_of(self, stubs) -> dict[str, int]:
+        """The in-flight gauge of each stub's instance ({} when the metrics page cannot be read)."""
+        try:
+            page = self.server.metrics_text(timeout=1.0)
+        except OSError:
+            return {}
+        return {s.instance: int(in_flight(page, instance=s.instance) or 0) for s in stubs} if page else {}
+
+    def _watch_in_flight(self, alive) -> None:
+        """Remember the entry stubs' in-flight gauges (each poll), so that a death is counted even
+        when the metrics page cannot be read at that moment."""
+        entry = [s for s in alive if s.model in self.entry_models]
+        self._in_flight_seen = self._in_flight_of(entry) if entry else {}
+
     def _count_lost_requests(self, dead: list[Stub]) -> None:
-        """Read the in-flight gauge of each dead stub's instance (its last value, before the reload
-        resets it): requests that were inside it. A model answering through response senders gets
-        no error for them from Triton, so their clients wait for their own deadline; say so."""
+        """The requests that were inside each dead stub: its instance's in-flight gauge (the dead
+        stub's last value, now or at the poll before). A model answering through response senders
+        gets no error for them from Triton until the server process ends; say so."""
         if not dead:
             return
-        try:
-            page = self.server.metrics_text()
-        except OSError:
-            return
+        now = self._in_flight_of(dead)
         for stub in dead:
-            n = int(in_flight(page, instance=stub.instance) or 0)
+            n = max(now.get(stub.instance, 0), self._in_flight_seen.get(stub.instance, 0))
             if n > 0:
                 self._lost_requests += n
                 LOG.warning(
@@ -256,13 +269,15 @@ class Supervisor(threading.Thread):
                 )
 
     def _should_restart(self, stubs: tuple[Stub, ...]) -> bool:
-        """Restart the server (rather than reload the model) when a dead entry stub held requests:
-        only a server that ends gives them an answer (UNAVAILABLE, which clients retry), where a
-        reload leaves them waiting for their deadline. Not twice within ``restart_window_s``: a
-        request that kills its stub every time would otherwise restart the server in a loop."""
+        """Restart the server (rather than reload the model) when an entry stub died: the requests
+        it held (the count above is what the gauge showed, and may be short by one admitted just
+        before the death) get an answer only from a server that ends (UNAVAILABLE, which clients
+        retry), where a reload leaves them waiting for their deadline. Not twice within
+        ``restart_window_s``: a request that kills its stub every time would otherwise restart the
+        server in a loop."""
         if self.restarting.is_set():
             return True
-        if not self._lost_requests or not any(s.model in self.entry_models for s in stubs):
+        if not any(s.model in self.entry_models for s in stubs):
             return False
         recent = self._last_restart is not None and time.monotonic() - self._last_restart < self.restart_window_s
         if recent:
@@ -293,7 +308,8 @@ class Supervisor(threading.Thread):
         self.reloaded.clear()  # a fresh server has no version stuck in UNLOADING
         self._finish_recovery(
             Recovery(stubs, models, "restart", 0.0, removed, self._lost_requests),
-            f"restarted tritonserver (pid {server.pid}) so that the requests inside got an answer",
+            f"restarted tritonserver (pid {server.pid})"
+            + (" so that the requests inside got an answer" if self._lost_requests else ""),
         )
 
     def _recover(self) -> None:
